@@ -1,0 +1,16 @@
+"""Evaluate a checkpoint: `python evaluate.py ckpt_path=<path to .ckpt> [data=...]` (see README)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from sdt.cli import run_task
+from sdt.evaluation import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run_task(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

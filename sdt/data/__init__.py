@@ -1,0 +1,21 @@
+"""Data pipeline: corpora, tokenizers and the LightningDataModule that packs token streams into training blocks."""
+
+from sdt.data.config import DataConfig, TokenizerConfig
+from sdt.data.corpora import Corpus, HFHubCorpus, ShakespeareCorpus, TextFilesCorpus, build_corpus
+from sdt.data.datamodule import LMDataModule, PackedDataset
+from sdt.data.tokenizer import Tokenizer, get_tokenizer, train_bpe
+
+__all__ = [
+    "Corpus",
+    "DataConfig",
+    "HFHubCorpus",
+    "LMDataModule",
+    "PackedDataset",
+    "ShakespeareCorpus",
+    "TextFilesCorpus",
+    "Tokenizer",
+    "TokenizerConfig",
+    "build_corpus",
+    "get_tokenizer",
+    "train_bpe",
+]

@@ -1,0 +1,246 @@
+"""LightningDataModule: corpus -> tokenizer -> one cached token stream per split -> packed (input, target) blocks.
+
+Each split's documents are encoded and concatenated with an end-of-text token after every document, giving one
+1-D stream. The streams are cached as .npy files keyed by the corpus fingerprint and the tokenizer, so a second run
+(or every DDP rank after rank 0) only memory-maps them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sdt.data.cache import atomic_write, atomic_write_text, cache_key, cache_lock
+from sdt.data.config import DataConfig
+from sdt.data.corpora import SPLITS, Corpus, build_corpus
+from sdt.data.tokenizer import Tokenizer, get_tokenizer
+from sdt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Documents are encoded this many at a time: large enough for the Rust encoder's threads, small enough that the
+# Python lists of ids for one chunk stay modest.
+_ENCODE_CHUNK_DOCS = 256
+_STREAM_FORMAT_VERSION = 1
+
+
+class PackedDataset(Dataset):
+    """Fixed-length blocks cut from one token stream, for next-token prediction.
+
+    Block i is tokens[i*T : i*T + T + 1]; item i is {"input_ids": block[:-1], "targets": block[1:]}. Consecutive
+    blocks overlap by one token, so every token but the first is a target exactly once.
+
+    THE shift between inputs and targets happens here and only here: targets[t] is the token that follows
+    input_ids[t], and the model's loss must compare logits[:, t] with targets[:, t] without shifting again.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train") -> None:
+        if len(tokens) < seq_len + 1:
+            raise UserError(
+                f"the {split} split has only {len(tokens)} tokens; data.seq_len={seq_len} needs at least "
+                f"{seq_len + 1}; lower data.seq_len or add text"
+            )
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.num_blocks = (len(tokens) - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.num_blocks:
+            raise IndexError(i)
+        start = i * self.seq_len
+        block = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        return {"input_ids": block[:-1], "targets": block[1:]}
+
+
+class LMDataModule(L.LightningDataModule):
+    """Train/val/test dataloaders of packed token blocks for language modelling.
+
+    Pass `tokenizer` (e.g. rebuilt from a checkpoint with `Tokenizer.from_json`) to reuse it instead of getting one
+    from `cfg.tokenizer`; evaluation must use the tokenizer the model was trained with.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Resolve now: Hydra or the caller may change the working directory later.
+        self.cache_dir = Path(cfg.cache_dir).expanduser().absolute()
+        self._tokenizer = tokenizer
+        # Built now (cheap: no text is read yet) so that bad paths fail early and relative paths resolve against
+        # the working directory of the caller.
+        self.corpus: Corpus = build_corpus(cfg)
+        self._tokens_dir: Path | None = None
+        self._streams: dict[str, np.ndarray] | None = None
+        self._meta: dict[str, Any] | None = None
+        self._datasets: dict[str, PackedDataset] = {}
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Building and loading the caches.
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer (trained or loaded from its cache on first access)."""
+        if self._tokenizer is None:
+            self._tokenizer = get_tokenizer(self.cfg.tokenizer, self.corpus, self.cache_dir)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def tokens_dir(self) -> Path:
+        """Cache directory of the token streams for this corpus and tokenizer."""
+        if self._tokens_dir is None:
+            key = cache_key(
+                {
+                    "corpus": self.corpus.fingerprint(),
+                    "tokenizer": cache_key(self.tokenizer.to_json(), 64),
+                    "version": _STREAM_FORMAT_VERSION,
+                }
+            )
+            self._tokens_dir = self.cache_dir / "tokens" / key
+        return self._tokens_dir
+
+    def prepare_data(self) -> None:
+        """Build the tokenizer and token caches if missing.
+
+        Lightning calls this on one process per node; calling it from every rank is also safe (a file lock lets one
+        process build while the others wait, then they reuse its files).
+        """
+        self._build_streams(self.tokens_dir)
+
+    def _build_streams(self, out_dir: Path) -> None:
+        if (out_dir / "meta.json").is_file():
+            return
+        with cache_lock(out_dir):
+            if not (out_dir / "meta.json").is_file():  # another process may have built it while we waited
+                self._write_streams(out_dir)
+
+    def _write_streams(self, out_dir: Path) -> None:
+        tok = self.tokenizer
+        dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
+        meta: dict[str, Any] = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "splits": {}}
+        for split in SPLITS:
+            t0 = time.perf_counter()
+            docs = self.corpus.documents(split)
+            chunks = [np.zeros(0, dtype=dtype)]
+            for i in range(0, len(docs), _ENCODE_CHUNK_DOCS):
+                for ids in tok.encode_batch(docs[i : i + _ENCODE_CHUNK_DOCS]):
+                    ids.append(tok.eos_id)
+                    chunks.append(np.asarray(ids, dtype=dtype))
+            stream = np.concatenate(chunks)
+            # Bits per byte should be comparable across tokenizers, so bytes are counted on the text itself; each
+            # EOS stands for one byte of document separator (it is predicted, so it must cost something).
+            num_bytes = sum(len(d.encode("utf-8")) for d in docs) + len(docs)
+            atomic_write(out_dir / f"{split}.npy", lambda f, a=stream: np.save(f, a, allow_pickle=False))
+            meta["splits"][split] = {"num_docs": len(docs), "num_tokens": len(stream), "num_bytes": num_bytes}
+            log.info(
+                "tokenized %s: %d docs -> %d tokens in %.1fs", split, len(docs), len(stream), time.perf_counter() - t0
+            )
+        # meta.json is written last: its presence marks the whole entry as complete.
+        atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load (memory-map) the token streams; builds them first if prepare_data was not called. Idempotent."""
+        if self._streams is None:
+            out_dir = self.tokens_dir
+            self._build_streams(out_dir)  # no-op when prepare_data already ran
+            self._meta = json.loads((out_dir / "meta.json").read_text())
+            self._streams = {s: np.load(out_dir / f"{s}.npy", mmap_mode="r", allow_pickle=False) for s in SPLITS}
+        # Fail now, with a clear message, if a split the stage needs is too short for seq_len.
+        for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ()):
+            self._dataset(split)
+
+    def _dataset(self, split: str) -> PackedDataset:
+        if split not in self._datasets:
+            if self._streams is None:
+                self.setup()
+            assert self._streams is not None
+            self._datasets[split] = PackedDataset(self._streams[split], self.cfg.seq_len, split)
+        return self._datasets[split]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Dataloaders.
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        ds = self._dataset(split)
+        generator = None
+        if shuffle:
+            # A seeded generator makes the order reproducible; plain shuffle=True (not a custom sampler) lets
+            # Lightning swap in a DistributedSampler under DDP.
+            generator = torch.Generator().manual_seed(self.cfg.seed)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last=shuffle,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._dataset("train")
+        if len(ds) < self.cfg.batch_size:
+            raise UserError(
+                f"the train split has only {len(ds)} blocks of data.seq_len={self.cfg.seq_len} tokens, fewer than "
+                f"data.batch_size={self.cfg.batch_size}; lower one of them or add text"
+            )
+        return self._loader("train", self.cfg.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.cfg.eval_batch_size is not None  # DataConfig fills it in
+        return self._loader("val", self.cfg.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.cfg.eval_batch_size is not None
+        return self._loader("test", self.cfg.eval_batch_size, shuffle=False)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Statistics and samples.
+
+    @property
+    def split_stats(self) -> dict[str, dict[str, float]]:
+        """Per split: num_tokens, num_bytes and bytes_per_token.
+
+        bits per byte = (mean loss in nats per token) / ln 2 / bytes_per_token.
+        """
+        if self._meta is None:
+            self.setup()
+        assert self._meta is not None
+        stats = {}
+        for split, s in self._meta["splits"].items():
+            bpt = s["num_bytes"] / s["num_tokens"] if s["num_tokens"] else math.nan
+            stats[split] = {"num_tokens": s["num_tokens"], "num_bytes": s["num_bytes"], "bytes_per_token": bpt}
+        return stats
+
+    def sample_text(self, split: str, n_chars: int, start_token: int = 0) -> str:
+        """The first `n_chars` characters of the split's decoded stream from token `start_token` (fewer if the
+        stream ends first)."""
+        if self._streams is None:
+            self.setup()
+        assert self._streams is not None
+        stream = self._streams[split]
+        n_tokens = max(n_chars // 2, 16)  # most tokens hold several characters; grow the window if not
+        while True:
+            text = self.tokenizer.decode(stream[start_token : start_token + n_tokens])
+            if len(text) > n_chars or start_token + n_tokens >= len(stream):
+                return text[:n_chars]
+            n_tokens *= 2

@@ -1,0 +1,105 @@
+"""LightningModule: wires a model to its loss, optimiser, schedule and logging. The model itself knows nothing of it."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from sdt.models import ModelConfig, build_model
+from sdt.optim import OptimConfig, build_optimizer, warmup_cosine
+
+
+class LitLM(L.LightningModule):
+    """Next-token language modelling for every architecture in `sdt.models`.
+
+    Takes the model config as a plain dict (not a built module) so the hyper-parameters stored in checkpoints stay
+    small and the model can be rebuilt from the checkpoint alone.
+    """
+
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], compile: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = ModelConfig.from_dict(model)
+        self.optim_config = OptimConfig.from_dict(optim)
+        self.model = build_model(self.model_config)
+        if compile:
+            self.model.compile()
+        # Saved into checkpoint["sdt"]: tokenizer, resolved run config, data statistics (set by `sdt.training`).
+        self.extra_state: dict[str, Any] = {}
+        self._last_step_time: float | None = None
+        self._val_sums: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.model(batch["input_ids"], batch["targets"])
+        loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        n_tokens = batch["input_ids"].numel()
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=n_tokens)
+        self.log("train/ppl", torch.exp(out.loss.detach()), batch_size=n_tokens)
+        if out.aux_loss is not None:
+            self.log("train/total_loss", loss, batch_size=n_tokens)
+            for name, value in out.aux_losses.items():
+                self.log(f"train/aux/{name}", value, batch_size=n_tokens)
+        for name, value in out.stats.items():
+            self.log(f"routing/{name}", value, batch_size=n_tokens)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n_tokens)
+        self._log_throughput(n_tokens)
+        return loss
+
+    def _log_throughput(self, n_tokens: int) -> None:
+        # Wall time between consecutive steps, data loading included: what a user's run actually achieves.
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            tokens = n_tokens * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / max(now - self._last_step_time, 1e-9), prog_bar=True)
+        self._last_step_time = now
+
+    # ---------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {
+            "nll": torch.zeros((), device=self.device, dtype=torch.float64),
+            "tokens": torch.zeros((), device=self.device, dtype=torch.float64),
+        }
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self.model(batch["input_ids"], batch["targets"])
+        n = (batch["targets"] != -100).sum()
+        self._val_sums["nll"] += out.loss.double() * n
+        self._val_sums["tokens"] += n
+        for name, value in out.aux_losses.items():
+            self.log(f"val/aux/{name}", value, batch_size=int(batch["input_ids"].numel()), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted mean over all ranks, so perplexity does not depend on how batches were split.
+        nll = self.trainer.strategy.reduce(self._val_sums["nll"], reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._val_sums["tokens"], reduce_op="sum")
+        loss = (nll / tokens.clamp(min=1)).float()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss))
+        self._last_step_time = None  # do not count validation time as a slow training step
+
+    # -------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_config
+        optimizer = build_optimizer(self.model, cfg)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sdt"] = self.extra_state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.extra_state = checkpoint.get("sdt", {})
+
+
+def perplexity(nll_per_token: float) -> float:
+    return math.exp(min(nll_per_token, 700.0))  # avoid OverflowError for a diverged model

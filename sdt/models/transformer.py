@@ -1,0 +1,241 @@
+"""The decoder-only language model and the layer interface every architecture plugs into.
+
+The model is a stack of *layers*. A layer is any module with `forward(x, ctx) -> LayerOutput`: a plain block
+(`DenseLayer`), or a routed unit (an SDT decision/dynamic pair, an STT layer, a MoD layer). Layers return their
+hidden states together with auxiliary losses and routing statistics, so the model, not the training loop, decides
+how they are combined, and the training loop logs each one separately.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdt.errors import UserError
+from sdt.models.config import ModelConfig
+from sdt.models.kv_cache import KVCache, ModelCache
+from sdt.models.layers import Block, RMSNorm, RotaryEmbedding
+
+
+@dataclass
+class ForwardContext:
+    """What every layer needs besides its input: positions, padding, cache and the routing mode."""
+
+    positions: Tensor  # (B, T) absolute positions of the input tokens
+    rope: RotaryEmbedding
+    pad_mask: Tensor | None = None  # (B, T) True for real tokens; None means no padding
+    cache: ModelCache | None = None
+    cache_key: Hashable = 0  # which cache slots this layer call uses (a layer visited twice gets two)
+    routing: str = "topk"  # how routed layers choose tokens; dense layers ignore it
+
+    def kv(self, sub: int = 0) -> KVCache | None:
+        """The KV cache of the `sub`-th block of the current layer, or None when not decoding."""
+        return None if self.cache is None else self.cache.get((self.cache_key, sub))
+
+
+@dataclass
+class LayerOutput:
+    hidden: Tensor  # (B, T, D)
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted, keyed by loss name
+    stats: dict[str, Tensor] = field(default_factory=dict)  # detached scalars for logging
+    decisions: Tensor | None = None  # (B, T) bool: tokens that ran the routed block (routed layers only)
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, V)
+    loss: Tensor | None = None  # next-token cross-entropy only; auxiliary losses are never folded in
+    aux_loss: Tensor | None = None  # weighted sum of auxiliary losses (what gets added to the LM loss)
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted, averaged over layers
+    stats: dict[str, Tensor] = field(default_factory=dict)  # "layers.{i}.{name}" -> scalar
+    decisions: dict[int, Tensor] = field(default_factory=dict)  # layer index -> (B, T) bool
+
+
+class DenseLayer(nn.Module):
+    """A standard decoder block as a layer of the stack."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.block = Block(cfg)
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
+        return LayerOutput(self.block(x, ctx.positions, ctx.rope, cache=ctx.kv(), pad_mask=ctx.pad_mask))
+
+
+def positions_from_pad_mask(pad_mask: Tensor) -> Tensor:
+    """Left-padded batch (B, T) -> positions counting only real tokens (padding slots get 0)."""
+    return (pad_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: Sequence[nn.Module] | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(layers if layers is not None else [DenseLayer(cfg) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.aux_loss_weights: dict[str, float] = {}  # set by routed architectures
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        # Residual output projections are scaled down with depth (GPT-2) so the residual stream starts small.
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        # Routed modules re-apply their own initialisation (e.g. zero-initialised priors) afterwards.
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_routing_parameters"):
+                module.reset_routing_parameters()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        *,
+        pad_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: ModelCache | None = None,
+        routing: str = "topk",
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """input_ids (B, T); targets (B, T) are the *already shifted* next tokens (-100 = ignore).
+
+        The data pipeline shifts labels; the loss here compares position t's logits with targets[t] directly.
+        `logits_to_keep > 0` computes logits only for the last that many positions (prefill during generation).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            if pad_mask is not None:
+                positions = positions_from_pad_mask(pad_mask)
+            else:
+                positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.dropout(self.embed_tokens(input_ids))  # (B, T, D)
+        ctx = ForwardContext(positions=positions, rope=self.rope, pad_mask=pad_mask, cache=cache, routing=routing)
+
+        aux_sums: dict[str, Tensor] = {}
+        aux_counts: dict[str, int] = {}
+        stats: dict[str, Tensor] = {}
+        decisions: dict[int, Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            out = layer(x, replace(ctx, cache_key=i))
+            x = out.hidden
+            for name, value in out.aux_losses.items():
+                aux_sums[name] = aux_sums.get(name, 0.0) + value
+                aux_counts[name] = aux_counts.get(name, 0) + 1
+            for name, value in out.stats.items():
+                stats[f"layers.{i}.{name}"] = value
+            if out.decisions is not None:
+                decisions[i] = out.decisions
+
+        x = self.norm(x)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)  # (B, T, V)
+
+        aux_losses = {name: aux_sums[name] / aux_counts[name] for name in aux_sums}
+        aux_loss = None
+        if aux_losses:
+            aux_loss = sum(self.aux_loss_weights.get(name, 1.0) * value for name, value in aux_losses.items())
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return ModelOutput(
+            logits=logits, loss=loss, aux_loss=aux_loss, aux_losses=aux_losses, stats=stats, decisions=decisions
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        pad_mask: Tensor | None = None,
+        eos_id: int | None = None,
+        routing: str = "topk",
+        valid_vocab: int | None = None,
+        generator: torch.Generator | None = None,
+        cache: ModelCache | None = None,
+    ) -> Tensor:
+        """Sample a continuation with a KV cache. input_ids (B, T0), left-padded when `pad_mask` is given.
+
+        temperature 0 is greedy decoding. Rows that produced `eos_id` keep emitting it. `valid_vocab` masks the
+        padded tail of the vocabulary that no real token maps to. Returns (B, T0 + max_new_tokens).
+        """
+        B, T0 = input_ids.shape
+        if T0 + max_new_tokens > self.config.max_seq_len:
+            raise UserError(
+                f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len="
+                f"{self.config.max_seq_len}"
+            )
+        if max_new_tokens <= 0:
+            return input_ids
+        cache = ModelCache() if cache is None else cache
+        if pad_mask is not None:
+            positions = positions_from_pad_mask(pad_mask)
+            next_pos = pad_mask.long().sum(dim=1, keepdim=True)  # (B, 1)
+        else:
+            positions = torch.arange(T0, device=input_ids.device).expand(B, T0)
+            next_pos = torch.full((B, 1), T0, device=input_ids.device, dtype=torch.long)
+        logits = self(
+            input_ids, pad_mask=pad_mask, positions=positions, cache=cache, routing=routing, logits_to_keep=1
+        ).logits[:, -1]
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            nxt = sample_next_token(logits, temperature, top_k, valid_vocab, generator)  # (B,)
+            if eos_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+                finished |= nxt == eos_id
+            new_tokens.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits = self(nxt[:, None], positions=next_pos, cache=cache, routing=routing).logits[:, -1]
+                next_pos = next_pos + 1
+        cache.next_pos = next_pos
+        return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def sample_next_token(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    valid_vocab: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 means greedy."""
+    logits = logits.float()
+    if valid_vocab is not None and valid_vocab < logits.size(-1):
+        logits = logits.clone()
+        logits[:, valid_vocab:] = float("-inf")
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -1,0 +1,105 @@
+"""Optimiser configuration: AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdt.errors import UserError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0  # handed to the Trainer (gradient_clip_val); 0 disables
+    # Learning rates per parameter role (see `parameter_role`); roles not listed use `lr`.
+    group_lr: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.lr <= 0:
+            raise UserError(f"optim.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise UserError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for role, lr in self.group_lr.items():
+            if lr <= 0:
+                raise UserError(f"optim.group_lr.{role} must be positive, got {lr}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OptimConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"unknown optim option(s) {unknown}; valid options: {sorted(names)}")
+        return cls(**d)
+
+
+# Roles whose parameters are scalars of the routing math (temperatures, offsets): never weight-decayed.
+NO_DECAY_ROLES = frozenset({"surprise"})
+
+
+def parameter_role(model: nn.Module, name: str) -> str:
+    """The role of a parameter, which picks its learning rate: "base" unless a module declares otherwise.
+
+    Routed modules declare `param_role = "prior" | "surprise" | "router" | ...` as a class attribute; the role of a
+    parameter is that of its innermost module that declares one.
+    """
+    role = "base"
+    module = model
+    for part in name.split(".")[:-1]:
+        module = getattr(module, part)
+        role = getattr(module, "param_role", role)
+    return role
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """AdamW groups: one per (role, decay) pair. Matrices decay; vectors (norms, biases) and scalars do not."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # tied embeddings appear twice
+            continue
+        seen.add(id(p))
+        role = parameter_role(model, name)
+        decay = p.ndim >= 2 and role not in NO_DECAY_ROLES
+        groups.setdefault((role, decay), []).append(p)
+    out = []
+    for (role, decay), params in sorted(groups.items()):
+        out.append(
+            {
+                "params": params,
+                "lr": cfg.group_lr.get(role, cfg.lr),
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+                "name": f"{role}{'' if decay else '_no_decay'}",
+            }
+        )
+    return out
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base learning rate at `step`: linear warmup, then cosine to `min_lr_ratio`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    # fused/foreach kernels are picked by torch per device; nothing device-specific here.
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)

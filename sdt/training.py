@@ -1,0 +1,104 @@
+"""`train(cfg)`: everything `python train.py` does, callable from tests with a composed config."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sdt.callbacks import ValidateAtEnd
+from sdt.checkpoint import load_checkpoint
+from sdt.data import DataConfig, LMDataModule
+from sdt.errors import UserError
+from sdt.lit_module import LitLM
+from sdt.models import ModelConfig
+
+log = logging.getLogger(__name__)
+
+VOCAB_MULTIPLE = 64  # pad the embedding table so matmuls use aligned shapes; padded ids are never produced
+
+
+def round_up(n: int, multiple: int) -> int:
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+def to_dict(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+def resolve_model_dict(model: dict[str, Any], tokenizer_vocab: int, seq_len: int) -> dict[str, Any]:
+    """Fill in what the data decides (vocabulary size) and check what must agree with it."""
+    model = dict(model)
+    if model.get("vocab_size") is None:
+        model["vocab_size"] = round_up(tokenizer_vocab, VOCAB_MULTIPLE)
+    elif model["vocab_size"] < tokenizer_vocab:
+        raise UserError(f"model.vocab_size={model['vocab_size']} is smaller than the tokenizer's {tokenizer_vocab}")
+    max_len = model.get("max_seq_len", ModelConfig.max_seq_len)
+    if seq_len > max_len:
+        raise UserError(f"data.seq_len={seq_len} is longer than model.max_seq_len={max_len}")
+    ModelConfig.from_dict(model)  # validate now, before anything is written
+    return model
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(ValidateAtEnd())
+    callbacks += extra_callbacks or []
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    return instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers if loggers else False,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train the configured model; return the final metrics and the checkpoint paths."""
+    if cfg.get("ckpt_path"):
+        # Resume: the architecture comes from the checkpoint, not from the command line.
+        ckpt = load_checkpoint(cfg.ckpt_path)
+        model_dict = ckpt["hyper_parameters"]["model"]
+        log.info("resuming from %s (step %s)", cfg.ckpt_path, ckpt.get("global_step"))
+    else:
+        model_dict = to_dict(cfg.model)
+
+    L.seed_everything(cfg.seed, workers=True)
+    data_cfg = DataConfig.from_dict(to_dict(cfg.data))
+    datamodule = LMDataModule(data_cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
+    model_dict = resolve_model_dict(model_dict, datamodule.vocab_size, data_cfg.seq_len)
+    lit = LitLM(model=model_dict, optim=to_dict(cfg.optim), compile=bool(cfg.get("compile", False)))
+    lit.extra_state = {
+        "config": to_dict(cfg),
+        "tokenizer": datamodule.tokenizer.to_json(),
+        "tokenizer_vocab_size": datamodule.vocab_size,
+        "data_stats": datamodule.split_stats,
+    }
+    log.info(
+        "model %s: %.2fM parameters (%.2fM without embeddings)",
+        model_dict["arch"],
+        lit.model.num_parameters() / 1e6,
+        lit.model.num_parameters(exclude_embeddings=True) / 1e6,
+    )
+
+    trainer = build_trainer(cfg)
+    trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    ckpt_cb = trainer.checkpoint_callback
+    result = {
+        "metrics": metrics,
+        "global_step": trainer.global_step,
+        "best_checkpoint": getattr(ckpt_cb, "best_model_path", None) or None,
+        "last_checkpoint": getattr(ckpt_cb, "last_model_path", None) or None,
+    }
+    if trainer.is_global_zero and result["last_checkpoint"]:
+        log.info("last checkpoint: %s", os.path.relpath(result["last_checkpoint"]))
+    return result

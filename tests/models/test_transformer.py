@@ -1,0 +1,140 @@
+import pytest
+import torch
+
+from sdt.errors import UserError
+from sdt.models import ModelCache, ModelConfig, build_model
+from sdt.models.layers import attention_mask
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return build_model(tiny()).eval()
+
+
+def test_shapes_and_loss(model):
+    ids = torch.randint(0, 97, (3, 11))
+    out = model(ids, targets=torch.randint(0, 97, (3, 11)))
+    assert out.logits.shape == (3, 11, 97)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    # A fresh model predicts roughly uniformly: loss close to log(V).
+    assert abs(out.loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5
+
+
+def test_loss_does_not_shift_targets_again(model):
+    ids = torch.randint(0, 97, (2, 9))
+    targets = torch.randint(0, 97, (2, 9))
+    out = model(ids, targets=targets)
+    expected = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 97), targets.reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_causality(model):
+    ids = torch.randint(0, 97, (2, 20))
+    changed = ids.clone()
+    changed[:, 12:] = (changed[:, 12:] + 5) % 97
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3
+
+
+def test_kv_cache_step_by_step_equals_full_forward(model):
+    ids = torch.randint(0, 97, (2, 16))
+    full = model(ids).logits
+    cache = ModelCache()
+    steps = [model(ids[:, :5], cache=cache).logits]
+    for t in range(5, 16):
+        steps.append(model(ids[:, t : t + 1], positions=torch.full((2, 1), t), cache=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+    assert cache.num_entries() == 2 * 16  # two layers, every token cached once
+
+
+def test_greedy_generation_equals_argmax_of_full_forward(model):
+    prompt = torch.randint(0, 97, (2, 6))
+    out = model.generate(prompt, 10, temperature=0.0)
+    assert out.shape == (2, 16)
+    assert torch.equal(out[:, :6], prompt)
+    logits = model(out[:, :-1]).logits
+    assert torch.equal(logits[:, 5:].argmax(-1), out[:, 6:])
+
+
+def test_left_padded_batch_generates_like_unpadded(model):
+    ids = torch.randint(0, 97, (2, 8))
+    pad_mask = torch.ones(2, 8, dtype=torch.bool)
+    pad_mask[0, :3] = False  # row 0 is a 5-token prompt, left padded
+    batched = model.generate(ids, 6, temperature=0.0, pad_mask=pad_mask)
+    alone = model.generate(ids[:1, 3:], 6, temperature=0.0)
+    assert torch.equal(batched[0, 8:], alone[0, 5:])
+    alone1 = model.generate(ids[1:], 6, temperature=0.0)
+    assert torch.equal(batched[1], alone1[0])
+
+
+def test_sampling_respects_top_k_and_valid_vocab(model):
+    torch.manual_seed(1)
+    out = model.generate(torch.randint(0, 50, (4, 3)), 20, temperature=5.0, top_k=3, valid_vocab=50)
+    assert out[:, 3:].max() < 50
+
+
+def test_generation_beyond_max_seq_len_is_an_error(model):
+    with pytest.raises(UserError, match="max_seq_len"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), 10)
+
+
+def test_tied_and_untied_embeddings():
+    tied = build_model(tiny(tie_embeddings=True))
+    untied = build_model(tiny(tie_embeddings=False))
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert untied.num_parameters() == tied.num_parameters() + 97 * 32
+
+
+def test_qkv_bias_option():
+    m = build_model(tiny(qkv_bias=True))
+    attn = m.layers[0].block.self_attn
+    assert attn.q_proj.bias is not None and attn.o_proj.bias is None
+
+
+def test_attention_mask_uses_positions_not_indices():
+    q_pos = torch.tensor([[3, 7]])
+    k_pos = torch.tensor([[0, 3, 5, 7, 9]])
+    mask = attention_mask(q_pos, k_pos, torch.ones(1, 5, dtype=torch.bool))[0, 0]
+    assert mask.tolist() == [[True, True, False, False, False], [True, True, True, True, False]]
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    m = build_model(tiny(n_layers=2, d_model=64))
+    ids = torch.randint(0, 97, (4, 16))
+    targets = torch.roll(ids, -1, dims=1)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = m(ids, targets).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(d_model=30, n_heads=4), "not divisible"),
+        (dict(n_heads=4, n_kv_heads=3), "multiple of model.n_kv_heads"),
+        (dict(arch="nope"), "unknown"),
+        (dict(n_layers=0), "positive"),
+        (dict(dropout=1.5), "dropout"),
+    ],
+)
+def test_bad_config_is_a_clear_error(kw, match):
+    with pytest.raises(UserError, match=match):
+        tiny(**kw)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(UserError, match="unknown model option"):
+        ModelConfig.from_dict({"d_modl": 32})
