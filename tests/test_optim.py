@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from sdt.errors import UserError
 from sdt.models import ModelConfig, build_model

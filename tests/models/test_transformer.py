@@ -7,7 +7,7 @@ from sdt.models.layers import attention_mask
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    base = {"vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
     base.update(kw)
     return ModelConfig(**base)
 
@@ -123,11 +123,11 @@ def test_tiny_model_overfits_one_batch():
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(d_model=30, n_heads=4), "not divisible"),
-        (dict(n_heads=4, n_kv_heads=3), "multiple of model.n_kv_heads"),
-        (dict(arch="nope"), "unknown"),
-        (dict(n_layers=0), "positive"),
-        (dict(dropout=1.5), "dropout"),
+        ({"d_model": 30, "n_heads": 4}, "not divisible"),
+        ({"n_heads": 4, "n_kv_heads": 3}, "multiple of model.n_kv_heads"),
+        ({"arch": "nope"}, "unknown"),
+        ({"n_layers": 0}, "positive"),
+        ({"dropout": 1.5}, "dropout"),
     ],
 )
 def test_bad_config_is_a_clear_error(kw, match):
