@@ -1,0 +1,104 @@
+"""Shared fixtures: the real Hydra configs composed with tiny overrides, a small real corpus, one trained run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(ROOT / "conf")
+
+# A model and run small enough for a unit test, on the real configs.
+TINY_MODEL = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.max_seq_len=64",
+]
+TINY_TRAINER = [
+    "trainer=cpu",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=4",
+    "trainer.limit_val_batches=2",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
+
+
+def tiny_data(paths: list[str]) -> list[str]:
+    return [
+        "data=text_files",
+        f"data.paths=[{','.join(paths)}]",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "data.tokenizer.vocab_size=320",
+    ]
+
+
+def compose_cfg(config_name: str, overrides: list[str], out_dir: Path, cache_dir: Path) -> DictConfig:
+    """Compose a real config from conf/ as the CLI would, with the run and cache dirs pinned."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name,
+            overrides=[
+                *overrides,
+                f"paths.root_dir={ROOT}",
+                f"paths.output_dir={out_dir}",
+                f"paths.cache_dir={cache_dir}",
+            ],
+        )
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sdt-cache")
+
+
+@pytest.fixture(scope="session")
+def corpus_files(tmp_path_factory) -> list[str]:
+    """Three short excerpts of real plays as .txt files (split into train/val/test by lines)."""
+    from sdt.data import ShakespeareCorpus
+
+    docs = ShakespeareCorpus().documents("train")[:3]
+    out = tmp_path_factory.mktemp("corpus")
+    paths = []
+    for i, doc in enumerate(docs):
+        p = out / f"play{i}.txt"
+        p.write_text(doc[:30_000], encoding="utf-8")
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, corpus_files, cache_dir) -> Path:
+    """One tiny training run (6 steps) shared by the evaluation and resume tests."""
+    from sdt.training import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_cfg("train", [*TINY_MODEL, *TINY_TRAINER, *tiny_data(corpus_files)], out, cache_dir)
+    train(cfg)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _quiet_wandb(monkeypatch):
+    # Never contact W&B from tests, whatever a test's logger config says.
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+
+
+def cli_env(cache_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(SDT_CACHE_DIR=str(cache_dir), WANDB_MODE="disabled", HYDRA_FULL_ERROR="0", PYTHONPATH=str(ROOT))
+    return env

@@ -1,0 +1,68 @@
+"""Every shipped config composes, and the config values reach the code under the same names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from sdt.data import DataConfig
+from sdt.models import ModelConfig
+from sdt.optim import OptimConfig
+from tests.conftest import CONF_DIR, compose_cfg
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_configs_validate(name, tmp_path):
+    cfg = compose_cfg("train", [f"model={name}"], tmp_path, tmp_path)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model["vocab_size"] = model["vocab_size"] or 512
+    ModelConfig.from_dict(model)
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_configs_validate(name, tmp_path):
+    overrides = [f"data={name}"]
+    if name == "text_files":
+        overrides.append("data.paths=[a.txt]")
+    if name == "hf_hub":
+        overrides.append("data.name=some/dataset")
+    cfg = compose_cfg("train", overrides, tmp_path, tmp_path)
+    DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_configs_compose(name, tmp_path):
+    cfg = compose_cfg("train", [f"trainer={name}"], tmp_path, tmp_path)
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    if name in ("default", "cpu", "ddp_cpu"):  # the GPU ones need a GPU to instantiate
+        instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_configs_instantiate(name, tmp_path):
+    cfg = compose_cfg("train", [f"logger={name}"], tmp_path, tmp_path)
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    if name == "wandb":
+        assert cfg.logger.wandb.mode == "offline"  # no account needed by default
+        assert "csv" in cfg.logger  # the CSV log that evaluation and reports read
+    assert len(loggers) == {"none": 0, "csv": 1, "wandb": 2}[name]
+
+
+@pytest.mark.parametrize("name", options("experiment") + options("debug"))
+def test_experiment_and_debug_configs_compose(name, tmp_path):
+    group = "debug" if name in options("debug") else "experiment"
+    cfg = compose_cfg("train", [f"{group}={name}"], tmp_path, tmp_path)
+    OptimConfig.from_dict(OmegaConf.to_container(cfg.optim, resolve=True))
+
+
+def test_default_optim_config_validates(tmp_path):
+    cfg = compose_cfg("train", [], tmp_path, tmp_path)
+    OptimConfig.from_dict(OmegaConf.to_container(cfg.optim, resolve=True))
+    assert cfg.model.arch == "dense" and cfg.data.corpus == "shakespeare"
