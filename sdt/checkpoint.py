@@ -26,8 +26,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: it is corrupt, truncated or not a safe sdt checkpoint "
-                        f"({first_line})") from None
+        raise UserError(
+            f"cannot read checkpoint {path}: it is corrupt, truncated or not a safe sdt checkpoint ({first_line})"
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "sdt" not in ckpt or "hyper_parameters" not in ckpt:
         raise UserError(f"{path} is not an sdt checkpoint (expected keys state_dict, hyper_parameters, sdt)")
     return ckpt
@@ -36,4 +37,4 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
 def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model's own weights from a LitLM checkpoint (LightningModule prefix `model.` removed)."""
     prefix = "model."
-    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

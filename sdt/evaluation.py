@@ -78,7 +78,7 @@ def generate_samples(
             valid_vocab=valid_vocab,
             generator=generator,
         )
-        samples.append({"prompt": prompt, "completion": tokenizer.decode(out[0, len(ids):].tolist())})
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(out[0, len(ids) :].tolist())})
     return samples
 
 

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from sdt.models import ModelConfig, build_model
 from sdt.optim import OptimConfig, build_optimizer, warmup_cosine
+from sdt.routing.calibration import calibrate_thresholds
 
 
 class LitLM(L.LightningModule):
@@ -35,6 +36,10 @@ class LitLM(L.LightningModule):
         self._val_sums: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        self.model.set_training_progress(min(1.0, self.global_step / max(1, total)))
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.model(batch["input_ids"], batch["targets"])
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
@@ -61,26 +66,47 @@ class LitLM(L.LightningModule):
 
     # ---------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = {
-            "nll": torch.zeros((), device=self.device, dtype=torch.float64),
-            "tokens": torch.zeros((), device=self.device, dtype=torch.float64),
-        }
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_sums = {"nll": zero.clone(), "nll_topk": zero.clone(), "tokens": zero.clone()}
+        if self.model.is_routed:
+            self.calibrate()
+
+    def calibrate(self) -> None:
+        """Calibrate causal routing thresholds on the held-out training blocks, so validation (and the checkpoint
+        written after it) uses thresholds that execute the configured share of tokens."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        loader = datamodule.calibration_dataloader() if hasattr(datamodule, "calibration_dataloader") else None
+        if loader is None:
+            return
+        calibrate_thresholds(self.model, (b["input_ids"].to(self.device) for b in loader))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self.model(batch["input_ids"], batch["targets"])
+        # Routed models are validated in their causal inference mode: that is the model's real perplexity. The
+        # non-causal Top-K oracle is logged beside it (val/loss_topk), never instead of it.
+        n_tokens = int(batch["input_ids"].numel())
+        routing = self.model_config.inference_routing if self.model.is_routed else "topk"
+        out = self.model(batch["input_ids"], batch["targets"], routing=routing)
         n = (batch["targets"] != -100).sum()
         self._val_sums["nll"] += out.loss.double() * n
         self._val_sums["tokens"] += n
         for name, value in out.aux_losses.items():
-            self.log(f"val/aux/{name}", value, batch_size=int(batch["input_ids"].numel()), sync_dist=True)
+            self.log(f"val/aux/{name}", value, batch_size=n_tokens, sync_dist=True)
+        if self.model.is_routed:
+            oracle = self.model(batch["input_ids"], batch["targets"], routing="topk")
+            self._val_sums["nll_topk"] += oracle.loss.double() * n
+            for name, value in out.stats.items():
+                if name.endswith("executed_fraction"):
+                    self.log(f"val_routing/{name}", value, batch_size=n_tokens, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         # Token-weighted mean over all ranks, so perplexity does not depend on how batches were split.
-        nll = self.trainer.strategy.reduce(self._val_sums["nll"], reduce_op="sum")
-        tokens = self.trainer.strategy.reduce(self._val_sums["tokens"], reduce_op="sum")
-        loss = (nll / tokens.clamp(min=1)).float()
+        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val_sums.items()}
+        tokens = sums["tokens"].clamp(min=1)
+        loss = (sums["nll"] / tokens).float()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
+        if self.model.is_routed:
+            self.log("val/loss_topk", (sums["nll_topk"] / tokens).float())
         self._last_step_time = None  # do not count validation time as a slow training step
 
     # -------------------------------------------------------------- optimisation

@@ -101,6 +101,9 @@ class DataConfig:
     batch_size: int = 16
     eval_batch_size: int | None = None  # None = batch_size
     num_workers: int = 0
+    # Blocks held out from the end of the train split (at most 10% of it) to calibrate the causal routing
+    # thresholds of routed models; never trained on.
+    calibration_blocks: int = 32
     # Relative paths are resolved against the working directory when the datamodule is built; under Hydra the
     # caller passes an absolute path so runs in different output dirs share one cache.
     cache_dir: str = ".cache/sdt"
@@ -135,6 +138,7 @@ class DataConfig:
         if self.eval_batch_size is None:
             self.eval_batch_size = self.batch_size
         _check_int(f"{p}.num_workers", self.num_workers, minimum=0)
+        _check_int(f"{p}.calibration_blocks", self.calibration_blocks, minimum=0)
         _check_str(f"{p}.cache_dir", self.cache_dir)
 
         # A single path is a common CLI shorthand (data.paths=corpus.txt); OmegaConf lists arrive as ListConfig.

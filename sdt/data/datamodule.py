@@ -172,8 +172,24 @@ class LMDataModule(L.LightningDataModule):
             if self._streams is None:
                 self.setup()
             assert self._streams is not None
-            self._datasets[split] = PackedDataset(self._streams[split], self.cfg.seq_len, split)
+            if split in ("train", "calibration"):
+                train, calibration = self._split_calibration(self._streams["train"])
+                self._datasets["train"] = PackedDataset(train, self.cfg.seq_len, "train")
+                if calibration is not None:
+                    self._datasets["calibration"] = PackedDataset(calibration, self.cfg.seq_len, "calibration")
+            else:
+                self._datasets[split] = PackedDataset(self._streams[split], self.cfg.seq_len, split)
         return self._datasets[split]
+
+    def _split_calibration(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The train stream minus its last `calibration_blocks` blocks (at most 10%), and those blocks."""
+        T = self.cfg.seq_len
+        n_blocks = max(0, (len(tokens) - 1) // T)
+        n_cal = min(self.cfg.calibration_blocks, n_blocks // 10)
+        if n_cal == 0:
+            return tokens, None
+        cut = (n_blocks - n_cal) * T
+        return tokens[: cut + 1], tokens[cut:]
 
     # ---------------------------------------------------------------------------------------------------------------
     # Dataloaders.
@@ -195,6 +211,13 @@ class LMDataModule(L.LightningDataModule):
             persistent_workers=self.cfg.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def calibration_dataloader(self) -> DataLoader | None:
+        """Held-out training blocks for calibrating routing thresholds (None when the corpus is too small)."""
+        self._dataset("train")
+        if "calibration" not in self._datasets:
+            return None
+        return self._loader("calibration", self.cfg.eval_batch_size, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset("train")

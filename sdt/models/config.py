@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sdt.errors import UserError
 
-ARCHS = ("dense",)
+ARCHS = ("dense", "sdt", "stt", "mod")
+ROUTED_ARCHS = ("sdt", "stt", "mod")
+GATE_RULES = ("or", "ce", "cu")
+GATE_MODES = ("ste", "soft")
+CHANGE_SURPRISE = ("mse", "kl")
+BETA_MODES = ("learnable", "linear", "cosine")
+ROUTED_ATTENTION = ("selected", "full")
+ROUTING_MODES = ("topk", "threshold", "student")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -42,8 +49,30 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
 
-    # Extra, architecture-specific options live in routed model configs (added by the routed architectures).
-    extra: dict[str, Any] = field(default_factory=dict)
+    # --- routing (sdt / stt / mod; ignored by dense). See ../shared/spec and docs/models.md.
+    capacity: float = 0.5  # gamma: share of tokens a routed block runs on; k = max(1, floor(gamma * T))
+    gate_rule: str = "or"  # how S_CE and S_CU combine into g: or | ce | cu
+    gate_mode: str = "ste"  # ste: forward = full block, gradient through g | soft: output scaled by g
+    change_surprise: str = "mse"  # D_ch form: mse | kl (the prior also predicts a log-variance)
+    beta_mode: str = "learnable"  # learnable | linear | cosine (scheduled from beta_start to beta_end)
+    beta_init: float = 0.5
+    beta_start: float = 0.5
+    beta_end: float = 5.0
+    o_ce_init: float = 1.025
+    m_cu_init: float = 1.1
+    learn_o_ce: bool = True
+    learn_m_cu: bool = True
+    ma_window: int = 100  # trailing window of the moving average in CU
+    prior_factor: float = 0.0625  # prior / transition MLP hidden size = max(2, even(ceil(f * d_model)))
+    routed_attention: str = "selected"  # selected: attend to selected tokens only | full: to every earlier token
+    dense_first: int = 0  # layers kept dense at the bottom of the stack
+    dense_last: int = 0  # layers kept dense at the top of the stack
+    prior_loss_weight: float = 0.05  # prior (SDT) / transition (STT) loss
+    router_loss_weight: float = 0.01  # causal student router BCE
+    inference_routing: str = "threshold"  # causal mode used for validation and generation: threshold | student
+    student_input: str = "x"  # causal router input: x | x_prev ([x_t ; x_{t-1}], STT option)
+    mod_gate: str = "sigmoid"  # MoD: scale the block output by sigmoid(r) or by the raw router score r
+    mod_zloss_weight: float = 1e-4
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, f"model.arch={self.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
@@ -69,6 +98,51 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _check(self.rope_theta > 0, f"model.rope_theta must be positive, got {self.rope_theta}")
         _check(self.rms_norm_eps > 0, f"model.rms_norm_eps must be positive, got {self.rms_norm_eps}")
+
+        self._validate_routing()
+
+    def _validate_routing(self) -> None:
+        _check(
+            isinstance(self.capacity, (int, float)) and not isinstance(self.capacity, bool) and 0 < self.capacity <= 1,
+            f"model.capacity must be a number in (0, 1], got {self.capacity!r}",
+        )
+        for name, choices in (
+            ("gate_rule", GATE_RULES),
+            ("gate_mode", GATE_MODES),
+            ("change_surprise", CHANGE_SURPRISE),
+            ("beta_mode", BETA_MODES),
+            ("routed_attention", ROUTED_ATTENTION),
+            ("inference_routing", ROUTING_MODES),
+            ("student_input", ("x", "x_prev")),
+            ("mod_gate", ("sigmoid", "raw")),
+        ):
+            value = getattr(self, name)
+            _check(value in choices, f"model.{name}={value!r} is unknown; choose one of {', '.join(choices)}")
+        _check(self.ma_window >= 1, f"model.ma_window must be >= 1, got {self.ma_window}")
+        _check(self.prior_factor > 0, f"model.prior_factor must be positive, got {self.prior_factor}")
+        _check(self.o_ce_init > 0 and self.m_cu_init > 0, "model.o_ce_init and model.m_cu_init must be positive")
+        _check(self.beta_init > 0, f"model.beta_init must be positive, got {self.beta_init}")
+        for name in ("dense_first", "dense_last"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 0, f"model.{name} must be a non-negative integer, got {value}")
+        routed = self.n_layers - self.dense_first - self.dense_last
+        _check(routed >= 0, f"model.dense_first + model.dense_last exceeds model.n_layers={self.n_layers}")
+        if self.arch == "sdt":
+            _check(
+                routed >= 2 and routed % 2 == 0,
+                f"model=sdt pairs a decision layer with a dynamic layer: model.n_layers - dense_first - dense_last "
+                f"must be even and >= 2, got {routed}",
+            )
+
+    @property
+    def routed_layer_count(self) -> int:
+        return self.n_layers - self.dense_first - self.dense_last
+
+    @property
+    def prior_hidden_size(self) -> int:
+        """max(2, even(ceil(f * D))): the prior / transition network's SwiGLU width."""
+        h = math.ceil(self.prior_factor * self.d_model)
+        return max(2, h + (h % 2))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

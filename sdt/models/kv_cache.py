@@ -51,6 +51,8 @@ class ModelCache:
 
     def __init__(self) -> None:
         self.layers: dict[Hashable, KVCache] = {}
+        # Other per-layer decoding state that is not K/V (e.g. the surprise moving-average history).
+        self.state: dict[Hashable, object] = {}
         self.next_pos: Tensor | None = None  # (B, 1) absolute position of the next token to feed
 
     def get(self, key: Hashable) -> KVCache:

@@ -82,24 +82,29 @@ class Attention(nn.Module):
         *,
         cache: KVCache | None = None,
         pad_mask: Tensor | None = None,
+        kv_input: tuple[Tensor, Tensor, Tensor | None] | None = None,
     ) -> Tensor:
+        """x (B, T, D) at `positions` (B, T). `kv_input` = (x_kv (B, S, D), positions (B, S), pad (B, S) or None):
+        keys and values come from these tokens instead of x (a routed block's full-context option)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        cos, sin = rope(positions)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv_x, kv_pos, kv_pad = (x, positions, pad_mask) if kv_input is None else kv_input
+        S = kv_x.shape[1]
+        k = self.k_proj(kv_x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, S, hd)
+        v = self.v_proj(kv_x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, S, hd)
+        q = apply_rope(q, *rope(positions))
+        k = apply_rope(k, *rope(kv_pos))
         gqa = self.n_kv_heads != self.n_heads
-        if cache is None and pad_mask is None:
+        if cache is None and pad_mask is None and kv_input is None:
             # Training fast path: tokens are in causal order (routed subsets are sorted by position), so the plain
             # causal mask over the tensor index equals the mask over positions.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            valid = torch.ones_like(positions, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+            valid = torch.ones_like(kv_pos, dtype=torch.bool) if kv_pad is None else kv_pad.bool()
             if cache is not None:
-                k, v, k_pos, k_valid = cache.append(k, v, positions, valid)
+                k, v, k_pos, k_valid = cache.append(k, v, kv_pos, valid)
             else:
-                k_pos, k_valid = positions, valid
+                k_pos, k_valid = kv_pos, valid
             mask = attention_mask(positions, k_pos, k_valid)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
@@ -138,7 +143,13 @@ class Block(nn.Module):
         *,
         cache: KVCache | None = None,
         pad_mask: Tensor | None = None,
+        context: tuple[Tensor, Tensor, Tensor | None] | None = None,
     ) -> Tensor:
-        a = self.self_attn(self.input_layernorm(x), positions, rope, cache=cache, pad_mask=pad_mask)
+        """`context` = (x (B, S, D), positions (B, S), pad (B, S) or None): attend to these tokens' keys and values
+        (normalised by this block) instead of x's own; used by routed blocks with full-context attention."""
+        kv_input = None
+        if context is not None:
+            kv_input = (self.input_layernorm(context[0]), context[1], context[2])
+        a = self.self_attn(self.input_layernorm(x), positions, rope, cache=cache, pad_mask=pad_mask, kv_input=kv_input)
         h = x + self.dropout(a)
         return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))

@@ -44,6 +44,7 @@ class LayerOutput:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted, keyed by loss name
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached scalars for logging
     decisions: Tensor | None = None  # (B, T) bool: tokens that ran the routed block (routed layers only)
+    scores: dict[str, Tensor] = field(default_factory=dict)  # (B, T) per-token routing scores, e.g. gate, student
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ModelOutput:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted, averaged over layers
     stats: dict[str, Tensor] = field(default_factory=dict)  # "layers.{i}.{name}" -> scalar
     decisions: dict[int, Tensor] = field(default_factory=dict)  # layer index -> (B, T) bool
+    scores: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # layer index -> score name -> (B, T)
 
 
 class DenseLayer(nn.Module):
@@ -104,6 +106,20 @@ class LanguageModel(nn.Module):
             if module is not self and hasattr(module, "reset_routing_parameters"):
                 module.reset_routing_parameters()
 
+    @property
+    def is_routed(self) -> bool:
+        return any(hasattr(layer, "thresholds") for layer in self.layers)
+
+    def routed_layers(self) -> list[tuple[int, nn.Module]]:
+        """(index in the stack, layer) of every routed layer."""
+        return [(i, layer) for i, layer in enumerate(self.layers) if hasattr(layer, "thresholds")]
+
+    def set_training_progress(self, progress: float) -> None:
+        """Fraction of training done, in [0, 1]; drives scheduled routing temperatures (beta)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_progress"):
+                module.set_progress(progress)
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
@@ -118,14 +134,18 @@ class LanguageModel(nn.Module):
         pad_mask: Tensor | None = None,
         positions: Tensor | None = None,
         cache: ModelCache | None = None,
-        routing: str = "topk",
+        routing: str | None = None,
         logits_to_keep: int = 0,
     ) -> ModelOutput:
         """input_ids (B, T); targets (B, T) are the *already shifted* next tokens (-100 = ignore).
 
         The data pipeline shifts labels; the loss here compares position t's logits with targets[t] directly.
         `logits_to_keep > 0` computes logits only for the last that many positions (prefill during generation).
+        `routing` picks how routed layers choose tokens: "topk" (training; the default without a cache), or a causal
+        mode, "threshold" or "student" (the default with a cache is the config's `inference_routing`).
         """
+        if routing is None:
+            routing = self.config.inference_routing if cache is not None else "topk"
         B, T = input_ids.shape
         if positions is None:
             if pad_mask is not None:
@@ -139,6 +159,7 @@ class LanguageModel(nn.Module):
         aux_counts: dict[str, int] = {}
         stats: dict[str, Tensor] = {}
         decisions: dict[int, Tensor] = {}
+        scores: dict[int, dict[str, Tensor]] = {}
         for i, layer in enumerate(self.layers):
             out = layer(x, replace(ctx, cache_key=i))
             x = out.hidden
@@ -149,6 +170,8 @@ class LanguageModel(nn.Module):
                 stats[f"layers.{i}.{name}"] = value
             if out.decisions is not None:
                 decisions[i] = out.decisions
+            if out.scores:
+                scores[i] = out.scores
 
         x = self.norm(x)
         if logits_to_keep > 0:
@@ -163,7 +186,13 @@ class LanguageModel(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return ModelOutput(
-            logits=logits, loss=loss, aux_loss=aux_loss, aux_losses=aux_losses, stats=stats, decisions=decisions
+            logits=logits,
+            loss=loss,
+            aux_loss=aux_loss,
+            aux_losses=aux_losses,
+            stats=stats,
+            decisions=decisions,
+            scores=scores,
         )
 
     @torch.no_grad()
@@ -176,7 +205,7 @@ class LanguageModel(nn.Module):
         top_k: int | None = None,
         pad_mask: Tensor | None = None,
         eos_id: int | None = None,
-        routing: str = "topk",
+        routing: str | None = None,
         valid_vocab: int | None = None,
         generator: torch.Generator | None = None,
         cache: ModelCache | None = None,
@@ -187,6 +216,9 @@ class LanguageModel(nn.Module):
         padded tail of the vocabulary that no real token maps to. Returns (B, T0 + max_new_tokens).
         """
         B, T0 = input_ids.shape
+        routing = routing or self.config.inference_routing
+        if routing == "topk" and self.is_routed:
+            raise UserError("generation needs a causal routing mode (threshold or student), not the topk oracle")
         if T0 + max_new_tokens > self.config.max_seq_len:
             raise UserError(
                 f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len="

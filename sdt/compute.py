@@ -1,0 +1,201 @@
+"""Analytic compute accounting for dense, SDT, STT and MoD models (spec section 6).
+
+Everything here is arithmetic on a `ModelConfig`; no model is built. Conventions, chosen so the numbers are easy to
+check by hand and comparable across architectures:
+
+- A matmul of an (n, a) by an (a, b) matrix costs 2 * n * a * b FLOPs (one multiply and one add per MAC).
+- Only matmuls are counted, plus the surprise/gate math, which the spec asks us to count even though it is small
+  (`SURPRISE_FLOPS_PER_ELEMENT` per element of D per token). Norms, activations, softmax, RoPE, residual adds and
+  biases are left out: they are O(T * D) and the same for every architecture, so they barely move any ratio.
+- Embedding lookups are free (a gather, not a matmul). The LM head (D x vocab) is counted on every token, tied or not.
+- Causal attention: a query at position p sees p + 1 keys, so n tokens in causal order see (n + 1) / 2 keys on
+  average. Scores (QK^T) and the weighted sum of values (AV) each cost 2 * n_heads * head_dim FLOPs per
+  (query, key) pair; grouped-query attention saves K/V projections and cache, not these FLOPs.
+- A routed block runs on k = max(1, floor(capacity * T)) tokens. With `routed_attention="selected"` the k tokens
+  attend causally among themselves (k * (k + 1) / 2 pairs). With "full" the k queries attend to every earlier token;
+  selected queries are assumed spread evenly over the sequence, so each sees (T + 1) / 2 keys on average, and K/V
+  projections run on all T tokens.
+- Per-token FLOPs = FLOPs of one sequence of length T / T. Training FLOPs = 3 x the forward FLOPs of the
+  training-time graph (the usual forward + 2x backward estimate), so detached router inputs are not discounted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from sdt.errors import UserError
+from sdt.models.config import ModelConfig
+
+COMPONENTS = ("attention_projections", "attention_scores", "mlp", "prior", "router", "surprise", "lm_head")
+SURPRISE_FLOPS_PER_ELEMENT = 10  # D_st, D_ch, CE, CU, two sigmoids, the gate combination: ~10 ops per element of D
+TRAIN_FLOPS_MULTIPLIER = 3  # backward ~ 2x forward
+
+Flops = dict[str, float]
+
+
+def _zero() -> Flops:
+    return dict.fromkeys(COMPONENTS, 0.0)
+
+
+def _add(into: Flops, other: Flops) -> None:
+    for name, value in other.items():
+        into[name] += value
+
+
+def routed_tokens(capacity: float, seq_len: int) -> int:
+    """k = max(1, floor(capacity * T)): how many tokens a routed block runs on (spec section 0).
+
+    Same rule as sdt.routing.topk, epsilon included, so 0.29 * 100 = 28.999999999999996 counts as 29.
+    """
+    return max(1, min(seq_len, math.floor(capacity * seq_len + 1e-9)))
+
+
+def layer_kinds(cfg: ModelConfig) -> list[str]:
+    """What each layer is: "block" (plain, all tokens), "decision"/"dynamic" (SDT pair), "stt" or "mod" (routed).
+
+    The routed region is layers dense_first .. n_layers - dense_last - 1; j below is the index inside it.
+    """
+    kinds = []
+    for i in range(cfg.n_layers):
+        j = i - cfg.dense_first
+        if cfg.arch == "dense" or not 0 <= j < cfg.routed_layer_count:
+            kinds.append("block")
+        elif cfg.arch == "sdt":
+            kinds.append("decision" if j % 2 == 0 else "dynamic")
+        else:  # stt / mod: odd layers of the region are routed, even ones are standard blocks
+            kinds.append(cfg.arch if j % 2 == 1 else "block")
+    return kinds
+
+
+def block_flops(cfg: ModelConfig, seq_len: int, n_tokens: int | None = None, full_context: bool = False) -> Flops:
+    """Forward FLOPs of one backbone block on one sequence (totals, not per token).
+
+    n_tokens: how many tokens the block runs on (None: all seq_len). full_context: the n_tokens queries attend to
+    every earlier token of the sequence, so K/V are projected for all seq_len tokens (routed_attention="full").
+    """
+    T = seq_len
+    n = T if n_tokens is None else n_tokens
+    D, ffn = cfg.d_model, cfg.intermediate_size
+    q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    kv_tokens = T if full_context else n
+    keys_per_query = (T + 1) / 2 if full_context else (n + 1) / 2
+    flops = _zero()
+    flops["attention_projections"] = 2 * n * D * q_width + 2 * n * q_width * D + 2 * 2 * kv_tokens * D * kv_width
+    flops["attention_scores"] = 2 * (2 * cfg.n_heads * cfg.head_dim) * n * keys_per_query  # QK^T and AV
+    flops["mlp"] = 3 * 2 * n * D * ffn  # SwiGLU: gate, up and down projections
+    return flops
+
+
+def _routed_block(cfg: ModelConfig, seq_len: int) -> Flops:
+    k = routed_tokens(cfg.capacity, seq_len)
+    return block_flops(cfg, seq_len, k, full_context=cfg.routed_attention == "full")
+
+
+def _prior(cfg: ModelConfig, seq_len: int) -> Flops:
+    """The SDT prior / STT transition network: SwiGLU D -> h -> D on every token (+ h -> D log-variance for kl)."""
+    D, h = cfg.d_model, cfg.prior_hidden_size
+    out_projections = 2 if cfg.change_surprise == "kl" else 1
+    flops = _zero()
+    flops["prior"] = 2 * seq_len * (2 * D * h + out_projections * h * D)
+    return flops
+
+
+def _surprise(cfg: ModelConfig, seq_len: int) -> Flops:
+    flops = _zero()
+    flops["surprise"] = SURPRISE_FLOPS_PER_ELEMENT * cfg.d_model * seq_len
+    return flops
+
+
+def _student_router(cfg: ModelConfig, seq_len: int, input_width: int | None = None) -> Flops:
+    """Causal student router MLP(in -> D/2 -> 1, SiLU) on every token: it must score each token to decide."""
+    d_in = cfg.d_model if input_width is None else input_width
+    hidden = max(1, cfg.d_model // 2)
+    flops = _zero()
+    flops["router"] = 2 * seq_len * (d_in * hidden + hidden)
+    return flops
+
+
+def _linear_router(cfg: ModelConfig, seq_len: int) -> Flops:
+    flops = _zero()
+    flops["router"] = 2 * seq_len * cfg.d_model  # MoD's r = w . x
+    return flops
+
+
+def _layer_flops(cfg: ModelConfig, kind: str, seq_len: int, training: bool) -> Flops:
+    """Forward FLOPs of one layer (and the routing machinery attached to it) on one sequence."""
+    T = seq_len
+    parts: list[Flops]
+    if kind in ("block", "decision"):
+        parts = [block_flops(cfg, T)]
+        if kind == "decision":  # the prior predicts the update; surprise and gate run on every token
+            parts += [_prior(cfg, T), _surprise(cfg, T)]
+    elif kind == "dynamic":
+        parts = [_routed_block(cfg, T), _student_router(cfg, T)]
+    elif kind == "stt":
+        router_in = 2 * cfg.d_model if cfg.student_input == "x_prev" else cfg.d_model
+        parts = [_routed_block(cfg, T), _student_router(cfg, T, router_in)]
+        if training:  # dense teacher pass for the surprise signals, then the sparse re-run above
+            parts += [block_flops(cfg, T), _prior(cfg, T), _surprise(cfg, T)]
+    elif kind == "mod":
+        parts = [_routed_block(cfg, T), _linear_router(cfg, T), _student_router(cfg, T)]
+    else:
+        raise ValueError(f"unknown layer kind {kind!r}")
+    total = _zero()
+    for part in parts:
+        _add(total, part)
+    return total
+
+
+def _check_seq_len(seq_len: int) -> None:
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise UserError(f"seq_len must be a positive integer, got {seq_len!r}")
+
+
+def flops_breakdown(cfg: ModelConfig, seq_len: int, training: bool = False) -> dict[str, float]:
+    """Per-token FLOPs by component, plus "total".
+
+    training=False: the inference forward pass in a causal mode (routed layers execute k tokens; STT uses its
+    student). training=True: 3x the forward of the training-time graph (STT adds its dense teacher and TPN).
+    """
+    _check_seq_len(seq_len)
+    total = _zero()
+    for kind in layer_kinds(cfg):
+        _add(total, _layer_flops(cfg, kind, seq_len, training))
+    total["lm_head"] = 2 * seq_len * cfg.d_model * cfg.vocab_size
+    scale = (TRAIN_FLOPS_MULTIPLIER if training else 1) / seq_len
+    out = {name: value * scale for name, value in total.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def kv_entries(cfg: ModelConfig, seq_len: int) -> int:
+    """Tokens whose K/V are stored, summed over layers, for one sequence at inference.
+
+    Full blocks store all T; routed blocks store their k executed tokens with selected attention, but all T with
+    routed_attention="full" (their queries read every earlier token's K/V).
+    """
+    _check_seq_len(seq_len)
+    k = routed_tokens(cfg.capacity, seq_len)
+    routed_kv = seq_len if cfg.routed_attention == "full" else k
+    return sum(seq_len if kind in ("block", "decision") else routed_kv for kind in layer_kinds(cfg))
+
+
+def compute_report(cfg: ModelConfig, seq_len: int) -> dict:
+    """FLOPs per token, KV entries and their ratios to the dense model with the same dimensions."""
+    dense = dataclasses.replace(cfg, arch="dense")
+    inference, dense_inference = flops_breakdown(cfg, seq_len), flops_breakdown(dense, seq_len)
+    train, dense_train = flops_breakdown(cfg, seq_len, training=True), flops_breakdown(dense, seq_len, training=True)
+    kv = kv_entries(cfg, seq_len)
+    return {
+        "flops_per_token": inference["total"],
+        "flops_ratio_vs_dense": inference["total"] / dense_inference["total"],
+        "kv_entries_ratio_vs_dense": kv / (cfg.n_layers * seq_len),
+        "train_flops_per_token": train["total"],
+        "train_flops_ratio_vs_dense": train["total"] / dense_train["total"],
+        "attention_flops_ratio_vs_dense": inference["attention_scores"] / dense_inference["attention_scores"],
+        "kv_entries": kv,
+        "breakdown": inference,
+        "seq_len": seq_len,
+        "capacity": cfg.capacity,
+    }

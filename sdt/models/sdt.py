@@ -1,0 +1,139 @@
+"""Subjective Depth Transformer (spec section 1): a decision layer and a dynamic layer as one unit of the stack.
+
+1. Decision layer, on every token: post = Block_a(x), delta = post - x.
+2. Prior: delta_hat = PriorFFN(x), trained to predict delta (loss weight `prior_loss_weight`).
+3. Surprise signals and gate g from delta and delta_hat (sdt.routing.surprise).
+4. Dynamic layer: Block_b runs on the tokens chosen by the routing mode, starting from post, with the gate applied;
+   the other tokens keep post exactly.
+
+Routing modes: "topk" (training; non-causal oracle at evaluation), "threshold" (execute where g >= tau, causal
+because g is), "student" (a causal router predicts Top-K membership). Tau and the student threshold are calibrated
+to the capacity on held-out training data (sdt.routing.calibration) and stored as buffers in the checkpoint.
+Design choice: the surprise signals read delta detached, so the backbone is trained by the LM loss alone and not
+pushed to reshape its updates to open or close gates; the gate scalars and the prior learn through g.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sdt.models.config import ModelConfig
+from sdt.models.layers import Block
+from sdt.models.transformer import ForwardContext, LayerOutput
+from sdt.routing import (
+    CausalRouter,
+    PriorFFN,
+    SurpriseGate,
+    capacity_k,
+    classification_stats,
+    indices_to_mask,
+    pack_decisions,
+    router_bce,
+    run_routed_block,
+    topk_indices,
+)
+
+
+def masked_mean(x_BT: Tensor, valid_BT: Tensor | None) -> Tensor:
+    if valid_BT is None:
+        return x_BT.float().mean()
+    w = valid_BT.float()
+    return (x_BT.float() * w).sum() / w.sum().clamp(min=1.0)
+
+
+class SDTPair(nn.Module):
+    """One (decision, dynamic) pair. Cache sub-slots: 0 = decision block, 1 = dynamic block."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.capacity, self.gate_mode = cfg.capacity, cfg.gate_mode
+        self.full_context = cfg.routed_attention == "full"
+        self.decision = Block(cfg)
+        self.dynamic = Block(cfg)
+        self.prior = PriorFFN(cfg.d_model, cfg.prior_hidden_size, cfg.rms_norm_eps, cfg.change_surprise == "kl")
+        self.surprise = SurpriseGate(cfg)
+        self.student = CausalRouter(cfg.d_model, cfg.d_model // 2)
+
+    def thresholds(self) -> dict[str, Tensor]:
+        """Calibrated thresholds by score name (see `scores` in LayerOutput)."""
+        return {"gate": self.surprise.threshold, "student": self.student.threshold}
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
+        B, T, _ = x.shape
+        post = self.decision(x, ctx.positions, ctx.rope, cache=ctx.kv(0), pad_mask=ctx.pad_mask)  # (B, T, D)
+        delta = (post - x).detach()
+        delta_hat, logvar = self.prior(x)
+        history = ctx.cache.state.get((ctx.cache_key, "ma")) if ctx.cache is not None else None
+        sig, history = self.surprise(delta, delta_hat, logvar, valid_BT=ctx.pad_mask, history=history)
+        if ctx.cache is not None:
+            ctx.cache.state[(ctx.cache_key, "ma")] = history
+        student_logits = self.student(post)  # (B, T)
+        student_prob = torch.sigmoid(student_logits)
+
+        # Top-K membership: what training executes, and the target the student learns. Meaningless for one token.
+        topk_mask = None
+        if ctx.cache is None:
+            k = capacity_k(T, self.capacity)
+            topk_idx = topk_indices(sig.g.detach(), k)
+            topk_mask = indices_to_mask(topk_idx, T)
+
+        if ctx.routing == "topk":
+            if topk_mask is None:
+                raise ValueError("topk routing is not causal and cannot be used for cached decoding")
+            idx, valid = topk_idx, None
+        elif ctx.routing == "threshold":
+            idx, valid = self._pack(sig.g >= self.surprise.threshold, ctx)
+        elif ctx.routing == "student":
+            idx, valid = self._pack(student_prob >= self.student.threshold, ctx)
+        else:
+            raise ValueError(f"unknown routing mode {ctx.routing!r}")
+
+        if idx is None:  # no token of the batch executes (causal modes only): skip the dynamic block entirely
+            out, executed = post, torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        else:
+            out = run_routed_block(
+                self.dynamic,
+                post,
+                ctx.positions,
+                ctx.rope,
+                idx,
+                sig.g,
+                self.gate_mode,
+                valid_BK=valid,
+                pad_mask_BT=ctx.pad_mask,
+                cache=ctx.kv(1),
+                full_context=self.full_context,
+            )
+            executed = indices_to_mask(idx, T, valid)
+        if ctx.pad_mask is not None:
+            executed = executed & ctx.pad_mask
+
+        aux = {"prior": masked_mean(sig.d_ch, ctx.pad_mask)}
+        stats = {
+            "executed_fraction": masked_mean(executed, ctx.pad_mask),
+            "d_st": masked_mean(sig.d_st, ctx.pad_mask).detach(),
+            "d_ch": masked_mean(sig.d_ch, ctx.pad_mask).detach(),
+            "ce": masked_mean(sig.ce, ctx.pad_mask).detach(),
+            "cu": masked_mean(sig.cu, ctx.pad_mask).detach(),
+            "s_ce": masked_mean(sig.s_ce, ctx.pad_mask).detach(),
+            "s_cu": masked_mean(sig.s_cu, ctx.pad_mask).detach(),
+            "g": masked_mean(sig.g, ctx.pad_mask).detach(),
+            # Among executed tokens, the share whose expected-change gate beats the unexpected-change gate:
+            # the paper's observation is that this grows over training (novelty first, prediction later).
+            "ce_dominant_fraction": masked_mean((sig.s_ce > sig.s_cu).detach(), executed),
+            **self.surprise.scalar_stats(),
+        }
+        if topk_mask is not None:
+            aux["router"] = router_bce(student_logits, topk_mask, ctx.pad_mask)
+            student_pred = student_prob >= self.student.threshold
+            stats.update({f"student_{k}": v for k, v in classification_stats(student_pred, topk_mask).items()})
+        scores = {"gate": sig.g.detach(), "student": student_prob.detach()}
+        return LayerOutput(hidden=out, aux_losses=aux, stats=stats, decisions=executed, scores=scores)
+
+    def _pack(self, decide_BT: Tensor, ctx: ForwardContext) -> tuple[Tensor | None, Tensor | None]:
+        if ctx.pad_mask is not None:
+            decide_BT = decide_BT & ctx.pad_mask
+        # Full-context attention needs every token's K/V written even when none executes: keep one (invalid) slot.
+        packed = pack_decisions(decide_BT, min_k=1 if self.full_context else 0)
+        return (None, None) if packed is None else packed

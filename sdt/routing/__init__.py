@@ -1,0 +1,27 @@
+"""Routing machinery shared by SDT, STT and MoD: Top-K, routed execution, gates, surprise, priors, students."""
+
+from sdt.routing.execution import gather_tokens, run_routed_block, scatter_tokens
+from sdt.routing.gates import apply_gate
+from sdt.routing.priors import PriorFFN
+from sdt.routing.students import CausalRouter, classification_stats, router_bce
+from sdt.routing.surprise import SurpriseGate, SurpriseSignals, causal_moving_average, combine_gates
+from sdt.routing.topk import capacity_k, indices_to_mask, pack_decisions, topk_indices
+
+__all__ = [
+    "CausalRouter",
+    "PriorFFN",
+    "SurpriseGate",
+    "SurpriseSignals",
+    "apply_gate",
+    "capacity_k",
+    "causal_moving_average",
+    "classification_stats",
+    "combine_gates",
+    "gather_tokens",
+    "indices_to_mask",
+    "pack_decisions",
+    "router_bce",
+    "run_routed_block",
+    "scatter_tokens",
+    "topk_indices",
+]

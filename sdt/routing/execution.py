@@ -1,0 +1,62 @@
+"""Routed execution: run a block on a gathered subset of tokens and scatter the result back.
+
+Each sequence's selected tokens are gathered into their own row of a (B, K, D) tensor (rows are never packed
+together, so no token attends across sequences), the block runs with the tokens' original RoPE positions and a causal
+mask over those positions, and its update, scaled by the gate, is scattered back. Unselected tokens keep their input
+exactly: their block is skipped, not masked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sdt.models.kv_cache import KVCache
+from sdt.models.layers import Block, RotaryEmbedding
+from sdt.routing.gates import apply_gate
+
+
+def gather_tokens(x_BTD: Tensor, idx_BK: Tensor) -> Tensor:
+    """(B, T, D), (B, K) -> (B, K, D)."""
+    return torch.gather(x_BTD, 1, idx_BK.unsqueeze(-1).expand(-1, -1, x_BTD.shape[-1]))
+
+
+def scatter_tokens(x_BTD: Tensor, idx_BK: Tensor, y_BKD: Tensor) -> Tensor:
+    """Out-of-place: x with rows idx replaced by y."""
+    return x_BTD.scatter(1, idx_BK.unsqueeze(-1).expand(-1, -1, x_BTD.shape[-1]), y_BKD)
+
+
+def run_routed_block(
+    block: Block,
+    x_BTD: Tensor,
+    positions_BT: Tensor,
+    rope: RotaryEmbedding,
+    idx_BK: Tensor,
+    gate_BT: Tensor | None,
+    gate_mode: str,
+    *,
+    valid_BK: Tensor | None = None,
+    pad_mask_BT: Tensor | None = None,
+    cache: KVCache | None = None,
+    full_context: bool = False,
+) -> Tensor:
+    """x (B, T, D) -> x with the selected tokens replaced by x_i + gate(f_i), f_i = Block(x_i) - x_i.
+
+    `valid_BK` marks which gathered slots really execute (causal modes fill rows up to a common K); invalid slots
+    neither attend nor are attended to, and keep their input. `gate_BT` None applies the full update (no gate).
+    With `full_context`, selected queries attend to every earlier token (all tokens write K/V).
+    """
+    x_sel = gather_tokens(x_BTD, idx_BK)  # (B, K, D)
+    pos_sel = torch.gather(positions_BT, 1, idx_BK)  # (B, K)
+    attend_sel = valid_BK
+    if pad_mask_BT is not None:
+        pad_sel = torch.gather(pad_mask_BT, 1, idx_BK)
+        attend_sel = pad_sel if attend_sel is None else attend_sel & pad_sel
+    context = (x_BTD, positions_BT, pad_mask_BT) if full_context else None
+    y_sel = block(x_sel, pos_sel, rope, cache=cache, pad_mask=attend_sel, context=context)
+    f_sel = y_sel - x_sel  # (B, K, D) the block's update
+    if gate_BT is not None:
+        f_sel = apply_gate(f_sel, torch.gather(gate_BT, 1, idx_BK), gate_mode)
+    if valid_BK is not None:
+        f_sel = f_sel * valid_BK.unsqueeze(-1).to(f_sel.dtype)
+    return scatter_tokens(x_BTD, idx_BK, x_sel + f_sel)

@@ -1,0 +1,46 @@
+"""Causal student routers: predict, from the current token's state alone, whether Top-K would select it.
+
+Top-K over a sequence looks at future tokens; a student sees only the present (and, optionally, the previous
+token), so routing by it is causal and usable in generation. It trains with BCE on detached inputs against the
+Top-K mask, and executes where sigmoid(logit) >= threshold, the threshold calibrated so the executed share is gamma.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class CausalRouter(nn.Module):
+    """MLP(D_in -> D/2 -> 1, SiLU) -> one logit per token."""
+
+    param_role = "router"
+
+    def __init__(self, d_in: int, d_hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, max(1, d_hidden))
+        self.fc2 = nn.Linear(max(1, d_hidden), 1)
+        self.register_buffer("threshold", torch.full((), 0.5))  # on sigmoid(logit), calibrated to the capacity
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        return self.fc2(F.silu(self.fc1(x_BTD.detach()))).squeeze(-1)  # (B, T) logits
+
+
+def router_bce(logits_BT: Tensor, target_BT: Tensor, valid_BT: Tensor | None = None) -> Tensor:
+    loss = F.binary_cross_entropy_with_logits(logits_BT.float(), target_BT.float(), reduction="none")
+    if valid_BT is None:
+        return loss.mean()
+    w = valid_BT.float()
+    return (loss * w).sum() / w.sum().clamp(min=1.0)
+
+
+def classification_stats(pred_BT: Tensor, target_BT: Tensor) -> dict[str, Tensor]:
+    """Accuracy, precision and recall of boolean predictions against the Top-K mask (no host sync)."""
+    pred, target = pred_BT.bool(), target_BT.bool()
+    tp = (pred & target).sum().float()
+    return {
+        "accuracy": (pred == target).float().mean(),
+        "precision": tp / pred.sum().clamp(min=1).float(),
+        "recall": tp / target.sum().clamp(min=1).float(),
+    }

@@ -1,0 +1,47 @@
+"""Static-capacity Top-K routing: every sequence keeps exactly k = max(1, floor(capacity * T)) tokens.
+
+The same k for every row keeps shapes static (no host synchronisation, compilable). Indices are sorted ascending so
+that the gathered tokens are in time order and a causal mask over them is a causal mask over positions.
+Legend: B batch, T tokens, K selected tokens per row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def capacity_k(seq_len: int, capacity: float) -> int:
+    """Tokens kept per sequence: max(1, floor(capacity * T))."""
+    # The small epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 from flooring to 28.
+    return max(1, min(seq_len, math.floor(capacity * seq_len + 1e-9)))
+
+
+def topk_indices(scores_BT: Tensor, k: int) -> Tensor:
+    """(B, T) scores -> (B, K) indices of the k highest scores of each row, sorted ascending (time order)."""
+    idx_BK = torch.topk(scores_BT, k, dim=1, sorted=False).indices
+    return torch.sort(idx_BK, dim=1).values
+
+
+def indices_to_mask(idx_BK: Tensor, seq_len: int, valid_BK: Tensor | None = None) -> Tensor:
+    """(B, K) indices -> (B, T) bool mask of the selected tokens (only the valid ones, when given)."""
+    mask_BT = torch.zeros(idx_BK.shape[0], seq_len, dtype=torch.bool, device=idx_BK.device)
+    src = torch.ones_like(idx_BK, dtype=torch.bool) if valid_BK is None else valid_BK
+    return mask_BT.scatter(1, idx_BK, src)
+
+
+def pack_decisions(decide_BT: Tensor, min_k: int = 0) -> tuple[Tensor, Tensor] | None:
+    """Per-token causal decisions (B, T) bool -> (idx (B, K), valid (B, K)) with K the largest count in a row.
+
+    Used by the causal inference modes, where each row executes a different number of tokens. Rows with fewer
+    than K executed tokens are filled with unexecuted positions marked invalid (excluded from attention and left
+    unchanged). Returns None when no token executes and `min_k` is 0. Reads K on the host: inference only.
+    """
+    k = max(int(decide_BT.sum(dim=1).max()), min_k)
+    if k == 0:
+        return None
+    # Executed tokens score 1 and win; ties among the fillers are broken arbitrarily, which is harmless.
+    idx_BK = topk_indices(decide_BT.float(), k)
+    return idx_BK, torch.gather(decide_BT, 1, idx_BK)

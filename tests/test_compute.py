@@ -1,0 +1,192 @@
+"""Analytic compute accounting: hand-checked dense totals and the spec's section 6 claims."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sdt.compute import (
+    SURPRISE_FLOPS_PER_ELEMENT,
+    block_flops,
+    compute_report,
+    flops_breakdown,
+    kv_entries,
+    layer_kinds,
+)
+from sdt.errors import UserError
+from sdt.models.config import ModelConfig
+
+RATIO_KEYS = (
+    "flops_ratio_vs_dense",
+    "kv_entries_ratio_vs_dense",
+    "train_flops_ratio_vs_dense",
+    "attention_flops_ratio_vs_dense",
+)
+
+
+def small(arch: str, **kw) -> ModelConfig:
+    base = {"arch": arch, "vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2}
+    return ModelConfig(**(base | kw))
+
+
+def test_dense_matches_hand_computation():
+    # d=8, 2 heads of 4 (no GQA), SwiGLU width 16, L=2, V=16, T=4, written out independently of sdt.compute.
+    cfg = ModelConfig(arch="dense", vocab_size=16, d_model=8, n_layers=2, n_heads=2, intermediate_size=16)
+    T, d, L, V, ffn = 4, 8, 2, 16, 16
+    qkvo = 4 * (2 * T * d * d)  # q, k, v, o: each (T, 8) @ (8, 8)
+    pairs = T * (T + 1) / 2  # causal (query, key) pairs: 1 + 2 + 3 + 4 = 10
+    scores = pairs * (2 * d) * 2  # QK^T and AV: 2 FLOPs per MAC over all heads' dims (8), each
+    mlp = 3 * (2 * T * d * ffn)
+    head = 2 * T * d * V
+    expected_total = (L * (qkvo + scores + mlp) + head) / T
+    b = flops_breakdown(cfg, T)
+    assert b["attention_projections"] == L * qkvo / T
+    assert b["attention_scores"] == L * scores / T == 2 * 320 / 4
+    assert b["mlp"] == L * mlp / T
+    assert b["lm_head"] == head / T
+    assert b["prior"] == b["router"] == b["surprise"] == 0
+    assert b["total"] == pytest.approx(expected_total) == 2 * 512 + 160 + 2 * 768 + 256
+    assert flops_breakdown(cfg, T, training=True)["total"] == pytest.approx(3 * expected_total)
+    assert kv_entries(cfg, T) == L * T
+    report = compute_report(cfg, T)
+    assert all(report[key] == 1.0 for key in RATIO_KEYS)
+    assert report["seq_len"] == T and report["kv_entries"] == 8 and report["breakdown"] == b
+
+
+def test_gqa_saves_kv_projections_only():
+    mha, gqa = small("dense", n_kv_heads=4), small("dense", n_kv_heads=1)
+    a, b = flops_breakdown(mha, 32), flops_breakdown(gqa, 32)
+    assert b["attention_projections"] < a["attention_projections"]
+    assert b["attention_scores"] == a["attention_scores"] and b["mlp"] == a["mlp"]
+
+
+def test_report_keys():
+    report = compute_report(small("sdt"), 64)
+    assert set(report) == {
+        *RATIO_KEYS,
+        "flops_per_token",
+        "train_flops_per_token",
+        "kv_entries",
+        "breakdown",
+        "seq_len",
+        "capacity",
+    }
+    components = {"attention_projections", "attention_scores", "mlp", "prior", "router", "surprise", "lm_head"}
+    assert set(report["breakdown"]) == components | {"total"}
+    assert report["capacity"] == 0.5
+
+
+@pytest.mark.parametrize("change_surprise", ["mse", "kl"])
+def test_sdt_full_capacity_is_dense_plus_overhead(change_surprise):
+    T = 64
+    cfg = small("sdt", capacity=1.0, change_surprise=change_surprise)
+    sdt, dense = flops_breakdown(cfg, T), flops_breakdown(dataclasses.replace(cfg, arch="dense"), T)
+    D, h, pairs = cfg.d_model, cfg.prior_hidden_size, cfg.n_layers // 2
+    prior = pairs * 2 * (2 * D * h + (2 if change_surprise == "kl" else 1) * h * D)  # per token
+    router = pairs * 2 * (D * (D // 2) + D // 2)
+    surprise = pairs * SURPRISE_FLOPS_PER_ELEMENT * D
+    assert sdt["prior"] == pytest.approx(prior)
+    assert sdt["router"] == pytest.approx(router)
+    assert sdt["surprise"] == pytest.approx(surprise)
+    assert sdt["total"] - dense["total"] == pytest.approx(prior + router + surprise)
+    for name in ("attention_projections", "attention_scores", "mlp", "lm_head"):
+        assert sdt[name] == pytest.approx(dense[name])
+
+
+@pytest.mark.parametrize("T", [16, 64, 256, 1024])
+def test_headline_routed_layer_at_half_capacity(T):
+    # Spec section 6: at capacity 0.5 a routed layer with selected attention spends ~25% of the dense attention
+    # score/value FLOPs and stores 50% of the KV entries. Exactly (T+2) / (4(T+1)) with the (n+1)/2 convention.
+    cfg = small("mod", capacity=0.5)
+    k = T // 2
+    routed, dense = block_flops(cfg, T, k), block_flops(cfg, T)
+    ratio = routed["attention_scores"] / dense["attention_scores"]
+    assert ratio == pytest.approx((T + 2) / (4 * (T + 1)))
+    assert abs(ratio - 0.25) <= 1 / T
+    assert routed["mlp"] / dense["mlp"] == 0.5
+    # One MoD layer routed out of two: KV entries are (T + k) / 2T.
+    two = small("mod", n_layers=2, capacity=0.5)
+    assert layer_kinds(two) == ["block", "mod"]
+    assert kv_entries(two, T) == T + k
+    assert compute_report(two, T)["attention_flops_ratio_vs_dense"] == pytest.approx((1 + ratio) / 2)
+
+
+def test_full_context_routed_attention():
+    T = 64
+    cfg = small("mod", n_layers=2, capacity=0.5, routed_attention="full")
+    full, dense = block_flops(cfg, T, 32, full_context=True), block_flops(cfg, T)
+    assert full["attention_scores"] / dense["attention_scores"] == 0.5  # k queries over the whole causal prefix
+    assert full["attention_projections"] > block_flops(cfg, T, 32)["attention_projections"]  # K/V on all T
+    assert kv_entries(cfg, T) == 2 * T
+    assert compute_report(cfg, T)["kv_entries_ratio_vs_dense"] == 1.0
+
+
+def test_sdt_kv_ratio_all_layers_routed():
+    report = compute_report(small("sdt", capacity=0.5), 128)
+    assert report["kv_entries_ratio_vs_dense"] == 0.75  # decision layers keep T, dynamic ones k = T/2
+
+
+def test_stt_trains_dearer_but_infers_cheaper():
+    for capacity in (0.125, 0.25, 0.5, 1.0):
+        assert compute_report(small("stt", capacity=capacity), 128)["train_flops_ratio_vs_dense"] > 1
+    assert compute_report(small("stt", capacity=0.125), 128)["flops_ratio_vs_dense"] < 1
+
+
+def test_stt_x_prev_router_is_wider():
+    x, x_prev = small("stt"), small("stt", student_input="x_prev")
+    assert flops_breakdown(x_prev, 64)["router"] > flops_breakdown(x, 64)["router"]
+
+
+def test_mod_full_capacity_without_routers_equals_dense():
+    T = 64
+    cfg = small("mod", capacity=1.0)
+    mod, dense = flops_breakdown(cfg, T), flops_breakdown(dataclasses.replace(cfg, arch="dense"), T)
+    assert mod["router"] > 0 and mod["prior"] == mod["surprise"] == 0
+    assert mod["total"] - mod["router"] == pytest.approx(dense["total"])
+    assert kv_entries(cfg, T) == kv_entries(dataclasses.replace(cfg, arch="dense"), T)
+
+
+@pytest.mark.parametrize("arch", ["sdt", "stt", "mod"])
+@pytest.mark.parametrize("routed_attention", ["selected", "full"])
+def test_ratios_monotone_in_capacity(arch, routed_attention):
+    reports = [
+        compute_report(small(arch, capacity=c, routed_attention=routed_attention), 128)
+        for c in (0.05, 0.125, 0.25, 0.5, 0.75, 1.0)
+    ]
+    for key in RATIO_KEYS:
+        values = [r[key] for r in reports]
+        assert values == sorted(values), (key, values)
+    if routed_attention == "selected":
+        assert reports[0]["flops_ratio_vs_dense"] < reports[-1]["flops_ratio_vs_dense"]
+
+
+def test_dense_first_and_last():
+    T, k = 64, 32
+    cfg = small("sdt", n_layers=6, dense_first=1, dense_last=1)
+    assert layer_kinds(cfg) == ["block", "decision", "dynamic", "decision", "dynamic", "block"]
+    assert kv_entries(cfg, T) == 4 * T + 2 * k
+    all_routed = small("sdt", n_layers=6)
+    assert kv_entries(all_routed, T) == 3 * T + 3 * k
+    # Two fewer pairs: one decision and one dynamic layer became plain blocks.
+    a, b = flops_breakdown(cfg, T), flops_breakdown(all_routed, T)
+    assert a["prior"] == pytest.approx(b["prior"] * 2 / 3) and a["router"] == pytest.approx(b["router"] * 2 / 3)
+    assert a["total"] > b["total"]
+
+    stt = small("stt", n_layers=5, dense_first=1)
+    assert layer_kinds(stt) == ["block", "block", "stt", "block", "stt"]
+    assert kv_entries(stt, T) == 3 * T + 2 * k
+    mod = small("mod", n_layers=5, dense_last=2)
+    assert layer_kinds(mod) == ["block", "mod", "block", "block", "block"]
+    assert kv_entries(mod, T) == 4 * T + k
+
+
+def test_tiny_sequences_route_at_least_one_token():
+    cfg = small("mod", n_layers=2, capacity=0.125)
+    assert kv_entries(cfg, 4) == 4 + 1
+    assert flops_breakdown(cfg, 1)["total"] > 0
+
+
+def test_rejects_bad_seq_len():
+    with pytest.raises(UserError, match="seq_len"):
+        flops_breakdown(small("dense"), 0)
