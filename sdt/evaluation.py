@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -9,13 +10,17 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from sdt.checkpoint import load_checkpoint, model_state_dict
+from sdt.compute import compute_report
 from sdt.data import DataConfig, LMDataModule, Tokenizer
 from sdt.errors import UserError
-from sdt.models import LanguageModel, ModelConfig, build_model
+from sdt.models import LanguageModel, ModelCache, ModelConfig, build_model
+from sdt.routing.calibration import calibrate_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +42,22 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> LanguageModel:
     return model.to(device).eval()
 
 
+ROUTING_LABELS = {
+    "dense": "dense (every token, every layer)",
+    "topk": "topk (non-causal oracle; not the model's perplexity)",
+    "threshold": "threshold (causal: execute where the gate score >= a calibrated tau)",
+    "student": "student (causal router)",
+}
+
+
 @torch.no_grad()
-def split_nll(model: LanguageModel, loader, device: torch.device, max_batches: int | None) -> dict[str, float]:
-    """Mean next-token NLL (nats) over a split, and the forward throughput while computing it."""
+def run_split(
+    model: LanguageModel, loader, device: torch.device, max_batches: int | None, routing: str = "topk"
+) -> dict[str, Any]:
+    """Mean next-token NLL (nats) over a split under one routing mode, the forward throughput, and the mean of
+    every routing statistic (token-weighted over batches)."""
     nll, tokens, seconds = 0.0, 0, 0.0
+    stat_sums: dict[str, float] = {}
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -48,16 +65,141 @@ def split_nll(model: LanguageModel, loader, device: torch.device, max_batches: i
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = model(ids, targets)
+        out = model(ids, targets, routing=routing)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
         n = int((targets != -100).sum())
         nll += float(out.loss) * n
         tokens += n
+        for name, value in out.stats.items():
+            stat_sums[name] = stat_sums.get(name, 0.0) + float(value) * n
     if tokens == 0:
         raise UserError("the evaluation split produced no batches; lower data.seq_len or eval max_batches")
-    return {"nll": nll / tokens, "tokens": tokens, "tokens_per_second": tokens / max(seconds, 1e-9)}
+    return {
+        "nll": nll / tokens,
+        "tokens": tokens,
+        "tokens_per_second": tokens / max(seconds, 1e-9),
+        "stats": {name: value / tokens for name, value in stat_sums.items()},
+    }
+
+
+def unigram_perplexity(datamodule: LMDataModule, split: str, vocab_size: int) -> float:
+    """Perplexity on `split` of a unigram model fit on the train split (add-one smoothed): the floor to beat."""
+    counts = np.bincount(np.asarray(datamodule.token_stream("train")), minlength=vocab_size).astype(np.float64) + 1.0
+    log_p = np.log(counts / counts.sum())
+    tokens = np.asarray(datamodule.token_stream(split))[1:]  # the targets
+    return float(np.exp(-log_p[tokens].mean()))
+
+
+@torch.no_grad()
+def measure_generation(model: LanguageModel, prompt: Tensor, max_new_tokens: int) -> dict[str, float]:
+    """Greedy decoding of one sequence: measured KV-cache bytes and decode throughput."""
+    cache = ModelCache()
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens, temperature=0.0, cache=cache)
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "kv_bytes": cache.nbytes(),
+        "kv_entries": cache.num_entries(),
+        "tokens_per_second": max_new_tokens / seconds,
+    }
+
+
+def generation_stats(
+    model: LanguageModel, datamodule: LMDataModule, device: torch.device, max_new_tokens: int, prompt_len: int = 16
+) -> dict[str, Any]:
+    """Real generation against a dense model of the same dimensions (random weights: cost does not depend on them).
+
+    Batch size 1, greedy, in the model's causal mode, so a routed layer's cache holds only the tokens it executed.
+    """
+    prompt = torch.as_tensor(np.asarray(datamodule.token_stream("test")[:prompt_len], dtype=np.int64))[None].to(device)
+    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - prompt_len)
+    dense = build_model(dataclasses.replace(model.config, arch="dense")).to(device).eval()
+    measure_generation(model, prompt, 8)  # warm up kernels and allocator before timing either model
+    measure_generation(dense, prompt, 8)
+    ours = measure_generation(model, prompt, max_new_tokens)
+    ref = measure_generation(dense, prompt, max_new_tokens)
+    return {
+        "max_new_tokens": max_new_tokens,
+        "prompt_tokens": prompt_len,
+        "kv_bytes": ours["kv_bytes"],
+        "kv_entries": ours["kv_entries"],
+        "dense_kv_bytes": ref["kv_bytes"],
+        "kv_bytes_ratio_vs_dense": ours["kv_bytes"] / ref["kv_bytes"],
+        "tokens_per_second": ours["tokens_per_second"],
+        "dense_tokens_per_second": ref["tokens_per_second"],
+        "tokens_per_second_ratio_vs_dense": ours["tokens_per_second"] / ref["tokens_per_second"],
+    }
+
+
+def routing_table(model: LanguageModel, stats: dict[str, float]) -> list[dict[str, Any]]:
+    """One entry per routed layer: `layer` (index in the stack), `blocks` (backbone layers it spans) and its stats."""
+    table = []
+    block = 0
+    for i, layer in enumerate(model.layers):
+        n_blocks = getattr(layer, "n_blocks", 1)
+        if hasattr(layer, "thresholds"):
+            prefix = f"layers.{i}."
+            entry = {"layer": i, "blocks": list(range(block, block + n_blocks)), "kind": type(layer).__name__}
+            entry.update({k[len(prefix) :]: v for k, v in stats.items() if k.startswith(prefix)})
+            table.append(entry)
+        block += n_blocks
+    return table
+
+
+@torch.no_grad()
+def routing_plots(
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    datamodule: LMDataModule,
+    routing: str,
+    table: list[dict],
+    training_csv: str | None,
+    out_dir: str,
+    device: torch.device,
+    n_tokens: int = 96,
+) -> dict[str, str]:
+    """(a) token-by-layer decisions on a test passage, (b) executed fraction per layer, (c) S_CE/S_CU over training."""
+    from sdt.analysis import plot_executed_fraction, plot_gate_contributions, plot_routing_heatmap
+
+    plots: dict[str, str] = {}
+    batch = next(iter(datamodule.test_dataloader()))
+    ids = batch["input_ids"][:1, :n_tokens].to(device)  # (1, n)
+    out = model(ids, routing=routing)
+    labels = [f"layer {e['layer']} ({e['kind']})" for e in table]
+    decisions = np.stack([out.decisions[e["layer"]][0].float().cpu().numpy() for e in table])  # (layers, n)
+    tokens = [tokenizer.decode([t]) for t in ids[0].tolist()]
+    plots["heatmap"] = plot_routing_heatmap(
+        decisions,
+        tokens,
+        labels,
+        os.path.join(out_dir, "routing_heatmap.png"),
+        title=f"Executed tokens per routed layer ({routing} routing)",
+    )
+    plots["executed_fraction"] = plot_executed_fraction(
+        [e["executed_fraction"] for e in table],
+        labels,
+        os.path.join(out_dir, "executed_fraction.png"),
+        capacity=model.config.capacity,
+        title=f"Executed fraction per routed layer ({routing} routing)",
+    )
+    if training_csv and os.path.isfile(training_csv):
+        path = plot_gate_contributions(training_csv, os.path.join(out_dir, "gate_contributions.png"))
+        if path:
+            plots["gate_contributions"] = path
+    return plots
+
+
+def training_metrics_csv(ckpt_path: str, ckpt: dict[str, Any]) -> str | None:
+    """The CSV log of the run that wrote the checkpoint, if it is still next to it."""
+    candidates = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), "csv", "metrics.csv")]
+    out_dir = (ckpt["sdt"].get("config") or {}).get("paths", {}).get("output_dir")
+    if out_dir:
+        candidates.append(os.path.join(out_dir, "csv", "metrics.csv"))
+    return next((c for c in candidates if os.path.isfile(c)), None)
 
 
 def generate_samples(
@@ -110,16 +252,33 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("test")
 
+    if model.is_routed and cfg.get("recalibrate"):
+        calibration = datamodule.calibration_dataloader()
+        if calibration is None:
+            raise UserError("recalibrate=true needs calibration blocks; the corpus is too small")
+        calibrate_thresholds(model, (b["input_ids"] for b in calibration))
+
     loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
-    splits: dict[str, dict[str, float]] = {}
     for split in cfg.splits:
         if split not in loaders:
             raise UserError(f"unknown split {split!r} in splits; choose from {sorted(loaders)}")
-        res = split_nll(model, loaders[split](), device, cfg.get("max_batches"))
-        bytes_per_token = datamodule.split_stats[split]["bytes_per_token"]
-        res["perplexity"] = math.exp(min(res["nll"], 700.0))
-        res["bits_per_byte"] = res["nll"] / math.log(2) / bytes_per_token
-        splits[split] = res
+    unigram = {split: unigram_perplexity(datamodule, split, model.config.vocab_size) for split in cfg.splits}
+    # Routed models: every mode, labelled; the headline perplexity is the causal inference mode's.
+    modes = ["topk", "threshold", "student"] if model.is_routed else ["dense"]
+    headline_mode = model.config.inference_routing if model.is_routed else "dense"
+    by_mode: dict[str, dict[str, dict[str, Any]]] = {}
+    for mode in modes:
+        by_mode[mode] = {}
+        for split in cfg.splits:
+            res = run_split(
+                model, loaders[split](), device, cfg.get("max_batches"), "topk" if mode == "dense" else mode
+            )
+            bytes_per_token = datamodule.split_stats[split]["bytes_per_token"]
+            res["perplexity"] = math.exp(min(res["nll"], 700.0))
+            res["bits_per_byte"] = res["nll"] / math.log(2) / bytes_per_token
+            res["unigram_perplexity"] = unigram[split]
+            by_mode[mode][split] = res
+    splits = {split: {k: v for k, v in res.items() if k != "stats"} for split, res in by_mode[headline_mode].items()}
     headline = splits.get("test") or next(iter(splits.values()))
 
     result: dict[str, Any] = {
@@ -128,20 +287,54 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "global_step": ckpt.get("global_step"),
         "corpus": data_cfg.corpus,
         "seq_len": data_cfg.seq_len,
+        "routing_mode": headline_mode,
         "perplexity": headline["perplexity"],
         "bits_per_byte": headline["bits_per_byte"],
         "tokens_per_second": headline["tokens_per_second"],
         "num_parameters": model.num_parameters(),
         "num_parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),
         "splits": splits,
+        "perplexity_by_routing": {
+            mode: {"label": ROUTING_LABELS[mode], **{s: r["perplexity"] for s, r in res.items()}}
+            for mode, res in by_mode.items()
+        },
+        "compute": compute_report(model.config, data_cfg.seq_len),
         "device": str(device),
     }
+    out_dir = cfg.paths.output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    if model.is_routed:
+        stats_split = "test" if "test" in by_mode[headline_mode] else next(iter(by_mode[headline_mode]))
+        table = routing_table(model, by_mode[headline_mode][stats_split]["stats"])
+        oracle = routing_table(model, by_mode["topk"][stats_split]["stats"])
+        for entry, top in zip(table, oracle, strict=True):
+            entry["executed_fraction_topk"] = top["executed_fraction"]
+            # A causal mode without a teacher pass (STT's student) computes no surprise signals and cannot score
+            # itself against Top-K: take those from the oracle pass.
+            for key, value in top.items():
+                entry.setdefault(key, value)
+        result["routing"] = table
+        result["student"] = {
+            key: sum(e.get(f"student_{key}", 0.0) for e in table) / len(table)
+            for key in ("accuracy", "precision", "recall")
+        }
+        if cfg.get("plots", True):
+            result["plots"] = routing_plots(
+                model,
+                tokenizer,
+                datamodule,
+                headline_mode,
+                table,
+                training_metrics_csv(cfg.ckpt_path, ckpt),
+                out_dir,
+                device,
+            )
+    if cfg.generation.max_new_tokens > 0:
+        result["generation"] = generation_stats(model, datamodule, device, int(cfg.generation.max_new_tokens))
     if cfg.samples.prompts:
         result["samples"] = generate_samples(model, tokenizer, cfg, device, valid_vocab)
 
     print(format_report(result))
-    out_dir = cfg.paths.output_dir
-    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     log.info("wrote %s", os.path.join(out_dir, "eval.json"))
@@ -153,14 +346,51 @@ def format_report(result: dict[str, Any]) -> str:
         f"checkpoint   {result['checkpoint']}",
         f"model        {result['arch']}, {result['num_parameters'] / 1e6:.2f}M parameters, step {result['global_step']}",
         f"corpus       {result['corpus']} (seq_len {result['seq_len']})",
+        f"routing      {ROUTING_LABELS[result['routing_mode']]}",
         "",
-        f"{'split':<8}{'tokens':>10}{'loss':>9}{'ppl':>10}{'bits/byte':>11}{'tok/s':>10}",
+        f"{'split':<8}{'tokens':>10}{'loss':>9}{'ppl':>10}{'bits/byte':>11}{'tok/s':>10}{'unigram ppl':>13}",
     ]
     for name, s in result["splits"].items():
         lines.append(
             f"{name:<8}{s['tokens']:>10}{s['nll']:>9.4f}{s['perplexity']:>10.2f}{s['bits_per_byte']:>11.4f}"
-            f"{s['tokens_per_second']:>10.0f}"
+            f"{s['tokens_per_second']:>10.0f}{s['unigram_perplexity']:>13.2f}"
         )
+    if len(result["perplexity_by_routing"]) > 1:
+        lines += ["", "perplexity by routing mode:"]
+        for r in result["perplexity_by_routing"].values():
+            values = "  ".join(f"{k} {v:.2f}" for k, v in r.items() if k != "label")
+            lines.append(f"  {r['label']:<55} {values}")
+    c = result["compute"]
+    lines += [
+        "",
+        (
+            f"compute      {c['flops_per_token'] / 1e6:.2f} MFLOPs/token, {c['flops_ratio_vs_dense']:.3f} x dense FLOPs, "
+            f"{c['kv_entries_ratio_vs_dense']:.3f} x dense KV entries"
+        ),
+    ]
+    if "routing" in result:
+        lines += [
+            "",
+            f"{'routed layer':<26}{'executed':>9}{'topk':>7}{'S_CE':>7}{'S_CU':>7}{'g':>7}{'student acc':>13}",
+        ]
+        for e in result["routing"]:
+            lines.append(
+                f"{e['layer']:>3} {e['kind']:<22}{e['executed_fraction']:>9.3f}{e['executed_fraction_topk']:>7.3f}"
+                f"{e.get('s_ce', float('nan')):>7.3f}{e.get('s_cu', float('nan')):>7.3f}{e.get('g', float('nan')):>7.3f}"
+                f"{e.get('student_accuracy', float('nan')):>13.3f}"
+            )
+        for name, path in result.get("plots", {}).items():
+            lines.append(f"plot {name}: {path}")
+    if "generation" in result:
+        g = result["generation"]
+        lines += [
+            "",
+            (
+                f"generation   {g['max_new_tokens']} tokens: KV cache {g['kv_bytes'] / 2**20:.2f} MiB "
+                f"({g['kv_bytes_ratio_vs_dense']:.3f} x dense), {g['tokens_per_second']:.0f} tok/s "
+                f"({g['tokens_per_second_ratio_vs_dense']:.2f} x dense)"
+            ),
+        ]
     for sample in result.get("samples", []):
         lines += ["", f"--- prompt: {sample['prompt']!r}", sample["prompt"] + sample["completion"]]
     return "\n".join(lines)

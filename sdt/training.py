@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -17,6 +18,7 @@ from sdt.data import DataConfig, LMDataModule
 from sdt.errors import UserError
 from sdt.lit_module import LitLM
 from sdt.models import ModelConfig
+from sdt.sweeps import dense_duplicate_of, make_multirun_safe, release_distributed, same_point_result
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,10 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = No
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the configured model; return the final metrics and the checkpoint paths."""
+    duplicate = dense_duplicate_of(cfg)
+    if duplicate:
+        return same_point_result(cfg, duplicate)
+    make_multirun_safe(cfg)
     if cfg.get("ckpt_path"):
         # Resume: the architecture comes from the checkpoint, not from the command line.
         ckpt = load_checkpoint(cfg.ckpt_path)
@@ -92,16 +98,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
 
     trainer = build_trainer(cfg)
-    trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
+    try:
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
+    finally:
+        release_distributed()
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     ckpt_cb = trainer.checkpoint_callback
     result = {
         "metrics": metrics,
         "global_step": trainer.global_step,
+        "world_size": trainer.world_size,
         "best_checkpoint": getattr(ckpt_cb, "best_model_path", None) or None,
         "last_checkpoint": getattr(ckpt_cb, "last_model_path", None) or None,
     }
-    if trainer.is_global_zero and result["last_checkpoint"]:
-        log.info("last checkpoint: %s", os.path.relpath(result["last_checkpoint"]))
+    if trainer.is_global_zero:
+        if result["last_checkpoint"]:
+            log.info("last checkpoint: %s", os.path.relpath(result["last_checkpoint"]))
+        # A machine-readable summary next to the checkpoints: what sweeps and reports read.
+        os.makedirs(str(cfg.paths.output_dir), exist_ok=True)
+        with open(os.path.join(str(cfg.paths.output_dir), "train_result.json"), "w") as f:
+            json.dump(result, f, indent=2)
     return result

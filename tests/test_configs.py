@@ -65,4 +65,4 @@ def test_experiment_and_debug_configs_compose(name, tmp_path):
 def test_default_optim_config_validates(tmp_path):
     cfg = compose_cfg("train", [], tmp_path, tmp_path)
     OptimConfig.from_dict(OmegaConf.to_container(cfg.optim, resolve=True))
-    assert cfg.model.arch == "dense" and cfg.data.corpus == "shakespeare"
+    assert cfg.model.arch == "sdt" and cfg.data.corpus == "shakespeare"

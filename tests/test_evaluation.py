@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,58 @@ def test_evaluate_on_another_corpus(trained_run, cache_dir, tmp_path):
     result = evaluate(compose_cfg("eval", overrides, tmp_path / "ev", cache_dir))
     assert result["corpus"] == "text_files"
     assert result["splits"]["test"]["tokens"] > 0 and math.isfinite(result["perplexity"])
+
+
+@pytest.fixture(scope="module", params=["sdt", "stt", "mod"])
+def routed_eval(request, tmp_path_factory, corpus_files, cache_dir):
+    """A tiny routed model trained for a few steps, then evaluated with plots and real generation."""
+    from sdt.training import train
+    from tests.conftest import TINY_MODEL, TINY_TRAINER, tiny_data
+
+    arch = request.param
+    run = tmp_path_factory.mktemp(f"run_{arch}")
+    overrides = [
+        f"model={arch}",
+        *TINY_MODEL,
+        "model.n_layers=4",
+        "model.capacity=0.25",
+        *TINY_TRAINER,
+        *tiny_data(corpus_files),
+    ]
+    train(compose_cfg("train", overrides, run, cache_dir))
+    out = tmp_path_factory.mktemp(f"eval_{arch}")
+    cfg = compose_cfg(
+        "eval",
+        [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "samples.prompts=[]", "generation.max_new_tokens=40"],
+        out,
+        cache_dir,
+    )
+    return arch, out, evaluate(cfg)
+
+
+def test_routed_eval_reports_every_mode_and_quotes_the_causal_one(routed_eval):
+    arch, _, result = routed_eval
+    modes = result["perplexity_by_routing"]
+    assert set(modes) == {"topk", "threshold", "student"}
+    assert "oracle" in modes["topk"]["label"]
+    assert result["routing_mode"] == ("threshold" if arch == "sdt" else "student")
+    assert result["perplexity"] == pytest.approx(modes[result["routing_mode"]]["test"])
+
+
+def test_routed_eval_writes_routing_compute_generation_and_plots(routed_eval):
+    arch, out, _ = routed_eval
+    data = json.loads((out / "eval.json").read_text())
+    n_routed = {"sdt": 2, "stt": 2, "mod": 2}[arch]  # 4 layers: 2 SDT pairs, or 2 routed STT/MoD layers
+    assert len(data["routing"]) == n_routed
+    for entry in data["routing"]:
+        assert 0.0 <= entry["executed_fraction"] <= 1.0
+        assert entry["executed_fraction_topk"] == pytest.approx(0.25, abs=1 / 32)  # k = floor(0.25 * 32) = 8 of 32
+        assert {"student_accuracy", "student_precision", "student_recall"} <= set(entry)
+    for key in ("flops_per_token", "flops_ratio_vs_dense", "kv_entries_ratio_vs_dense"):
+        assert data["compute"][key] > 0
+    assert data["compute"]["flops_ratio_vs_dense"] < 1.0
+    gen = data["generation"]
+    assert gen["kv_bytes"] > 0 and gen["tokens_per_second_ratio_vs_dense"] > 0
+    assert gen["kv_bytes_ratio_vs_dense"] <= 1.0  # routed layers cache only the tokens they executed
+    for name in ("heatmap", "executed_fraction", "gate_contributions") if arch != "mod" else ("heatmap",):
+        assert Path(data["plots"][name]).read_bytes()[:4] == b"\x89PNG"

@@ -254,6 +254,12 @@ class LMDataModule(L.LightningDataModule):
             stats[split] = {"num_tokens": s["num_tokens"], "num_bytes": s["num_bytes"], "bytes_per_token": bpt}
         return stats
 
+    def token_stream(self, split: str) -> np.ndarray:
+        """The whole tokenised split as one 1-D stream (documents separated by EOS), memory-mapped."""
+        if self._streams is None:
+            self.setup()
+        return self._streams[split]
+
     def sample_text(self, split: str, n_chars: int, start_token: int = 0) -> str:
         """The first `n_chars` characters of the split's decoded stream from token `start_token` (fewer if the
         stream ends first)."""

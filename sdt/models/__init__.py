@@ -8,14 +8,18 @@ from sdt.models.transformer import DenseLayer, ForwardContext, LanguageModel, La
 
 def layer_classes() -> tuple[type, ...]:
     """Every layer type a model stack can hold (FSDP wraps each one as a unit)."""
+    from sdt.models.mod import MoDLayer
     from sdt.models.sdt import SDTPair
+    from sdt.models.stt import STTLayer
 
-    return (DenseLayer, SDTPair)
+    return (DenseLayer, SDTPair, STTLayer, MoDLayer)
 
 
 def build_layers(cfg: ModelConfig) -> list:
     """The stack for `cfg.arch`: `dense_first` plain blocks, the routed region, then `dense_last` plain blocks."""
+    from sdt.models.mod import MoDLayer
     from sdt.models.sdt import SDTPair
+    from sdt.models.stt import STTLayer
 
     first = [DenseLayer(cfg) for _ in range(cfg.dense_first)]
     last = [DenseLayer(cfg) for _ in range(cfg.dense_last)]
@@ -24,6 +28,11 @@ def build_layers(cfg: ModelConfig) -> list:
         middle = [DenseLayer(cfg) for _ in range(n)]
     elif cfg.arch == "sdt":
         middle = [SDTPair(cfg) for _ in range(n // 2)]  # each pair is two blocks
+    elif cfg.arch == "stt":
+        # Odd layers of the routed region are routed, even ones standard blocks.
+        middle = [STTLayer(cfg) if j % 2 == 1 else DenseLayer(cfg) for j in range(n)]
+    elif cfg.arch == "mod":
+        middle = [MoDLayer(cfg) if j % 2 == 1 else DenseLayer(cfg) for j in range(n)]
     else:
         raise UserError(f"model.arch={cfg.arch!r} is not available yet")
     return first + middle + last
@@ -32,7 +41,12 @@ def build_layers(cfg: ModelConfig) -> list:
 def build_model(cfg: ModelConfig) -> LanguageModel:
     """Build the architecture named by `cfg.arch`."""
     model = LanguageModel(cfg, build_layers(cfg))
-    model.aux_loss_weights = {"prior": cfg.prior_loss_weight, "router": cfg.router_loss_weight}
+    model.aux_loss_weights = {
+        "prior": cfg.prior_loss_weight,  # SDT prior / STT transition network
+        "router": cfg.router_loss_weight,  # causal student routers
+        "mod_router_bce": cfg.router_loss_weight,  # MoD: the router score itself learns Top-K membership
+        "zloss": cfg.mod_zloss_weight,  # MoD: keeps router scores small
+    }
     return model
 
 

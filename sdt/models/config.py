@@ -69,7 +69,9 @@ class ModelConfig:
     dense_last: int = 0  # layers kept dense at the top of the stack
     prior_loss_weight: float = 0.05  # prior (SDT) / transition (STT) loss
     router_loss_weight: float = 0.01  # causal student router BCE
-    inference_routing: str = "threshold"  # causal mode used for validation and generation: threshold | student
+    # Causal mode used for validation, the evaluation headline and generation: threshold | student.
+    # None picks the architecture's own: threshold for SDT (its gate is causal), student for STT and MoD.
+    inference_routing: str | None = None
     student_input: str = "x"  # causal router input: x | x_prev ([x_t ; x_{t-1}], STT option)
     mod_gate: str = "sigmoid"  # MoD: scale the block output by sigmoid(r) or by the raw router score r
     mod_zloss_weight: float = 1e-4
@@ -102,6 +104,8 @@ class ModelConfig:
         self._validate_routing()
 
     def _validate_routing(self) -> None:
+        if self.inference_routing is None:
+            self.inference_routing = "threshold" if self.arch in ("dense", "sdt") else "student"
         _check(
             isinstance(self.capacity, (int, float)) and not isinstance(self.capacity, bool) and 0 < self.capacity <= 1,
             f"model.capacity must be a number in (0, 1], got {self.capacity!r}",
@@ -127,6 +131,18 @@ class ModelConfig:
             _check(isinstance(value, int) and value >= 0, f"model.{name} must be a non-negative integer, got {value}")
         routed = self.n_layers - self.dense_first - self.dense_last
         _check(routed >= 0, f"model.dense_first + model.dense_last exceeds model.n_layers={self.n_layers}")
+        if self.arch in ("stt", "mod"):
+            _check(
+                routed >= 2,
+                f"model={self.arch} routes every other layer: model.n_layers - dense_first - dense_last must be >= 2, "
+                f"got {routed}",
+            )
+        _check(self.inference_routing != "topk", "model.inference_routing must be causal: threshold or student")
+        if self.arch == "stt":
+            _check(
+                self.inference_routing == "student",
+                "model=stt infers with model.inference_routing=student (threshold needs the teacher's dense pass)",
+            )
         if self.arch == "sdt":
             _check(
                 routed >= 2 and routed % 2 == 0,

@@ -33,17 +33,13 @@ from sdt.routing import (
     run_routed_block,
     topk_indices,
 )
-
-
-def masked_mean(x_BT: Tensor, valid_BT: Tensor | None) -> Tensor:
-    if valid_BT is None:
-        return x_BT.float().mean()
-    w = valid_BT.float()
-    return (x_BT.float() * w).sum() / w.sum().clamp(min=1.0)
+from sdt.routing.stats import masked_mean, surprise_stats
 
 
 class SDTPair(nn.Module):
     """One (decision, dynamic) pair. Cache sub-slots: 0 = decision block, 1 = dynamic block."""
+
+    n_blocks = 2  # backbone layers this unit spans
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -110,20 +106,10 @@ class SDTPair(nn.Module):
             executed = executed & ctx.pad_mask
 
         aux = {"prior": masked_mean(sig.d_ch, ctx.pad_mask)}
-        stats = {
-            "executed_fraction": masked_mean(executed, ctx.pad_mask),
-            "d_st": masked_mean(sig.d_st, ctx.pad_mask).detach(),
-            "d_ch": masked_mean(sig.d_ch, ctx.pad_mask).detach(),
-            "ce": masked_mean(sig.ce, ctx.pad_mask).detach(),
-            "cu": masked_mean(sig.cu, ctx.pad_mask).detach(),
-            "s_ce": masked_mean(sig.s_ce, ctx.pad_mask).detach(),
-            "s_cu": masked_mean(sig.s_cu, ctx.pad_mask).detach(),
-            "g": masked_mean(sig.g, ctx.pad_mask).detach(),
-            # Among executed tokens, the share whose expected-change gate beats the unexpected-change gate:
-            # the paper's observation is that this grows over training (novelty first, prediction later).
-            "ce_dominant_fraction": masked_mean((sig.s_ce > sig.s_cu).detach(), executed),
-            **self.surprise.scalar_stats(),
-        }
+        stats = {"executed_fraction": masked_mean(executed, ctx.pad_mask)}
+        stats.update(surprise_stats(sig, executed, ctx.pad_mask))
+        stats.update(self.surprise.scalar_stats())
+        stats["student_threshold"] = self.student.threshold
         if topk_mask is not None:
             aux["router"] = router_bce(student_logits, topk_mask, ctx.pad_mask)
             student_pred = student_prob >= self.student.threshold

@@ -9,7 +9,9 @@ def apply_gate(f_BKD: Tensor, g_BK: Tensor, mode: str) -> Tensor:
     """ste: forward value f exactly, gradient d/dg = f (straight-through); soft: g * f (MoD style)."""
     g = g_BK.unsqueeze(-1).to(f_BKD.dtype)
     if mode == "ste":
-        return f_BKD * (1.0 + g - g.detach())
+        # f + f * (g - g) rather than f * (1 + g - g): g - g is exactly 0, while (1 + g) - g is not always exactly 1
+        # in floating point, which would make the forward value depend (slightly) on g.
+        return f_BKD + f_BKD * (g - g.detach())
     if mode == "soft":
         return f_BKD * g
     raise ValueError(f"unknown gate mode {mode!r}")

@@ -62,8 +62,9 @@ def causal_moving_average(
     end = torch.arange(H + 1, H + T + 1, device=x_BT.device)  # one past each new token
     start = (end - window).clamp(min=0)
     mean = (sums[:, end] - sums[:, start]) / (counts[:, end] - counts[:, start]).clamp(min=1.0)
-    keep = max(window - 1, 0)
-    new_history = (x_full[:, x_full.shape[1] - keep :], v_full[:, v_full.shape[1] - keep :])
+    # Clamp at 0: with fewer than window - 1 values so far, a negative start would wrap around and drop the oldest.
+    first = max(x_full.shape[1] - (window - 1), 0)
+    new_history = (x_full[:, first:], v_full[:, first:])
     return mean, new_history
 
 

@@ -1,0 +1,165 @@
+"""Subjective Timescale Transformer (spec section 2): a temporal router skips a block, and its K/V, for tokens
+whose change was predictable from the previous token.
+
+Training (teacher): a dense pass of the block gives each token's update delta; the transition network (TPN)
+predicts it from the previous token's output of this layer; surprise signals give g; Top-K on g picks the tokens;
+the block is re-run on those tokens only (so attention sees exactly what inference will see), gate applied; the
+other tokens pass through unchanged. A causal student router learns the Top-K mask.
+
+Inference (student): the student alone decides per token whether the layer runs: no teacher pass, and skipped
+tokens neither run the block nor write K/V, so the KV cache of a routed layer holds only executed tokens.
+
+Choices the spec leaves open (docs/models.md): the TPN's input for token t is the previous token's *dense-pass*
+output of this layer (what the layer would produce with full compute), detached; STT needs `ste` gates, because
+its inference path has no teacher pass from which a soft gate value could be computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sdt.errors import UserError
+from sdt.models.config import ModelConfig
+from sdt.models.layers import Block
+from sdt.models.transformer import ForwardContext, LayerOutput
+from sdt.routing import (
+    CausalRouter,
+    PriorFFN,
+    SurpriseGate,
+    capacity_k,
+    classification_stats,
+    indices_to_mask,
+    pack_decisions,
+    router_bce,
+    run_routed_block,
+    topk_indices,
+)
+from sdt.routing.stats import masked_mean, surprise_stats
+
+
+def shift_right(x_BTD: Tensor, first: Tensor | None = None) -> Tensor:
+    """x_{t-1} at position t; position 0 gets `first` (B, 1, D), or zeros."""
+    first = torch.zeros_like(x_BTD[:, :1]) if first is None else first
+    return torch.cat([first, x_BTD[:, :-1]], dim=1)
+
+
+class STTLayer(nn.Module):
+    """A routed STT layer. Cache sub-slot 0 holds the block's K/V for executed tokens only."""
+
+    n_blocks = 1
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.gate_mode != "ste":
+            raise UserError(
+                "model=stt supports model.gate_mode=ste only: its inference path has no teacher pass "
+                "to compute a soft gate from"
+            )
+        self.capacity, self.gate_mode = cfg.capacity, cfg.gate_mode
+        self.full_context = cfg.routed_attention == "full"
+        self.use_prev = cfg.student_input == "x_prev"
+        self.block = Block(cfg)
+        self.transition = PriorFFN(cfg.d_model, cfg.prior_hidden_size, cfg.rms_norm_eps, cfg.change_surprise == "kl")
+        self.surprise = SurpriseGate(cfg)
+        d_in = 2 * cfg.d_model if self.use_prev else cfg.d_model
+        self.student = CausalRouter(d_in, cfg.d_model // 2)
+
+    def thresholds(self) -> dict[str, Tensor]:
+        return {"gate": self.surprise.threshold, "student": self.student.threshold}
+
+    def _student_logits(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        if not self.use_prev:
+            return self.student(x)
+        key = (ctx.cache_key, "x_prev")
+        first = ctx.cache.state.get(key) if ctx.cache is not None else None
+        x_in = x if ctx.pad_mask is None else x * ctx.pad_mask.unsqueeze(-1).to(x.dtype)
+        prev = shift_right(x_in, first)
+        if ctx.cache is not None:
+            ctx.cache.state[key] = x_in[:, -1:].detach()
+        return self.student(torch.cat([x, prev], dim=-1))
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
+        _B, T, _ = x.shape
+        student_logits = self._student_logits(x, ctx)
+        student_prob = torch.sigmoid(student_logits)
+        if ctx.routing == "student":
+            return self._student_forward(x, ctx, student_prob)
+        if ctx.cache is not None:
+            raise UserError("STT decodes with routing=student: the teacher needs a dense pass over the whole sequence")
+
+        # Teacher: dense pass for the surprise signals.
+        dense_out = self.block(x, ctx.positions, ctx.rope, pad_mask=ctx.pad_mask)  # (B, T, D)
+        delta = (dense_out - x).detach()
+        delta_hat, logvar = self.transition(shift_right(dense_out.detach()))  # token t sees only tokens < t
+        sig, _ = self.surprise(delta, delta_hat, logvar, valid_BT=ctx.pad_mask)
+        topk_idx = topk_indices(sig.g.detach(), capacity_k(T, self.capacity))
+        topk_mask = indices_to_mask(topk_idx, T)
+        if ctx.routing == "topk":
+            idx, valid = topk_idx, None
+        elif ctx.routing == "threshold":
+            decide = sig.g >= self.surprise.threshold
+            if ctx.pad_mask is not None:
+                decide = decide & ctx.pad_mask
+            packed = pack_decisions(decide, min_k=1)
+            idx, valid = packed
+        else:
+            raise ValueError(f"unknown routing mode {ctx.routing!r}")
+
+        out = run_routed_block(
+            self.block,
+            x,
+            ctx.positions,
+            ctx.rope,
+            idx,
+            sig.g,
+            self.gate_mode,
+            valid_BK=valid,
+            pad_mask_BT=ctx.pad_mask,
+            full_context=self.full_context,
+        )
+        executed = indices_to_mask(idx, T, valid)
+        if ctx.pad_mask is not None:
+            executed = executed & ctx.pad_mask
+        aux = {
+            "prior": masked_mean(sig.d_ch, ctx.pad_mask),
+            "router": router_bce(student_logits, topk_mask, ctx.pad_mask),
+        }
+        stats = {"executed_fraction": masked_mean(executed, ctx.pad_mask)}
+        stats.update(surprise_stats(sig, executed, ctx.pad_mask))
+        stats.update(self.surprise.scalar_stats())
+        stats["student_threshold"] = self.student.threshold
+        student_pred = student_prob >= self.student.threshold
+        stats.update({f"student_{k}": v for k, v in classification_stats(student_pred, topk_mask).items()})
+        scores = {"gate": sig.g.detach(), "student": student_prob.detach()}
+        return LayerOutput(hidden=out, aux_losses=aux, stats=stats, decisions=executed, scores=scores)
+
+    def _student_forward(self, x: Tensor, ctx: ForwardContext, student_prob: Tensor) -> LayerOutput:
+        """Inference: run the block only where the student says so; no teacher pass, no K/V for skipped tokens."""
+        B, T, _ = x.shape
+        decide = student_prob >= self.student.threshold
+        if ctx.pad_mask is not None:
+            decide = decide & ctx.pad_mask
+        packed = pack_decisions(decide, min_k=1 if self.full_context else 0)
+        if packed is None:
+            out, executed = x, torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        else:
+            idx, valid = packed
+            out = run_routed_block(
+                self.block,
+                x,
+                ctx.positions,
+                ctx.rope,
+                idx,
+                None,
+                self.gate_mode,
+                valid_BK=valid,
+                pad_mask_BT=ctx.pad_mask,
+                cache=ctx.kv(0),
+                full_context=self.full_context,
+            )
+            executed = indices_to_mask(idx, T, valid)
+            if ctx.pad_mask is not None:
+                executed = executed & ctx.pad_mask
+        stats = {"executed_fraction": masked_mean(executed, ctx.pad_mask), "student_threshold": self.student.threshold}
+        return LayerOutput(hidden=out, stats=stats, decisions=executed, scores={"student": student_prob.detach()})

@@ -1,0 +1,87 @@
+"""MoD: Top-K keeps exactly k tokens, capacity 1.0 computes every token, causal modes are causal, router learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdt.errors import UserError
+from sdt.models import ModelCache, ModelConfig, build_model
+from sdt.routing.calibration import calibrate_thresholds
+from sdt.routing.topk import capacity_k
+
+
+def mod(**kw):
+    torch.manual_seed(0)
+    base = {
+        "arch": "mod",
+        "vocab_size": 61,
+        "d_model": 32,
+        "n_layers": 4,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "max_seq_len": 128,
+    }
+    base.update(kw)
+    model = build_model(ModelConfig(**base))
+    with torch.no_grad():
+        for _, layer in model.routed_layers():
+            layer.router.proj.weight.normal_(0, 1.0)
+            layer.student.fc2.weight.normal_(0, 1.0)
+    calibrate_thresholds(
+        model, [torch.randint(0, 61, (4, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    )
+    return model.eval()
+
+
+@pytest.mark.parametrize("T, capacity", [(16, 0.125), (24, 0.25), (9, 0.5)])
+def test_topk_keeps_exactly_k_tokens(T, capacity):
+    out = mod(capacity=capacity)(torch.randint(0, 61, (3, T)), routing="topk")
+    k = capacity_k(T, capacity)
+    assert out.decisions and all(d.sum(1).tolist() == [k] * 3 for d in out.decisions.values())
+
+
+def test_capacity_one_computes_every_token_scaled_by_the_router():
+    model = mod(capacity=1.0)
+    layer = model.layers[1]
+    x = torch.randn(2, 10, 32)
+    from sdt.models.transformer import ForwardContext
+
+    ctx = ForwardContext(positions=torch.arange(10).expand(2, 10), rope=model.rope)
+    out = layer(x, ctx)
+    assert out.decisions.all()
+    f = layer.block(x, ctx.positions, model.rope) - x
+    expected = x + torch.sigmoid(layer.router(x)).unsqueeze(-1) * f
+    torch.testing.assert_close(out.hidden, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("routing", ["threshold", "student"])
+def test_causal_modes_are_causal_and_decode_like_the_full_forward(routing):
+    model = mod()
+    ids = torch.randint(0, 61, (2, 20))
+    changed = ids.clone()
+    changed[:, 12:] = (changed[:, 12:] + 5) % 61
+    a, b = model(ids, routing=routing), model(changed, routing=routing)
+    torch.testing.assert_close(a.logits[:, :12], b.logits[:, :12])
+    for i in a.decisions:  # the predictor's decisions for earlier tokens do not see the future
+        assert torch.equal(a.decisions[i][:, :12], b.decisions[i][:, :12])
+    cache = ModelCache()
+    steps = [model(ids[:, :5], cache=cache, routing=routing).logits]
+    for t in range(5, 20):
+        steps.append(model(ids[:, t : t + 1], positions=torch.full((2, 1), t), cache=cache, routing=routing).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), a.logits, atol=1e-5, rtol=1e-4)
+
+
+def test_router_gets_gradient_from_the_lm_loss_and_aux_losses_are_reported():
+    model = mod().train()
+    ids = torch.randint(0, 61, (2, 16))
+    out = model(ids, ids)
+    out.loss.backward()  # the LM loss alone
+    assert model.layers[1].router.proj.weight.grad.abs().sum() > 0
+    assert {"mod_router_bce", "zloss", "router"} <= set(out.aux_losses)
+
+
+@pytest.mark.parametrize("capacity", [0.0, -0.1, 1.01, "half"])
+def test_bad_capacity_is_a_clear_error(capacity):
+    with pytest.raises(UserError, match="model.capacity"):
+        ModelConfig(arch="mod", n_layers=4, capacity=capacity)
