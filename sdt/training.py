@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdt.callbacks import ValidateAtEnd
 from sdt.checkpoint import load_checkpoint
+from sdt.compute import compute_report
 from sdt.data import DataConfig, LMDataModule
 from sdt.errors import UserError
 from sdt.lit_module import LitLM
@@ -62,6 +63,25 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = No
     )
 
 
+def log_compute(trainer: L.Trainer, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Analytic compute of the configured model against dense, logged once at step 0 (`compute/...`)."""
+    report = compute_report(model_cfg, seq_len)
+    metrics = {
+        f"compute/{k}": float(report[k])
+        for k in ("flops_per_token", "flops_ratio_vs_dense", "train_flops_ratio_vs_dense", "kv_entries_ratio_vs_dense")
+    }
+    log.info(
+        "compute: %.2f MFLOPs/token, %.3f x dense FLOPs (training %.3f x), %.3f x dense KV entries",
+        report["flops_per_token"] / 1e6,
+        report["flops_ratio_vs_dense"],
+        report["train_flops_ratio_vs_dense"],
+        report["kv_entries_ratio_vs_dense"],
+    )
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=0)
+    return metrics
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the configured model; return the final metrics and the checkpoint paths."""
     duplicate = dense_duplicate_of(cfg)
@@ -98,6 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
 
     trainer = build_trainer(cfg)
+    log_compute(trainer, lit.model_config, data_cfg.seq_len)
     try:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
     finally:

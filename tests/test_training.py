@@ -35,6 +35,10 @@ def test_train_logs_loss_ppl_lr_and_throughput(trained_run):
     assert math.isclose(ppl[-1], math.exp(val[-1]), rel_tol=1e-4)
     tps = [float(r["train/tokens_per_s"]) for r in rows if r["train/tokens_per_s"]]
     assert tps and all(t > 0 for t in tps)
+    compute = [r for r in rows if r.get("compute/flops_ratio_vs_dense")]
+    # Logged once; the default model is SDT at capacity 0.5: cheaper than dense, with 3/4 of its KV entries.
+    assert len(compute) == 1 and 0 < float(compute[0]["compute/flops_ratio_vs_dense"]) < 1
+    assert float(compute[0]["compute/kv_entries_ratio_vs_dense"]) == 0.75
 
 
 def test_training_reduces_the_loss(tmp_path, corpus_files, cache_dir):
