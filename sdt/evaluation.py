@@ -39,7 +39,10 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> LanguageModel:
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise UserError(f"checkpoint weights do not match the model: missing {missing}, unexpected {unexpected}")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if cfg.compile:
+        model.compile()
+    return model
 
 
 ROUTING_LABELS = {

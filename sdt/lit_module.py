@@ -22,13 +22,14 @@ class LitLM(L.LightningModule):
     small and the model can be rebuilt from the checkpoint alone.
     """
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any], compile: bool = False) -> None:
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_config = ModelConfig.from_dict(model)
         self.optim_config = OptimConfig.from_dict(optim)
         self.model = build_model(self.model_config)
-        if compile:
+        if self.model_config.compile:
+            # In place (nn.Module.compile), so parameter names and checkpoints stay those of the eager model.
             self.model.compile()
         # Saved into checkpoint["sdt"]: tokenizer, resolved run config, data statistics (set by `sdt.training`).
         self.extra_state: dict[str, Any] = {}

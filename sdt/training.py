@@ -103,7 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
 
     model_dict = resolve_model_dict(model_dict, datamodule.vocab_size, data_cfg.seq_len)
-    lit = LitLM(model=model_dict, optim=to_dict(cfg.optim), compile=bool(cfg.get("compile", False)))
+    lit = LitLM(model=model_dict, optim=to_dict(cfg.optim))
     lit.extra_state = {
         "config": to_dict(cfg),
         "tokenizer": datamodule.tokenizer.to_json(),

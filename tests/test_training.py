@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 
+import pytest
 import torch
 
 from sdt.checkpoint import load_checkpoint
@@ -71,3 +72,12 @@ def test_seeded_runs_are_reproducible(tmp_path, corpus_files, cache_dir):
     wa = load_checkpoint(a["last_checkpoint"])["state_dict"]
     wb = load_checkpoint(b["last_checkpoint"])["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_model_compile_trains_and_checkpoints_eager_names(tmp_path, corpus_files, cache_dir):
+    overrides = [*TINY_MODEL, *TINY_TRAINER, *tiny_data(corpus_files), "trainer.max_steps=2", "model.compile=true"]
+    result = train(compile_cfg := compose_cfg("train", overrides, tmp_path, cache_dir))
+    assert compile_cfg.model.compile and result["global_step"] == 2
+    state = load_checkpoint(result["last_checkpoint"])["state_dict"]
+    assert not any("_orig_mod" in k for k in state)  # compiled in place: checkpoints load into eager models

@@ -48,6 +48,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # Execution, not architecture: torch.compile the model for training and evaluation (~20 s on CPU first).
+    compile: bool = False
 
     # --- routing (sdt / stt / mod; ignored by dense). See ../shared/spec and docs/models.md.
     capacity: float = 0.5  # gamma: share of tokens a routed block runs on; k = max(1, floor(gamma * T))
