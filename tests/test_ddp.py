@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sdt.lit_module import LitLM
+from tests.conftest import ROOT, TINY_MODEL, TINY_TRAINER, cli_env, tiny_data
 
 MODEL = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32}
 OPTIM = {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.1}
@@ -65,3 +71,19 @@ def test_two_process_ddp_equals_one_process_with_doubled_batch(tmp_path):
     assert any(not torch.allclose(single[k], init[k]) for k in single)
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_train_py_with_two_cpu_processes_trains_a_routed_model(tmp_path, corpus_files, cache_dir):
+    """The real entry point under DDP (trainer=ddp_cpu): data module, Top-K routing and threshold calibration on
+    every rank, checkpoint written once. Top-K shapes are static, so no rank can wait on another."""
+    trainer = [o if o != "trainer=cpu" else "trainer=ddp_cpu" for o in TINY_TRAINER]
+    overrides = [*TINY_MODEL, "model=sdt", *trainer, *tiny_data(corpus_files)]
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}", *overrides]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "train_result.json").read_text())
+    assert result["world_size"] == 2 and result["global_step"] == 6
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

@@ -51,7 +51,7 @@ class MoDLayer(nn.Module):
         student_logits = self.student(x)
         student_prob = torch.sigmoid(student_logits)
         topk_mask = None
-        if ctx.cache is None:
+        if ctx.cache is None and (ctx.routing == "topk" or ctx.diagnostics):
             topk_idx = topk_indices(r.detach(), capacity_k(T, self.capacity))
             topk_mask = indices_to_mask(topk_idx, T)
 

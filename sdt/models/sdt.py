@@ -69,7 +69,7 @@ class SDTPair(nn.Module):
 
         # Top-K membership: what training executes, and the target the student learns. Meaningless for one token.
         topk_mask = None
-        if ctx.cache is None:
+        if ctx.cache is None and (ctx.routing == "topk" or ctx.diagnostics):
             k = capacity_k(T, self.capacity)
             topk_idx = topk_indices(sig.g.detach(), k)
             topk_mask = indices_to_mask(topk_idx, T)

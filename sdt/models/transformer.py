@@ -32,6 +32,9 @@ class ForwardContext:
     cache: ModelCache | None = None
     cache_key: Hashable = 0  # which cache slots this layer call uses (a layer visited twice gets two)
     routing: str = "topk"  # how routed layers choose tokens; dense layers ignore it
+    # Causal modes also compute the Top-K oracle to score themselves against it (student accuracy etc.); turned
+    # off where only the output matters (calibration, generation, benchmarks).
+    diagnostics: bool = True
 
     def kv(self, sub: int = 0) -> KVCache | None:
         """The KV cache of the `sub`-th block of the current layer, or None when not decoding."""
@@ -136,6 +139,7 @@ class LanguageModel(nn.Module):
         cache: ModelCache | None = None,
         routing: str | None = None,
         logits_to_keep: int = 0,
+        diagnostics: bool = True,
     ) -> ModelOutput:
         """input_ids (B, T); targets (B, T) are the *already shifted* next tokens (-100 = ignore).
 
@@ -153,7 +157,14 @@ class LanguageModel(nn.Module):
             else:
                 positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.dropout(self.embed_tokens(input_ids))  # (B, T, D)
-        ctx = ForwardContext(positions=positions, rope=self.rope, pad_mask=pad_mask, cache=cache, routing=routing)
+        ctx = ForwardContext(
+            positions=positions,
+            rope=self.rope,
+            pad_mask=pad_mask,
+            cache=cache,
+            routing=routing,
+            diagnostics=diagnostics,
+        )
 
         aux_sums: dict[str, Tensor] = {}
         aux_counts: dict[str, int] = {}

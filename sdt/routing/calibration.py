@@ -16,33 +16,42 @@ def quantile(x: Tensor, q: float) -> Tensor:
     return x.float().kthvalue(k).values
 
 
+def mode_of_score(name: str) -> str:
+    """The causal routing mode a threshold serves: the student's, or `threshold` for gate / router scores."""
+    return "student" if name == "student" else "threshold"
+
+
 @torch.no_grad()
 def calibrate_thresholds(model: LanguageModel, batches: Iterable[Tensor], capacity: float | None = None) -> dict:
     """Set each routed layer's thresholds to the (1 - capacity) quantile of its scores on `batches`.
 
-    Scores are collected under Top-K routing (the training behaviour), so a threshold selects the same share of
-    tokens that Top-K selects. Returns {layer index: {score name: threshold}}.
+    Calibrated in the mode the threshold serves and layer by layer, bottom up: a deeper layer's input depends on
+    what the layers below it executed, so its scores are collected with the layers below already routing causally
+    with their calibrated thresholds (scores collected under Top-K would fit inputs the causal mode never sees).
+    Costs one pass over `batches` per routed layer and mode. Returns {layer index: {score name: threshold}}.
     """
     capacity = model.config.capacity if capacity is None else capacity
-    routed = dict(model.routed_layers())
+    routed = model.routed_layers()
     if not routed:
         return {}
-    collected: dict[int, dict[str, list[Tensor]]] = {i: {} for i in routed}
+    batches = list(batches)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for ids in batches:
-        out = model(ids.to(device), routing="topk")
-        for i, scores in out.scores.items():
-            for name, value in scores.items():
-                collected[i].setdefault(name, []).append(value.flatten().float().cpu())
+    result: dict[int, dict[str, float]] = {i: {} for i, _ in routed}
+    names = sorted({name for _, layer in routed for name in layer.thresholds()})
+    for name in names:
+        mode = mode_of_score(name)
+        for i, layer in routed:
+            buf = layer.thresholds().get(name)
+            if buf is None:
+                continue
+            scores = [
+                model(ids.to(device), routing=mode, diagnostics=False).scores[i][name].flatten().float().cpu()
+                for ids in batches
+            ]
+            tau = quantile(torch.cat(scores), 1.0 - capacity)
+            buf.fill_(tau.to(buf.device))
+            result[i][name] = float(tau)
     model.train(was_training)
-    result: dict[int, dict[str, float]] = {}
-    for i, layer in routed.items():
-        result[i] = {}
-        for name, buf in layer.thresholds().items():
-            if name in collected[i]:
-                tau = quantile(torch.cat(collected[i][name]), 1.0 - capacity)
-                buf.fill_(tau.to(buf.device))
-                result[i][name] = float(tau)
     return result

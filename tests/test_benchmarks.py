@@ -1,0 +1,116 @@
+"""The compute benchmark (benchmarks/compute.py): the tiny size end to end, and a compilable Top-K training path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdt.models import ForwardContext, ModelConfig
+from sdt.models.layers import RotaryEmbedding
+from sdt.models.mod import MoDLayer
+from sdt.models.sdt import SDTPair
+from sdt.models.stt import STTLayer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT_KEYS = {
+    "model",
+    "capacity",
+    "routing_mode",
+    "executed_fraction",
+    "train_flop_ratio",
+    "forward_flop_ratio",
+    "train_step_ratio",
+    "forward_ratio",
+    "prefill_ratio",
+    "decode_ratio",
+    "kv_bytes_ratio",
+    "peak_memory_ratio",
+    "train_step_s",
+    "forward_s",
+    "prefill_s",
+    "decode_s_per_token",
+    "decode_tokens_per_s",
+    "kv_bytes",
+    "peak_memory_bytes",
+}
+
+
+def load_benchmark():
+    """benchmarks/ is scripts, not a package: load compute.py by path."""
+    spec = importlib.util.spec_from_file_location("benchmarks_compute", ROOT / "benchmarks" / "compute.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class body runs
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[dict, Path]:
+    bench = load_benchmark()
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--size", "tiny", "--repeats", "1", "--warmup", "1", "--decode-tokens", "8", "--prompt-tokens", "16"]
+    argv += ["--layer-bench", "--out", str(out / "results.json"), "--markdown", str(out / "performance.md")]
+    bench.main(argv)
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_tiny_run_writes_every_model_and_capacity(tiny_run):
+    result, out = tiny_run
+    assert {"torch", "cpu_count", "torch_threads", "size", "dtype", "device", "command"} <= set(result["meta"])
+    records = result["records"]
+    assert sorted((r["model"], r["capacity"]) for r in records) == sorted(
+        (m, c) for m in ("dense", "mod", "sdt", "stt") for c in (0.125, 0.25, 0.5, 1.0)
+    )
+    for r in records:
+        assert CONTRACT_KEYS <= set(r), CONTRACT_KEYS - set(r)
+        assert r["train_step_s"] > 0 and r["forward_s"] > 0 and r["kv_bytes"] > 0
+        if r["model"] != "dense":
+            assert r["routing_mode"] in ("threshold", "student")
+            assert r["executed_fraction"]["forward"] and r["executed_fraction"]["decode"]
+    layer = result["layer_bench"]
+    assert layer["seq_len"] >= 512 and 0 < layer["flop_ratio"] < 1 and layer["forward_ratio"] > 0
+    markdown = (out / "performance.md").read_text()
+    assert "| model |" in markdown and "benchmarks/compute.py --size tiny" in markdown
+
+
+def test_dense_ratios_are_one_and_routing_saves_kv(tiny_run):
+    result, _ = tiny_run
+    for r in result["records"]:
+        if r["model"] == "dense":
+            for key in ("train_step_ratio", "forward_ratio", "prefill_ratio", "decode_ratio", "kv_bytes_ratio"):
+                assert r[key] == pytest.approx(1.0), key
+            assert r["train_flop_ratio"] == pytest.approx(1.0) and r["forward_flop_ratio"] == pytest.approx(1.0)
+            assert r["peak_memory_ratio"] is None  # CPU: reported as unavailable, not as a made-up number
+        elif r["capacity"] == 0.125:
+            assert r["kv_bytes_ratio"] < 1, r
+
+
+@pytest.mark.parametrize("layer_cls", [SDTPair, STTLayer, MoDLayer])
+def test_topk_training_path_compiles_without_graph_breaks(layer_cls):
+    """fullgraph=True fails on any graph break, e.g. a host sync (.item(), int(tensor)) in the training path."""
+    torch.manual_seed(0)
+    arch = {SDTPair: "sdt", STTLayer: "stt", MoDLayer: "mod"}[layer_cls]
+    cfg = ModelConfig(arch=arch, vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, capacity=0.25)
+    layer = layer_cls(cfg)
+    rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    positions = torch.arange(16).expand(2, 16)
+
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = layer(x, ForwardContext(positions=positions, rope=rope, routing="topk"))
+        return out.hidden, out.decisions, sum(out.aux_losses.values())
+
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    eager = step(x)
+    (eager[0].sum() + eager[2]).backward()
+    eager_grad, x.grad = x.grad, None
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(x)
+    (compiled[0].sum() + compiled[2]).backward()
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(x.grad, eager_grad)
+    assert compiled[1].sum(dim=1).tolist() == [4, 4]  # exactly k = floor(0.25 * 16) tokens per row
