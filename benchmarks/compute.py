@@ -46,7 +46,7 @@ from sdt.models import LanguageModel, ModelCache, ModelConfig, build_model
 from sdt.models.layers import Block, RotaryEmbedding
 from sdt.optim import OptimConfig, build_optimizer
 from sdt.routing import capacity_k, run_routed_block, topk_indices
-from sdt.routing.calibration import calibrate_thresholds, quantile
+from sdt.routing.calibration import calibrate_thresholds
 
 
 @dataclass(frozen=True)
@@ -159,31 +159,6 @@ def tolerance(capacity: float) -> float:
     return max(FRACTION_TOLERANCE_ABS, FRACTION_TOLERANCE_REL * capacity)
 
 
-@torch.no_grad()
-def calibrate_causal(model: LanguageModel, batches: list[torch.Tensor], mode: str, capacity: float) -> None:
-    """Refit the thresholds `mode` reads on scores collected in `mode` itself.
-
-    `calibrate_thresholds` collects scores under Top-K routing, so a routed layer above another one is fitted to
-    inputs shaped by Top-K choices, not by the causal mode's; for untrained routers the two differ a lot. Layer p's
-    scores depend only on the thresholds below it, so pass p makes layer p exact: one pass per routed layer.
-    """
-    routed = model.routed_layers()
-    for _ in routed:
-        collected: dict[int, list[torch.Tensor]] = {i: [] for i, _ in routed}
-        for ids in batches:
-            scores = model(ids, routing=mode).scores
-            for i, layer in routed:
-                collected[i].append(scores[i][score_name(layer, mode)].flatten().float())
-        for i, layer in routed:
-            tau = quantile(torch.cat(collected[i]), 1.0 - capacity)
-            layer.thresholds()[score_name(layer, mode)].fill_(tau)
-
-
-def score_name(layer: torch.nn.Module, mode: str) -> str:
-    """The score a causal mode thresholds: the student's, or the layer's own (SDT/STT gate, MoD router)."""
-    return "student" if mode == "student" else next(name for name in layer.thresholds() if name != "student")
-
-
 def machine() -> dict[str, Any]:
     cpu = platform.processor()
     with contextlib.suppress(OSError):  # Linux names the CPU here; platform.processor() is often empty
@@ -282,13 +257,12 @@ def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Call
         if name == "dense":
             continue
         with amp():
-            calibrate_thresholds(model, calibration)
+            calibrate_thresholds(model, calibration)  # causal, layer by layer, for every mode
         tried: dict[str, dict[str, float]] = {}
         for mode in dict.fromkeys([model.config.inference_routing, FALLBACK_ROUTING.get(name)]):
             if mode is None:
                 continue
             with torch.no_grad(), amp():
-                calibrate_causal(model, calibration, mode, capacity)
                 tried[mode] = executed_fractions(model(ids, routing=mode).stats)
             if off_capacity(tried[mode], capacity) <= tolerance(capacity):
                 break
@@ -303,7 +277,7 @@ def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Call
 
     def forward(name: str) -> None:
         with torch.no_grad(), amp():
-            models[name](ids, routing=routing[name])
+            models[name](ids, routing=routing[name], diagnostics=False)
 
     def prefill(name: str) -> None:
         with torch.no_grad(), amp():
