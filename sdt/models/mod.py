@@ -17,11 +17,11 @@ from sdt.models.transformer import ForwardContext, LayerOutput
 from sdt.routing import (
     CausalRouter,
     capacity_k,
+    causal_selection,
     classification_stats,
+    execute_tokens,
     indices_to_mask,
-    pack_decisions,
     router_bce,
-    run_routed_block,
     topk_indices,
 )
 from sdt.routing.routers import LinearRouter
@@ -45,7 +45,7 @@ class MoDLayer(nn.Module):
         return {"router": self.router.threshold, "student": self.student.threshold}
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
-        B, T, _ = x.shape
+        T = x.shape[1]
         r = self.router(x)  # (B, T)
         gate = r if self.raw_gate else torch.sigmoid(r)
         student_logits = self.student(x)
@@ -66,30 +66,11 @@ class MoDLayer(nn.Module):
                 decide = student_prob >= self.student.threshold
             else:
                 raise ValueError(f"unknown routing mode {ctx.routing!r}")
-            if ctx.pad_mask is not None:
-                decide = decide & ctx.pad_mask
-            packed = pack_decisions(decide, min_k=1 if self.full_context else 0)
-            idx, valid = packed if packed is not None else (None, None)
-
-        if idx is None:  # nothing executes (causal modes only): skip the block
-            out, executed = x, torch.zeros(B, T, dtype=torch.bool, device=x.device)
-        else:
-            out = run_routed_block(
-                self.block,
-                x,
-                ctx.positions,
-                ctx.rope,
-                idx,
-                gate,
-                "soft",
-                valid_BK=valid,
-                pad_mask_BT=ctx.pad_mask,
-                cache=ctx.kv(0),
-                full_context=self.full_context,
-            )
-            executed = indices_to_mask(idx, T, valid)
-        if ctx.pad_mask is not None:
-            executed = executed & ctx.pad_mask
+            idx, valid = causal_selection(decide, ctx.pad_mask, self.full_context)
+        out, executed = execute_tokens(
+            self.block, x, ctx.positions, ctx.rope, idx, valid, gate, "soft",
+            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0), full_context=self.full_context,
+        )  # fmt: skip
 
         aux = {"zloss": masked_mean(r.pow(2), ctx.pad_mask)}
         stats = {

@@ -26,11 +26,11 @@ from sdt.routing import (
     PriorFFN,
     SurpriseGate,
     capacity_k,
+    causal_selection,
     classification_stats,
+    execute_tokens,
     indices_to_mask,
-    pack_decisions,
     router_bce,
-    run_routed_block,
     topk_indices,
 )
 from sdt.routing.stats import masked_mean, surprise_stats
@@ -56,7 +56,7 @@ class SDTPair(nn.Module):
         return {"gate": self.surprise.threshold, "student": self.student.threshold}
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
-        B, T, _ = x.shape
+        T = x.shape[1]
         post = self.decision(x, ctx.positions, ctx.rope, cache=ctx.kv(0), pad_mask=ctx.pad_mask)  # (B, T, D)
         delta = (post - x).detach()
         delta_hat, logvar = self.prior(x)
@@ -79,31 +79,15 @@ class SDTPair(nn.Module):
                 raise ValueError("topk routing is not causal and cannot be used for cached decoding")
             idx, valid = topk_idx, None
         elif ctx.routing == "threshold":
-            idx, valid = self._pack(sig.g >= self.surprise.threshold, ctx)
+            idx, valid = causal_selection(sig.g >= self.surprise.threshold, ctx.pad_mask, self.full_context)
         elif ctx.routing == "student":
-            idx, valid = self._pack(student_prob >= self.student.threshold, ctx)
+            idx, valid = causal_selection(student_prob >= self.student.threshold, ctx.pad_mask, self.full_context)
         else:
             raise ValueError(f"unknown routing mode {ctx.routing!r}")
-
-        if idx is None:  # no token of the batch executes (causal modes only): skip the dynamic block entirely
-            out, executed = post, torch.zeros(B, T, dtype=torch.bool, device=x.device)
-        else:
-            out = run_routed_block(
-                self.dynamic,
-                post,
-                ctx.positions,
-                ctx.rope,
-                idx,
-                sig.g,
-                self.gate_mode,
-                valid_BK=valid,
-                pad_mask_BT=ctx.pad_mask,
-                cache=ctx.kv(1),
-                full_context=self.full_context,
-            )
-            executed = indices_to_mask(idx, T, valid)
-        if ctx.pad_mask is not None:
-            executed = executed & ctx.pad_mask
+        out, executed = execute_tokens(
+            self.dynamic, post, ctx.positions, ctx.rope, idx, valid, sig.g, self.gate_mode,
+            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(1), full_context=self.full_context,
+        )  # fmt: skip
 
         aux = {"prior": masked_mean(sig.d_ch, ctx.pad_mask)}
         stats = {"executed_fraction": masked_mean(executed, ctx.pad_mask)}
@@ -116,10 +100,3 @@ class SDTPair(nn.Module):
             stats.update({f"student_{k}": v for k, v in classification_stats(student_pred, topk_mask).items()})
         scores = {"gate": sig.g.detach(), "student": student_prob.detach()}
         return LayerOutput(hidden=out, aux_losses=aux, stats=stats, decisions=executed, scores=scores)
-
-    def _pack(self, decide_BT: Tensor, ctx: ForwardContext) -> tuple[Tensor | None, Tensor | None]:
-        if ctx.pad_mask is not None:
-            decide_BT = decide_BT & ctx.pad_mask
-        # Full-context attention needs every token's K/V written even when none executes: keep one (invalid) slot.
-        packed = pack_decisions(decide_BT, min_k=1 if self.full_context else 0)
-        return (None, None) if packed is None else packed

@@ -28,11 +28,11 @@ from sdt.routing import (
     PriorFFN,
     SurpriseGate,
     capacity_k,
+    causal_selection,
     classification_stats,
+    execute_tokens,
     indices_to_mask,
-    pack_decisions,
     router_bce,
-    run_routed_block,
     topk_indices,
 )
 from sdt.routing.stats import masked_mean, surprise_stats
@@ -80,7 +80,7 @@ class STTLayer(nn.Module):
         return self.student(torch.cat([x, prev], dim=-1))
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
-        _B, T, _ = x.shape
+        T = x.shape[1]
         student_logits = self._student_logits(x, ctx)
         student_prob = torch.sigmoid(student_logits)
         if ctx.routing == "student":
@@ -98,29 +98,14 @@ class STTLayer(nn.Module):
         if ctx.routing == "topk":
             idx, valid = topk_idx, None
         elif ctx.routing == "threshold":
-            decide = sig.g >= self.surprise.threshold
-            if ctx.pad_mask is not None:
-                decide = decide & ctx.pad_mask
-            packed = pack_decisions(decide, min_k=1)
-            idx, valid = packed
+            # min one slot: the teacher's threshold mode is only run in full forwards, where shapes stay non-empty
+            idx, valid = causal_selection(sig.g >= self.surprise.threshold, ctx.pad_mask, full_context=True)
         else:
             raise ValueError(f"unknown routing mode {ctx.routing!r}")
-
-        out = run_routed_block(
-            self.block,
-            x,
-            ctx.positions,
-            ctx.rope,
-            idx,
-            sig.g,
-            self.gate_mode,
-            valid_BK=valid,
-            pad_mask_BT=ctx.pad_mask,
-            full_context=self.full_context,
-        )
-        executed = indices_to_mask(idx, T, valid)
-        if ctx.pad_mask is not None:
-            executed = executed & ctx.pad_mask
+        out, executed = execute_tokens(
+            self.block, x, ctx.positions, ctx.rope, idx, valid, sig.g, self.gate_mode,
+            pad_mask_BT=ctx.pad_mask, full_context=self.full_context,
+        )  # fmt: skip
         aux = {
             "prior": masked_mean(sig.d_ch, ctx.pad_mask),
             "router": router_bce(student_logits, topk_mask, ctx.pad_mask),
@@ -136,30 +121,10 @@ class STTLayer(nn.Module):
 
     def _student_forward(self, x: Tensor, ctx: ForwardContext, student_prob: Tensor) -> LayerOutput:
         """Inference: run the block only where the student says so; no teacher pass, no K/V for skipped tokens."""
-        B, T, _ = x.shape
-        decide = student_prob >= self.student.threshold
-        if ctx.pad_mask is not None:
-            decide = decide & ctx.pad_mask
-        packed = pack_decisions(decide, min_k=1 if self.full_context else 0)
-        if packed is None:
-            out, executed = x, torch.zeros(B, T, dtype=torch.bool, device=x.device)
-        else:
-            idx, valid = packed
-            out = run_routed_block(
-                self.block,
-                x,
-                ctx.positions,
-                ctx.rope,
-                idx,
-                None,
-                self.gate_mode,
-                valid_BK=valid,
-                pad_mask_BT=ctx.pad_mask,
-                cache=ctx.kv(0),
-                full_context=self.full_context,
-            )
-            executed = indices_to_mask(idx, T, valid)
-            if ctx.pad_mask is not None:
-                executed = executed & ctx.pad_mask
+        idx, valid = causal_selection(student_prob >= self.student.threshold, ctx.pad_mask, self.full_context)
+        out, executed = execute_tokens(
+            self.block, x, ctx.positions, ctx.rope, idx, valid, None, self.gate_mode,
+            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0), full_context=self.full_context,
+        )  # fmt: skip
         stats = {"executed_fraction": masked_mean(executed, ctx.pad_mask), "student_threshold": self.student.threshold}
         return LayerOutput(hidden=out, stats=stats, decisions=executed, scores={"student": student_prob.detach()})

@@ -1,6 +1,12 @@
 """Routing machinery shared by SDT, STT and MoD: Top-K, routed execution, gates, surprise, priors, students."""
 
-from sdt.routing.execution import gather_tokens, run_routed_block, scatter_tokens
+from sdt.routing.execution import (
+    causal_selection,
+    execute_tokens,
+    gather_tokens,
+    run_routed_block,
+    scatter_tokens,
+)
 from sdt.routing.gates import apply_gate
 from sdt.routing.priors import PriorFFN
 from sdt.routing.students import CausalRouter, classification_stats, router_bce
@@ -15,8 +21,10 @@ __all__ = [
     "apply_gate",
     "capacity_k",
     "causal_moving_average",
+    "causal_selection",
     "classification_stats",
     "combine_gates",
+    "execute_tokens",
     "gather_tokens",
     "indices_to_mask",
     "pack_decisions",

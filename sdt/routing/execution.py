@@ -14,6 +14,7 @@ from torch import Tensor
 from sdt.models.kv_cache import KVCache
 from sdt.models.layers import Block, RotaryEmbedding
 from sdt.routing.gates import apply_gate
+from sdt.routing.topk import indices_to_mask, pack_decisions
 
 
 def gather_tokens(x_BTD: Tensor, idx_BK: Tensor) -> Tensor:
@@ -60,3 +61,48 @@ def run_routed_block(
     if valid_BK is not None:
         f_sel = f_sel * valid_BK.unsqueeze(-1).to(f_sel.dtype)
     return scatter_tokens(x_BTD, idx_BK, x_sel + f_sel)
+
+
+def causal_selection(
+    decide_BT: Tensor, pad_mask_BT: Tensor | None, full_context: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Per-token causal decisions (B, T) -> (idx, valid) for `execute_tokens`; (None, None) when nothing executes.
+
+    Padding never executes. With full-context attention one (invalid) slot is kept even when no token executes,
+    because every token must still write its K/V.
+    """
+    if pad_mask_BT is not None:
+        decide_BT = decide_BT & pad_mask_BT
+    packed = pack_decisions(decide_BT, min_k=1 if full_context else 0)
+    return (None, None) if packed is None else packed
+
+
+def execute_tokens(
+    block: Block,
+    x_BTD: Tensor,
+    positions_BT: Tensor,
+    rope: RotaryEmbedding,
+    idx_BK: Tensor | None,
+    valid_BK: Tensor | None,
+    gate_BT: Tensor | None,
+    gate_mode: str,
+    *,
+    pad_mask_BT: Tensor | None = None,
+    cache: KVCache | None = None,
+    full_context: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Run a routed block on the selected tokens: (output (B, T, D), executed (B, T) bool).
+
+    `idx_BK` None means no token of the batch executes: the block is skipped entirely (and writes no K/V).
+    """
+    B, T, _ = x_BTD.shape
+    if idx_BK is None:
+        return x_BTD, torch.zeros(B, T, dtype=torch.bool, device=x_BTD.device)
+    out = run_routed_block(
+        block, x_BTD, positions_BT, rope, idx_BK, gate_BT, gate_mode,
+        valid_BK=valid_BK, pad_mask_BT=pad_mask_BT, cache=cache, full_context=full_context,
+    )  # fmt: skip
+    executed = indices_to_mask(idx_BK, T, valid_BK)
+    if pad_mask_BT is not None:
+        executed = executed & pad_mask_BT
+    return out, executed
