@@ -198,7 +198,7 @@ def routing_plots(
     batch = next(iter(datamodule.test_dataloader()))
     ids = batch["input_ids"][:1, :n_tokens].to(device)  # (1, n)
     out = model(ids, routing=routing)
-    labels = [f"layer {e['layer']} ({e['kind']})" for e in table]
+    labels = [f"layer {e['layer']}\n{e['kind']}" for e in table]
     decisions = np.stack([out.decisions[e["layer"]][0].float().cpu().numpy() for e in table])  # (layers, n)
     tokens = [tokenizer.decode([t]) for t in ids[0].tolist()]
     plots["heatmap"] = plot_routing_heatmap(

@@ -111,7 +111,9 @@ def plot_executed_fraction(
     if len(fractions) != len(layer_labels):
         raise ValueError(f"got {len(fractions)} fractions for {len(layer_labels)} layer labels")
     n = len(fractions)
-    fig = _new_figure(width=max(4.0, 1.5 + 0.5 * n), height=3.2)
+    # Wide enough for the title and for every label at its longest line (labels may span two lines).
+    longest = max((max(len(line) for line in label.splitlines()) for label in layer_labels), default=0)
+    fig = _new_figure(width=max(5.5, 1.5 + n * max(0.5, 0.075 * longest)), height=3.4)
     ax = fig.add_subplot()
     x = np.arange(n)
     bars = ax.bar(x, fractions, color="tab:blue", width=0.7, label="executed fraction")
@@ -124,7 +126,7 @@ def plot_executed_fraction(
     ax.set_ylabel("executed fraction of tokens")
     ax.set_ylim(0, 1.1)  # fixed scale so plots of different runs compare at a glance
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
     return _save(fig, path)
 
