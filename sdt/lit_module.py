@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from sdt.models import ModelConfig, build_model
-from sdt.optim import OptimConfig, build_optimizer, warmup_cosine
+from sdt.optim import OptimConfig, build_optimizer, clip_grad_norm_by_role, warmup_cosine
 from sdt.routing.calibration import calibrate_thresholds
 
 
@@ -119,6 +119,22 @@ class LitLM(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip each parameter role (backbone, prior, surprise scalars, routers) by its own gradient norm.
+
+        Auxiliary losses live on very different scales (the prior's MSE grows with the residual stream); clipped
+        together, a large auxiliary gradient would shrink the language-model gradients of every other parameter.
+        Sharded strategies keep Lightning's own (global) clipping.
+        """
+        if not gradient_clip_val:
+            return
+        if type(self.trainer.strategy).__name__.startswith(("FSDP", "DeepSpeed")):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        clip_grad_norm_by_role(optimizer, gradient_clip_val)
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

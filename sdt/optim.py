@@ -103,3 +103,14 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     # fused/foreach kernels are picked by torch per device; nothing device-specific here.
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def clip_grad_norm_by_role(optimizer: torch.optim.Optimizer, max_norm: float) -> dict[str, float]:
+    """Clip the gradients of each parameter role (the groups of `param_groups`) to `max_norm`, separately.
+
+    Returns the pre-clipping norm of each role (for logging)."""
+    by_role: dict[str, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        role = group.get("name", "base").removesuffix("_no_decay")
+        by_role.setdefault(role, []).extend(p for p in group["params"] if p.grad is not None)
+    return {role: float(torch.nn.utils.clip_grad_norm_(ps, max_norm)) for role, ps in by_role.items() if ps}

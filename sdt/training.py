@@ -125,13 +125,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         release_distributed()
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    ckpt_cb = trainer.checkpoint_callback
+    # The monitored callback keeps best.ckpt; the unmonitored one always holds the latest (last.ckpt).
+    best_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)
+    last_cb = next((c for c in trainer.checkpoint_callbacks if not c.monitor), None)
     result = {
         "metrics": metrics,
         "global_step": trainer.global_step,
         "world_size": trainer.world_size,
-        "best_checkpoint": getattr(ckpt_cb, "best_model_path", None) or None,
-        "last_checkpoint": getattr(ckpt_cb, "last_model_path", None) or None,
+        "best_checkpoint": getattr(best_cb, "best_model_path", None) or None,
+        "last_checkpoint": getattr(last_cb, "best_model_path", None) or None,
     }
     if trainer.is_global_zero:
         if result["last_checkpoint"]:

@@ -1,8 +1,9 @@
 import pytest
+import torch
 
 from sdt.errors import UserError
 from sdt.models import ModelConfig, build_model
-from sdt.optim import OptimConfig, param_groups, warmup_cosine
+from sdt.optim import OptimConfig, clip_grad_norm_by_role, param_groups, warmup_cosine
 
 
 def test_weight_decay_only_on_matrices_and_each_param_once():
@@ -38,3 +39,30 @@ def test_bad_optim_values():
         OptimConfig(lr=0)
     with pytest.raises(UserError, match="unknown optim option"):
         OptimConfig.from_dict({"learning_rate": 1.0})
+
+
+def test_a_huge_auxiliary_gradient_does_not_shrink_the_backbone_gradients():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="sdt", vocab_size=64, d_model=32, n_layers=2, n_heads=2))
+    optimizer = torch.optim.AdamW(param_groups(model, OptimConfig()))
+    ids = torch.randint(0, 64, (2, 16))
+    out = model(ids, ids)
+    out.loss.backward()
+    backbone = model.embed_tokens.weight
+    before = backbone.grad.clone()
+    for p in model.layers[0].prior.parameters():  # an auxiliary loss a million times larger than the LM's
+        p.grad = torch.full_like(p, 1e6)
+    norms = clip_grad_norm_by_role(optimizer, max_norm=1e3)
+    assert norms["prior"] > 1e6 and norms["base"] < 1e3
+    torch.testing.assert_close(backbone.grad, before)  # a global clip would have scaled it by ~1e-6
+    assert (
+        torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.layers[0].prior.parameters()])) <= 1e3 + 1
+    )
+
+
+def test_the_prior_and_surprise_never_send_gradient_into_the_backbone():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="sdt", vocab_size=64, d_model=32, n_layers=2, n_heads=2))
+    out = model(torch.randint(0, 64, (2, 16)))
+    out.aux_losses["prior"].backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".prior." not in n)

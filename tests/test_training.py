@@ -25,6 +25,18 @@ def test_train_writes_checkpoints_with_everything_evaluation_needs(trained_run):
     assert set(ckpt["sdt"]["data_stats"]) == {"train", "val", "test"}
 
 
+def test_last_checkpoint_is_the_final_step_even_when_validation_gets_worse(tmp_path, corpus_files, cache_dir):
+    # mode=max makes the first validation the "best" for ever after: best.ckpt stays at step 4, and last.ckpt must
+    # still move on to the final step (Lightning's save_last alone would leave it at step 4).
+    overrides = [*TINY_MODEL, *TINY_TRAINER, *tiny_data(corpus_files), "callbacks.model_checkpoint.mode=max"]
+    overrides += ["trainer.max_steps=8"]
+    result = train(compose_cfg("train", overrides, tmp_path, cache_dir))
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"))["global_step"] == 8
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "best.ckpt"))["global_step"] == 4
+    assert result["last_checkpoint"].endswith("last.ckpt") and result["best_checkpoint"].endswith("best.ckpt")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_train_logs_loss_ppl_lr_and_throughput(trained_run):
     with open(trained_run / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -9,8 +9,9 @@
 Routing modes: "topk" (training; non-causal oracle at evaluation), "threshold" (execute where g >= tau, causal
 because g is), "student" (a causal router predicts Top-K membership). Tau and the student threshold are calibrated
 to the capacity on held-out training data (sdt.routing.calibration) and stored as buffers in the checkpoint.
-Design choice: the surprise signals read delta detached, so the backbone is trained by the LM loss alone and not
-pushed to reshape its updates to open or close gates; the gate scalars and the prior learn through g.
+Design choice: the surprise signals read delta detached and the prior reads x detached, so the backbone is trained by
+the LM loss alone and is not pushed to reshape its states to open or close gates or to suit the prior; the gate
+scalars and the prior learn through their own losses and through g.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class SDTPair(nn.Module):
         T = x.shape[1]
         post = self.decision(x, ctx.positions, ctx.rope, cache=ctx.kv(0), pad_mask=ctx.pad_mask)  # (B, T, D)
         delta = (post - x).detach()
-        delta_hat, logvar = self.prior(x)
+        delta_hat, logvar = self.prior(x.detach())  # the prior learns to predict; it does not shape the backbone
         history = ctx.cache.state.get((ctx.cache_key, "ma")) if ctx.cache is not None else None
         sig, history = self.surprise(delta, delta_hat, logvar, valid_BT=ctx.pad_mask, history=history)
         if ctx.cache is not None:
