@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -82,6 +83,12 @@ def log_compute(trainer: L.Trainer, model_cfg: ModelConfig, seq_len: int) -> dic
     return metrics
 
 
+def final_step(trainer: L.Trainer, last_checkpoint: str | None) -> int:
+    if trainer.global_step == 0 and last_checkpoint and os.path.isfile(last_checkpoint):
+        return int(torch.load(last_checkpoint, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    return trainer.global_step
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the configured model; return the final metrics and the checkpoint paths."""
     duplicate = dense_duplicate_of(cfg)
@@ -128,12 +135,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # The monitored callback keeps best.ckpt; the unmonitored one always holds the latest (last.ckpt).
     best_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)
     last_cb = next((c for c in trainer.checkpoint_callbacks if not c.monitor), None)
+    last_path = getattr(last_cb, "best_model_path", None) or None
+    if last_path is None and last_cb is not None and last_cb.dirpath:  # ddp_spawn: only rank 0's callbacks saw it
+        candidate = os.path.join(last_cb.dirpath, "last.ckpt")
+        last_path = candidate if os.path.isfile(candidate) else None
     result = {
         "metrics": metrics,
-        "global_step": trainer.global_step,
+        # Under ddp_spawn the training ran in child processes and this trainer never stepped: the final checkpoint,
+        # written by rank 0, knows the step.
+        "global_step": final_step(trainer, last_path),
         "world_size": trainer.world_size,
         "best_checkpoint": getattr(best_cb, "best_model_path", None) or None,
-        "last_checkpoint": getattr(last_cb, "best_model_path", None) or None,
+        "last_checkpoint": last_path,
     }
     if trainer.is_global_zero:
         if result["last_checkpoint"]:
