@@ -303,7 +303,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 model, loaders[split](), device, cfg.get("max_batches"), "topk" if mode == "dense" else mode
             )
             bytes_per_token = datamodule.split_stats[split]["bytes_per_token"]
-            res["perplexity"] = math.exp(min(res["nll"], 700.0))
+            res["perplexity"] = math.exp(min(res["nll"], 700.0))  # capped: a diverged model must not overflow
             res["bits_per_byte"] = res["nll"] / math.log(2) / bytes_per_token
             res["unigram_perplexity"] = unigram[split]
             by_mode[mode][split] = res

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -142,7 +141,3 @@ class LitLM(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.extra_state = checkpoint.get("sdt", {})
-
-
-def perplexity(nll_per_token: float) -> float:
-    return math.exp(min(nll_per_token, 700.0))  # avoid OverflowError for a diverged model

@@ -343,7 +343,23 @@ def line_split(text: str, fractions: tuple[float, float, float]) -> tuple[str, s
     return train, val, test
 
 
-class TextFilesCorpus(Corpus):
+class LoadedCorpus(Corpus):
+    """A corpus whose splits are read once, on first use, by `_load` (reading can be slow: files, the hub)."""
+
+    _splits: dict[str, list[str]] | None = None
+
+    @abstractmethod
+    def _load(self) -> dict[str, list[str]]:
+        """Read the corpus and return its documents per split."""
+
+    def documents(self, split: str) -> list[str]:
+        _check_split(split)
+        if self._splits is None:
+            self._splits = self._load()
+        return self._splits[split]
+
+
+class TextFilesCorpus(LoadedCorpus):
     """Local `.txt` / `.jsonl` / `.parquet` files (globs and directories allowed), split as the module docstring says."""
 
     name = "text_files"
@@ -406,12 +422,6 @@ class TextFilesCorpus(Corpus):
                     splits[split].append(piece)
         return splits
 
-    def documents(self, split: str) -> list[str]:
-        _check_split(split)
-        if self._splits is None:
-            self._splits = self._load()
-        return self._splits[split]
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Hugging Face datasets: a hub id, a local directory of data files, or a `save_to_disk` directory.
@@ -421,7 +431,7 @@ def _is_saved_to_disk(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-class HFHubCorpus(Corpus):
+class HFHubCorpus(LoadedCorpus):
     """A Hugging Face dataset, read up to max_train_docs / max_eval_docs documents per split."""
 
     name = "hf_hub"
@@ -545,12 +555,6 @@ class HFHubCorpus(Corpus):
                 f"{', '.join(held_out)} and still train; add data or name a data.val_split / data.test_split"
             )
         return splits
-
-    def documents(self, split: str) -> list[str]:
-        _check_split(split)
-        if self._splits is None:
-            self._splits = self._load()
-        return self._splits[split]
 
 
 def build_corpus(cfg: DataConfig, hf_cache_dir: str | None = None) -> Corpus:

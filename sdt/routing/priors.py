@@ -32,6 +32,7 @@ class PriorFFN(nn.Module):
             nn.init.zeros_(self.logvar_proj.weight)
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, Tensor | None]:
-        h = F.silu(self.gate_proj(self.norm(x_BTD))) * self.up_proj(self.norm(x_BTD))
+        x = self.norm(x_BTD)
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         logvar = self.logvar_proj(h) if self.logvar_proj is not None else None
         return self.down_proj(h), logvar
