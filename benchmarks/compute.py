@@ -140,14 +140,38 @@ def executed_fractions(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
-def decode_fractions(model: LanguageModel, cache: ModelCache, tokens_fed: int) -> dict[str, float]:
-    """Executed fraction per routed layer during prefill + decode, read from the routed block's KV cache: at batch 1
-    it holds exactly one entry per token that ran the block (selected attention)."""
-    out = {}
-    for i, layer in model.routed_layers():
-        sub = layer.n_blocks - 1  # the routed block is the layer's last cache sub-slot (an SDT pair's dynamic block)
-        out[str(i)] = cache.get((i, sub)).length / tokens_fed
-    return out
+@contextlib.contextmanager
+def count_executed(model: LanguageModel) -> Iterator[dict[int, torch.Tensor]]:
+    """Count, per routed layer, the tokens its routed block executes, from the layer's own decisions (not from the
+    KV cache, so the cache can be checked against it)."""
+    counts: dict[int, torch.Tensor] = {}
+
+    def hook(i: int) -> Callable:
+        def add(module: torch.nn.Module, args: Any, out: Any) -> None:
+            counts[i] = counts.get(i, 0) + out.decisions.sum()
+
+        return add
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in model.routed_layers()]
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def expected_kv_entries(model: LanguageModel, executed: dict[int, int], tokens_fed: int) -> int:
+    """KV entries a cache holding exactly the executed tokens must have: every block stores each fed token, except
+    a routed block, which stores only the tokens it executed (selected attention)."""
+    routed = dict(model.routed_layers())
+    total = 0
+    for i, layer in enumerate(model.layers):
+        n_blocks = getattr(layer, "n_blocks", 1)
+        if i in routed:
+            total += (n_blocks - 1) * tokens_fed + executed[i]
+        else:
+            total += n_blocks * tokens_fed
+    return total
 
 
 def off_capacity(fractions: dict[str, float], capacity: float) -> float:
@@ -195,6 +219,7 @@ class Settings:
     # token forever, so every routed layer would execute either none or all of the decoded tokens.
     decode_temperature: float = 1.0
     layer_bench: bool = False
+    compare_transformers: bool = False
     seed: int = 0
 
 
@@ -304,6 +329,18 @@ def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Call
         for name in names:
             decode(name, min(N, 8))
     generate_s = interleaved({n: lambda n=n: decode(n, N) for n in names}, 0, s.repeats, device)
+    # One more, untimed generation per model (same sampler seed, so the same tokens and decisions), counting what each
+    # routed layer executes: the KV bytes are then checked against the bytes those tokens need.
+    tokens_fed = P + N - 1  # the last generated token is never fed back
+    executed_decode: dict[str, dict[int, int]] = {}
+    for name in names:
+        nbytes = caches[name].nbytes()
+        with count_executed(models[name]) as counts:
+            decode(name, N)
+        executed_decode[name] = {i: int(c) for i, c in counts.items()}
+        if caches[name].nbytes() != nbytes:
+            raise RuntimeError(f"{name}: a repeated generation with the same seed held different KV bytes")
+    dense_entry_bytes = caches["dense"].nbytes() / (size.n_layers * tokens_fed)  # K and V of one token in one block
 
     med = {
         "train_step_s": {n: statistics.median(v) for n, v in train_s.items()},
@@ -313,7 +350,6 @@ def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Call
     }
     # generate() = one prefill of the prompt + the decode loop: the prefill is measured separately and taken out.
     decode_s = {n: max(med["generate_s"][n] - med["prefill_s"][n], 1e-12) / N for n in names}
-    tokens_fed = P + N - 1  # the last generated token is never fed back
     records = []
     for name in names:
         if name not in s.models:
@@ -327,13 +363,17 @@ def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Call
             "routing_note": notes[name],
             "executed_fraction": {
                 "forward": fwd_fractions[name],
-                "decode": decode_fractions(model, cache, tokens_fed),
+                "decode": {str(i): c / tokens_fed for i, c in executed_decode[name].items()},
             },
             # Analytic (sdt.compute), model / dense: FLOPs per token; KV entries after decoding.
             "train_flop_ratio": train_report["train_flops_ratio_vs_dense"],
             "forward_flop_ratio": train_report["flops_ratio_vs_dense"],
             "prefill_flop_ratio": compute_report(model.config, P)["flops_ratio_vs_dense"],
             "analytic_kv_ratio": compute_report(model.config, tokens_fed)["kv_entries_ratio_vs_dense"],
+            # The same at the executed fractions counted during decoding: what a cache holding exactly the executed
+            # tokens needs. kv_bytes_ratio / this is 1 when the cache stores nothing else.
+            "executed_kv_ratio": expected_kv_entries(model, executed_decode[name], tokens_fed)
+            / (size.n_layers * tokens_fed),
             # Measured medians.
             "train_step_s": med["train_step_s"][name],
             "forward_s": med["forward_s"][name],
@@ -342,6 +382,7 @@ def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Call
             "decode_s_per_token": decode_s[name],
             "decode_tokens_per_s": 1.0 / decode_s[name],
             "kv_bytes": cache.nbytes(),
+            "expected_kv_bytes": expected_kv_entries(model, executed_decode[name], tokens_fed) * dense_entry_bytes,
             "kv_entries": cache.num_entries(),
             "peak_memory_bytes": peak[name],
             "samples_s": {
@@ -419,6 +460,69 @@ def bench_layer(s: Settings, device: torch.device, amp: Callable) -> dict[str, A
     }
 
 
+def qwen2_twin(cfg: ModelConfig, device: torch.device) -> tuple[LanguageModel, torch.nn.Module]:
+    """Our dense model and `transformers`' Qwen2 of the same config, with the same weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # only this phase needs transformers
+
+    cfg = dataclasses.replace(cfg, arch="dense", qkv_bias=True)  # Qwen2 always has q/k/v biases
+    ours = build_model(cfg).to(device).eval()
+    hf_cfg = Qwen2Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="sdpa",
+    )
+    hf = Qwen2ForCausalLM(hf_cfg).to(device).eval()
+    # Our names are HF's inside a block; the stack wraps each block as layers.{i}.block.
+    state = {
+        (name if name.startswith("lm_head.") else "model." + name.replace(".block.", ".")): value
+        for name, value in ours.state_dict().items()
+    }
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping to Qwen2 failed: missing {missing}, unexpected {unexpected}")
+    return ours, hf
+
+
+def bench_transformers(s: Settings, device: torch.device, amp: Callable) -> dict[str, Any]:
+    """Our dense forward vs `transformers`' Qwen2 forward of the same config and weights, same batch."""
+    size = SIZES[s.size]
+    ours, hf = qwen2_twin(model_config(size, "dense", 1.0, size.seq_len), device)
+    g = torch.Generator().manual_seed(s.seed)
+    ids = torch.randint(0, size.vocab_size, (size.batch, size.seq_len), generator=g).to(device)
+    with torch.no_grad(), amp():
+        # Same weights must give the same logits, or the timing compares different computations.
+        diff = (ours(ids).logits.float() - hf(input_ids=ids, use_cache=False).logits.float()).abs().max().item()
+
+    def forward(model: torch.nn.Module, **kw: Any) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad(), amp():
+                model(ids, **kw)
+
+        return run
+
+    fwd = interleaved({"sdt": forward(ours), "transformers": forward(hf, use_cache=False)}, s.warmup, s.repeats, device)
+    med = {n: statistics.median(v) for n, v in fwd.items()}
+    return {
+        "model": "Qwen2ForCausalLM (sdpa attention)",
+        "transformers": __import__("transformers").__version__,
+        "max_abs_logit_diff": diff,
+        "sdt_forward_s": med["sdt"],
+        "transformers_forward_s": med["transformers"],
+        "forward_ratio": med["sdt"] / med["transformers"],
+        "samples_s": fwd,
+    }
+
+
 def run(s: Settings, command: str = "") -> dict[str, Any]:
     device = torch.device(s.device)
     bf16 = s.dtype == "bf16"
@@ -447,7 +551,8 @@ def run(s: Settings, command: str = "") -> dict[str, Any]:
     for capacity in s.capacities:
         records += bench_capacity(s, capacity, device, amp)
     layer = bench_layer(s, device, amp) if s.layer_bench else None
-    return {"meta": meta, "records": records, "layer_bench": layer}
+    hf = bench_transformers(s, device, amp) if s.compare_transformers else None
+    return {"meta": meta, "records": records, "layer_bench": layer, "transformers": hf}
 
 
 # --------------------------------------------------------------------------------------------------- output
@@ -475,6 +580,7 @@ TABLE_COLUMNS = (
     ("prefill", lambda r: _fmt(r["prefill_ratio"])),
     ("decode", lambda r: _fmt(r["decode_ratio"])),
     ("KV calc", lambda r: _fmt(r["analytic_kv_ratio"])),
+    ("KV exec", lambda r: _fmt(r["executed_kv_ratio"])),
     ("KV bytes", lambda r: _fmt(r["kv_bytes_ratio"])),
     ("peak mem", lambda r: _fmt(r["peak_memory_ratio"])),
     ("train ms", lambda r: _fmt(r["train_step_s"] * 1e3, ".1f")),
@@ -497,6 +603,8 @@ def format_table(result: dict[str, Any]) -> str:
     layer = result.get("layer_bench")
     if layer:
         lines.append(_layer_line(layer))
+    if result.get("transformers"):
+        lines.append(_transformers_line(result["transformers"]))
     return "\n".join(lines)
 
 
@@ -505,6 +613,14 @@ def _layer_line(layer: dict[str, Any]) -> str:
         f"one routed block at capacity {layer['capacity']} (k={layer['k']} of T={layer['seq_len']}, batch "
         f"{layer['batch']}) vs one dense block: forward {layer['forward_ratio']:.3f}, forward+backward "
         f"{layer['train_ratio']:.3f}, analytic FLOPs {layer['flop_ratio']:.3f}"
+    )
+
+
+def _transformers_line(hf: dict[str, Any]) -> str:
+    return (
+        f"dense forward vs transformers {hf['transformers']} {hf['model']}, same config and weights: "
+        f"{hf['forward_ratio']:.3f} ({hf['sdt_forward_s'] * 1e3:.1f} ms vs {hf['transformers_forward_s'] * 1e3:.1f} "
+        f"ms; max |logit diff| {hf['max_abs_logit_diff']:.1e})"
     )
 
 
@@ -530,9 +646,11 @@ def format_markdown(result: dict[str, Any]) -> str:
         "",
         (
             "Every ratio is model / dense of the same quantity, measured in the same run (< 1 is cheaper). FLOP "
-            "and KV calc columns are analytic (`sdt.compute`); `exec fwd` / `exec dec` are the measured executed "
-            "fractions of the routed layers (mean over layers) in the forward and in prefill + decode, in the "
-            "causal mode of the `mode` column."
+            "and KV calc columns are analytic (`sdt.compute`, at the nominal capacity); `exec fwd` / `exec dec` are "
+            "the measured executed fractions of the routed layers (mean over layers) in the forward and in prefill + "
+            "decode, in the causal mode of the `mode` column; `KV exec` is the analytic KV ratio at the executed "
+            "fractions counted while decoding (what a cache holding exactly the executed tokens needs), beside the "
+            "bytes the cache really held (`KV bytes`)."
         ),
         "",
         "| " + " | ".join(header) + " |",
@@ -544,6 +662,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines += ["", "Causal modes tried (executed fraction on the benchmark batch, mean over routed layers):", *notes]
     if result.get("layer_bench"):
         lines += ["", f"Per layer: {_layer_line(result['layer_bench'])}."]
+    if result.get("transformers"):
+        lines += ["", f"Against `transformers`: {_transformers_line(result['transformers'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -572,6 +692,11 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None, Path | No
         help="0 = greedy; random weights decode greedily into one repeated token, hence sampling by default",
     )
     p.add_argument("--layer-bench", action="store_true", help="also time one routed block vs one dense block")
+    p.add_argument(
+        "--compare-transformers",
+        action="store_true",
+        help="also time our dense forward against transformers' Qwen2 of the same config and weights",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
@@ -603,6 +728,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None, Path | No
         prompt_tokens=a.prompt_tokens,
         decode_temperature=a.decode_temperature,
         layer_bench=a.layer_bench,
+        compare_transformers=a.compare_transformers,
         seed=a.seed,
     )
     return settings, a.out, a.markdown

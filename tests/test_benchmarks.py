@@ -54,7 +54,14 @@ def tiny_run(tmp_path_factory) -> tuple[dict, Path]:
     bench = load_benchmark()
     out = tmp_path_factory.mktemp("bench")
     argv = ["--size", "tiny", "--repeats", "1", "--warmup", "1", "--decode-tokens", "8", "--prompt-tokens", "16"]
-    argv += ["--layer-bench", "--out", str(out / "results.json"), "--markdown", str(out / "performance.md")]
+    argv += [
+        "--layer-bench",
+        "--compare-transformers",
+        "--out",
+        str(out / "results.json"),
+        "--markdown",
+        str(out / "performance.md"),
+    ]
     bench.main(argv)
     return json.loads((out / "results.json").read_text()), out
 
@@ -78,6 +85,15 @@ def test_tiny_run_writes_every_model_and_capacity(tiny_run):
     assert "| model |" in markdown and "benchmarks/compute.py --size tiny" in markdown
 
 
+def test_transformers_twin_computes_the_same_logits(tiny_run):
+    """Target (d) compares timings of one computation: the Qwen2 twin must get our weights under the right names."""
+    hf = tiny_run[0]["transformers"]
+    assert hf["max_abs_logit_diff"] < 1e-4
+    assert hf["sdt_forward_s"] > 0 and hf["transformers_forward_s"] > 0
+    assert hf["forward_ratio"] == pytest.approx(hf["sdt_forward_s"] / hf["transformers_forward_s"])
+    assert "Against `transformers`" in (tiny_run[1] / "performance.md").read_text()
+
+
 def test_dense_ratios_are_one_and_routing_saves_kv(tiny_run):
     result, _ = tiny_run
     for r in result["records"]:
@@ -88,6 +104,16 @@ def test_dense_ratios_are_one_and_routing_saves_kv(tiny_run):
             assert r["peak_memory_ratio"] is None  # CPU: reported as unavailable, not as a made-up number
         elif r["capacity"] == 0.125:
             assert r["kv_bytes_ratio"] < 1, r
+
+
+def test_kv_cache_holds_exactly_the_executed_tokens(tiny_run):
+    """Bytes held by the cache after decoding = bytes of the tokens each routed layer executed (counted from the
+    layers' decisions, not from the cache) plus every token in every other block: nothing else is stored."""
+    for r in tiny_run[0]["records"]:
+        assert r["kv_bytes"] == pytest.approx(r["expected_kv_bytes"], rel=1e-12), r["model"]
+        assert r["kv_bytes_ratio"] == pytest.approx(r["executed_kv_ratio"], rel=1e-12), r["model"]
+        if r["model"] != "dense" and r["capacity"] < 1:
+            assert r["executed_kv_ratio"] < 1
 
 
 @pytest.mark.parametrize("layer_cls", [SDTPair, STTLayer, MoDLayer])
