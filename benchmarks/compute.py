@@ -63,7 +63,7 @@ class Size:
 SIZES = {
     "tiny": Size(d_model=64, n_layers=4, n_heads=2, n_kv_heads=1, seq_len=64, batch=2, vocab_size=256),
     "small": Size(d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, seq_len=256, batch=8),
-    "large": Size(d_model=512, n_layers=12, n_heads=8, n_kv_heads=4, seq_len=1024, batch=4),
+    "large": Size(d_model=512, n_layers=12, n_heads=8, n_kv_heads=4, seq_len=1024, batch=2),
 }
 ARCHS = ("dense", "mod", "sdt", "stt")
 CAPACITIES = (0.125, 0.25, 0.5, 1.0)
