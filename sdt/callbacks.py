@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from sdt.errors import UserError
@@ -72,6 +73,11 @@ class LastCheckpoint(ModelCheckpoint):
         self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @property
+    def path(self) -> str:
+        """Where last.ckpt is ("" before the first save). Unmonitored top-1: Lightning's `best_model_path`."""
+        return self.best_model_path
+
+    @property
     def saved_step(self) -> int | None:
         """The global step last.ckpt holds (None before the first save of this run)."""
         return self._last_global_step_saved if self._last_global_step_saved >= 0 else None
@@ -117,16 +123,25 @@ class CheckpointOnSignal(L.Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop or self.received:
             return
-        self.received = name or "signal on another rank"
+        self._save_and_stop(trainer, name or "a signal on another rank")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning itself ends the run with SIGTERMException at the end of the step in which SIGTERM arrived (or,
+        # under DDP, at the start of the next one on every rank): between steps, so the state is consistent.
+        if isinstance(exception, SIGTERMException) and "SIGTERM" in self.signals and not self.received:
+            self._save_and_stop(trainer, "SIGTERM")
+
+    def _save_and_stop(self, trainer: L.Trainer, name: str) -> None:
+        self.received = name
         last = last_checkpoint_callback(trainer)
         if last is not None:
             last.save_now(trainer)
         trainer.should_stop = True
         if trainer.is_global_zero:
-            where = last.last_model_path if last is not None else "(no last-checkpoint callback configured)"
+            where = last.path if last is not None else "(no last-checkpoint callback configured)"
             log.warning(
                 "received %s: saved %s at step %d and stopping; resume with ckpt_path=%s",
-                self.received,
+                name,
                 where,
                 trainer.global_step,
                 where,
@@ -245,8 +260,8 @@ class NonFiniteGuard(L.Callback):
             return
         last = last_checkpoint_callback(trainer)
         kept = (
-            f"{last.last_model_path} (step {last.saved_step}) holds the last good weights"
-            if last is not None and last.saved_step is not None and os.path.isfile(last.last_model_path)
+            f"{last.path} (step {last.saved_step}) holds the last good weights"
+            if last is not None and last.saved_step is not None and os.path.isfile(last.path)
             else "no checkpoint was written yet"
         )
         why = (
