@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import re
@@ -103,10 +104,18 @@ def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def resolve_resume_path(ckpt_path: str | None, output_dir: str) -> str | None:
-    """`ckpt_path` as given, or for `ckpt_path=last` this run directory's own `checkpoints/last.ckpt` when it
-    exists (None: start from scratch). `last` lets a requeued job (same command, same run directory) resume
-    wherever its previous attempt got to, and start fresh on its first attempt."""
+    """`ckpt_path` as given; for `ckpt_path=last`, the newest checkpoint this run directory holds (None: start from
+    scratch).
+
+    The candidates are `checkpoints/last.ckpt` (periodic saves, SIGTERM) and Lightning's `hpc_ckpt_<n>.ckpt`
+    (written on SLURM's SIGUSR1 before it requeues the job). `last` lets a requeued job, which reruns the same
+    command in the same run directory, resume wherever its previous attempt got to, and start fresh the first time.
+    """
     if ckpt_path != "last":
         return ckpt_path or None
-    path = os.path.join(output_dir, "checkpoints", "last.ckpt")
-    return path if os.path.isfile(path) else None
+    candidates = [
+        os.path.join(output_dir, "checkpoints", "last.ckpt"),
+        *glob.glob(os.path.join(output_dir, "hpc_ckpt_*.ckpt")),
+    ]
+    existing = [c for c in candidates if os.path.isfile(c)]
+    return max(existing, key=os.path.getmtime) if existing else None

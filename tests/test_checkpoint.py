@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import pytest
 import torch
@@ -90,3 +91,8 @@ def test_resume_path_last_means_this_run_directory(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert resolve_resume_path("last", str(tmp_path)) == str(tmp_path / "checkpoints" / "last.ckpt")
+    # A newer checkpoint that Lightning wrote on SLURM's SIGUSR1 wins.
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"x")
+    os.utime(hpc, (time.time() + 10, time.time() + 10))
+    assert resolve_resume_path("last", str(tmp_path)) == str(hpc)
