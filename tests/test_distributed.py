@@ -9,6 +9,9 @@ guards, sharding-safe math, does not depend on which FSDP wraps it."""
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -81,9 +84,12 @@ def all_reduce_mean(grad: torch.Tensor) -> torch.Tensor:
     return grad / dist.get_world_size()
 
 
-def worker(rank: int, world: int, init_file: str, arch: str, wrapper: str, results) -> None:
+def worker(rank: int, world: int, init_file: str, arch: str, wrapper: str, result_file: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A collective one rank never reaches fails after the timeout instead of hanging the test run.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     try:
         torch.manual_seed(0)
         model = build_model(model_config(arch))
@@ -104,7 +110,7 @@ def worker(rank: int, world: int, init_file: str, arch: str, wrapper: str, resul
         x, y = data()
         out = train_steps(module, params_of, x, y, rank, world)
         if rank == 0:
-            results[wrapper] = out
+            torch.save(out, result_file)
     finally:
         dist.destroy_process_group()
 
@@ -121,16 +127,21 @@ def single_process(arch: str) -> dict:
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, arch, wrapper):
     reference = single_process(arch)
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(
-            worker,
-            args=(WORLD, str(tmp_path / "rendezvous"), arch, wrapper, results),
-            nprocs=WORLD,
-            join=True,
-            start_method="spawn",
-        )
-        got = dict(results)[wrapper]
+    result_file = tmp_path / "rank0.pt"
+    context = mp.start_processes(
+        worker,
+        args=(WORLD, str(tmp_path / "rendezvous"), arch, wrapper, str(result_file)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{wrapper} workers still running after 300 s: a rank is stuck in a collective")
+    got = torch.load(result_file, weights_only=True)
     assert got["loss"] == pytest.approx(reference["loss"], abs=1e-5)
     assert reference["loss"][1] != reference["loss"][0]  # the step in between changed the model
     for step in range(STEPS):
