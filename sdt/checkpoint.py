@@ -1,15 +1,64 @@
-"""Reading checkpoints written by `train.py`, with clear errors for missing, corrupt or foreign files."""
+"""Writing checkpoints atomically, and reading them back with clear errors for missing, corrupt or foreign files."""
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
+import re
+import tempfile
 import zipfile
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from sdt.errors import UserError
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """`torch.save` to a temporary file in the target's directory, flushed to disk, then renamed over `path`.
+
+    The rename is atomic on POSIX file systems, so `path` always holds either the previous complete checkpoint or
+    the new complete one, whatever kills the process (SIGKILL, out of memory, node failure) and whenever.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # Make the rename itself durable (the directory entry), where the platform allows it.
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with every file written atomically (temporary file, then rename).
+
+    Lightning's own writer serialises into memory first but then writes the bytes straight into the final path (or
+    renames across file systems), so a process killed mid-write leaves a truncated `last.ckpt`.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        atomic_torch_save(checkpoint, str(path))
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -24,17 +73,49 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except pickle.UnpicklingError as e:
+        # Safe loading refused an object: the file is a pickle that would run code (a class or function it
+        # names) to load. Our checkpoints never need that; executing a foreign file's code is what we refuse.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"the Python object {found.group(1)}" if found else "Python objects beyond tensors and containers"
         raise UserError(
-            f"cannot read checkpoint {path}: it is corrupt, truncated or not a safe sdt checkpoint ({first_line})"
+            f"cannot read checkpoint {path} safely: it needs {what}, which safe loading (torch.load with "
+            "weights_only=True) will not import and run; sdt checkpoints never do, so this file was not written by "
+            "sdt (or was tampered with)"
+        ) from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(
+            f"cannot read checkpoint {path}: it is corrupt or truncated, or not a checkpoint ({_first_line(e)})"
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "sdt" not in ckpt or "hyper_parameters" not in ckpt:
         raise UserError(f"{path} is not an sdt checkpoint (expected keys state_dict, hyper_parameters, sdt)")
     return ckpt
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model's own weights from a LitLM checkpoint (LightningModule prefix `model.` removed)."""
     prefix = "model."
     return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+
+
+def resolve_resume_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """`ckpt_path` as given; for `ckpt_path=last`, the newest checkpoint this run directory holds (None: start from
+    scratch).
+
+    The candidates are `checkpoints/last.ckpt` (periodic saves, SIGTERM) and Lightning's `hpc_ckpt_<n>.ckpt`
+    (written on SLURM's SIGUSR1 before it requeues the job). `last` lets a requeued job, which reruns the same
+    command in the same run directory, resume wherever its previous attempt got to, and start fresh the first time.
+    """
+    if ckpt_path != "last":
+        return ckpt_path or None
+    candidates = [
+        os.path.join(output_dir, "checkpoints", "last.ckpt"),
+        *glob.glob(os.path.join(output_dir, "hpc_ckpt_*.ckpt")),
+    ]
+    existing = [c for c in candidates if os.path.isfile(c)]
+    return max(existing, key=os.path.getmtime) if existing else None

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from sdt.callbacks import ValidateAtEnd
-from sdt.checkpoint import load_checkpoint
+from sdt.callbacks import CheckpointOnSignal, ValidateAtEnd
+from sdt.checkpoint import AtomicCheckpointIO, load_checkpoint, resolve_resume_path
 from sdt.compute import compute_report
 from sdt.data import DataConfig, LMDataModule
 from sdt.errors import UserError
@@ -61,6 +63,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = No
         callbacks=callbacks,
         logger=loggers if loggers else False,
         gradient_clip_val=cfg.optim.grad_clip or None,
+        plugins=[AtomicCheckpointIO()],  # a crash mid-write never leaves a truncated checkpoint
     )
 
 
@@ -95,11 +98,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if duplicate:
         return same_point_result(cfg, duplicate)
     make_multirun_safe(cfg)
-    if cfg.get("ckpt_path"):
+    ckpt_path = resolve_resume_path(cfg.get("ckpt_path"), str(cfg.paths.output_dir))
+    if ckpt_path:
         # Resume: the architecture comes from the checkpoint, not from the command line.
-        ckpt = load_checkpoint(cfg.ckpt_path)
+        ckpt = load_checkpoint(ckpt_path)
         model_dict = ckpt["hyper_parameters"]["model"]
-        log.info("resuming from %s (step %s)", cfg.ckpt_path, ckpt.get("global_step"))
+        log.info("resuming from %s (step %s)", ckpt_path, ckpt.get("global_step"))
     else:
         model_dict = to_dict(cfg.model)
 
@@ -127,9 +131,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg)
     log_compute(trainer, lit.model_config, data_cfg.seq_len)
     try:
-        trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
+        with warnings.catch_warnings():
+            # Lightning warns that a mid-epoch resume replays data unless the loader is stateful; ours continues
+            # from the data module's saved position (LMDataModule.state_dict), so the warning does not apply.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+            trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        pass  # CheckpointOnSignal saved last.ckpt and logged how to resume: a clean stop
     finally:
         release_distributed()
+    signalled = next((c.received for c in trainer.callbacks if isinstance(c, CheckpointOnSignal)), None)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     # The monitored callback keeps best.ckpt; the unmonitored one always holds the latest (last.ckpt).
@@ -147,6 +158,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "world_size": trainer.world_size,
         "best_checkpoint": getattr(best_cb, "best_model_path", None) or None,
         "last_checkpoint": last_path,
+        "stopped_by_signal": signalled,  # e.g. "SIGTERM": preempted, resume from last_checkpoint
     }
     if trainer.is_global_zero:
         if result["last_checkpoint"]:

@@ -7,17 +7,19 @@ Each split's documents are encoded and concatenated with an end-of-text token af
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sdt.data.cache import atomic_write, atomic_write_text, cache_key, cache_lock
 from sdt.data.config import DataConfig
@@ -64,6 +66,29 @@ class PackedDataset(Dataset):
         return {"input_ids": block[:-1], "targets": block[1:]}
 
 
+class ResumableSampler(DistributedSampler):
+    """The training order: a fresh shuffle per epoch (seed + epoch) split across ranks, that can start part-way
+    through an epoch, so a resumed run sees exactly the batches the interrupted one had not reached yet.
+
+    A DistributedSampler, so Lightning keeps it under DDP/FSDP instead of injecting its own, and calls `set_epoch`
+    at every epoch. `len()` stays the whole epoch's share: Lightning counts the batches already done itself.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        # drop_last: every rank gets the same number of blocks, so no rank waits for a batch another never has.
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self._skip = 0
+
+    def start_at(self, epoch: int, samples_done: int) -> None:
+        """Make the next iteration begin at this rank's `samples_done`-th sample of `epoch`."""
+        self.set_epoch(epoch)
+        self._skip = samples_done
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0  # only the first iteration after a resume starts part-way
+        return itertools.islice(super().__iter__(), skip, None)
+
+
 class LMDataModule(L.LightningDataModule):
     """Train/val/test dataloaders of packed token blocks for language modelling.
 
@@ -84,6 +109,8 @@ class LMDataModule(L.LightningDataModule):
         self._streams: dict[str, np.ndarray] | None = None
         self._meta: dict[str, Any] | None = None
         self._datasets: dict[str, PackedDataset] = {}
+        # (epoch, batches done in it) read from a checkpoint; applied to the next train loader built.
+        self._resume_at: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------------------------------------------------------
     # Building and loading the caches.
@@ -196,21 +223,61 @@ class LMDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         ds = self._dataset(split)
-        generator = None
+        sampler = None
         if shuffle:
-            # A seeded generator makes the order reproducible; plain shuffle=True (not a custom sampler) lets
-            # Lightning swap in a DistributedSampler under DDP.
-            generator = torch.Generator().manual_seed(self.cfg.seed)
+            trainer = self.trainer
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = ResumableSampler(ds, num_replicas=world, rank=rank, seed=self.cfg.seed)
+            if self._resume_at is not None:
+                epoch, batches_done = self._resume_at
+                sampler.start_at(epoch, batches_done * batch_size)
+                self._resume_at = None
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
             drop_last=shuffle,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Resuming: the position in the training order is part of the checkpoint (Lightning saves this state_dict).
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        # The fit loop's own progress, not a count of batches the loader handed out: Lightning prefetches a batch
+        # ahead (and workers more), so the loader is always further along than training.
+        loop = trainer.fit_loop
+        return {
+            "train_epoch": int(loop.epoch_progress.current.processed),
+            "train_batches_done": int(loop.epoch_loop.batch_progress.current.processed),
+            "batch_size": self.cfg.batch_size,
+            "world_size": int(trainer.world_size),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_epoch" not in state_dict:
+            return
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if state_dict.get("batch_size") != self.cfg.batch_size or state_dict.get("world_size") != world:
+            # Another batch size or number of ranks cuts the same order into other batches: no exact position.
+            log.warning(
+                "resuming with data.batch_size=%s on %s ranks (checkpoint: %s on %s): the data order restarts at "
+                "epoch %s instead of continuing mid-epoch",
+                self.cfg.batch_size,
+                world,
+                state_dict.get("batch_size"),
+                state_dict.get("world_size"),
+                state_dict["train_epoch"],
+            )
+            self._resume_at = (int(state_dict["train_epoch"]), 0)
+            return
+        self._resume_at = (int(state_dict["train_epoch"]), int(state_dict["train_batches_done"]))
 
     def calibration_dataloader(self) -> DataLoader | None:
         """Held-out training blocks for calibrating routing thresholds (None when the corpus is too small)."""

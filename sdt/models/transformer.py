@@ -20,6 +20,7 @@ from sdt.errors import UserError
 from sdt.models.config import ModelConfig
 from sdt.models.kv_cache import KVCache, ModelCache
 from sdt.models.layers import Block, RMSNorm, RotaryEmbedding
+from sdt.routing.stats import position_consensus
 
 
 @dataclass
@@ -181,6 +182,7 @@ class LanguageModel(nn.Module):
                 stats[f"layers.{i}.{name}"] = value
             if out.decisions is not None:
                 decisions[i] = out.decisions
+                stats[f"layers.{i}.position_consensus"] = position_consensus(out.decisions, pad_mask)
             if out.scores:
                 scores[i] = out.scores
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from sdt.routing.surprise import SurpriseSignals
@@ -27,3 +28,18 @@ def surprise_stats(sig: SurpriseSignals, executed_BT: Tensor, valid_BT: Tensor |
     }
     stats["ce_dominant_fraction"] = masked_mean((sig.s_ce > sig.s_cu).detach(), executed_BT)
     return stats
+
+
+def position_consensus(executed_BT: Tensor, valid_BT: Tensor | None) -> Tensor:
+    """How alike the sequences of a batch route: the mean over positions t of |2 p_t - 1|, where p_t is the share
+    of (valid) sequences that execute position t.
+
+    1 means every sequence executes exactly the same positions, a router that has stopped reading the content (a
+    collapse); content-dependent routing gives values well below 1 (independent random choices at capacity 0.5
+    give about 1/sqrt(B)). Meaningless for a batch of one sequence.
+    """
+    w_BT = torch.ones_like(executed_BT, dtype=torch.float32) if valid_BT is None else valid_BT.float()
+    n_T = w_BT.sum(0)  # (T,) valid sequences per position
+    p_T = (executed_BT.float() * w_BT).sum(0) / n_T.clamp(min=1.0)
+    has_T = (n_T > 0).float()
+    return ((2 * p_T - 1).abs() * has_T).sum().div(has_T.sum().clamp(min=1.0)).detach()
