@@ -95,3 +95,17 @@ def test_reasoning_task_needs_a_reasoning_checkpoint(trained_run, tmp_path):
         evaluate(compose_cfg("eval", ["task=reasoning", f"ckpt_path={ckpt}"], tmp_path, tmp_path))
     with pytest.raises(UserError, match="task must be"):
         evaluate(compose_cfg("eval", ["task=poetry", f"ckpt_path={ckpt}"], tmp_path, tmp_path))
+
+
+def test_fine_tuning_from_a_checkpoint_records_the_new_data_config(tmp_path):
+    """Stage 2 (resume on self-braking data): the new checkpoints carry the config they were trained with."""
+    from sdt.checkpoint import load_checkpoint
+
+    first = train(compose_cfg("train", [*TINY_REASONING, *TINY_TRAINER], tmp_path / "a", tmp_path / "c"))
+    overrides = [*TINY_REASONING, *TINY_TRAINER, "data.braking=exact", "trainer.max_steps=8"]
+    overrides.append(f"ckpt_path={first['last_checkpoint']}")
+    second = train(compose_cfg("train", overrides, tmp_path / "b", tmp_path / "c"))
+    assert second["global_step"] == 8
+    ckpt = load_checkpoint(second["last_checkpoint"])
+    assert ckpt["sdt"]["config"]["data"]["braking"] == "exact"
+    assert ckpt["sdt"]["tokenizer"] == load_checkpoint(first["last_checkpoint"])["sdt"]["tokenizer"]
