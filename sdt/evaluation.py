@@ -253,20 +253,32 @@ def generate_samples(
     return samples
 
 
+def data_dict_for_eval(cfg: DictConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The `data` config to evaluate on: `data=...` from the command line, else the one the model was trained on."""
+    if cfg.get("data") is not None:
+        return OmegaConf.to_container(cfg.data, resolve=True)
+    data = dict(ckpt["sdt"]["config"]["data"])
+    # The training run's cache may live on another machine; use this run's cache location.
+    data["cache_dir"] = OmegaConf.select(cfg, "paths.cache_dir") or data.get("cache_dir")
+    return data
+
+
 def data_config_for_eval(cfg: DictConfig, ckpt: dict[str, Any]) -> DataConfig:
     """The corpus to evaluate on: `data=...` from the command line, else the one the model was trained on."""
-    if cfg.get("data") is not None:
-        data = OmegaConf.to_container(cfg.data, resolve=True)
-    else:
-        data = dict(ckpt["sdt"]["config"]["data"])
-        # The training run's cache may live on another machine; use this run's cache location.
-        data["cache_dir"] = OmegaConf.select(cfg, "paths.cache_dir") or data.get("cache_dir")
+    data = data_dict_for_eval(cfg, ckpt)
     if cfg.get("batch_size"):
         data["batch_size"] = int(cfg.batch_size)
     return DataConfig.from_dict(data)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    task = cfg.get("task", "lm")
+    if task == "reasoning":
+        from sdt.reasoning.evaluate import evaluate_reasoning
+
+        return evaluate_reasoning(cfg)
+    if task != "lm":
+        raise UserError(f"task must be lm or reasoning, got {task!r}")
     ckpt = load_checkpoint(cfg.ckpt_path)
     device = pick_device(cfg.get("device", "auto"))
     torch.manual_seed(int(cfg.seed))

@@ -140,4 +140,7 @@ class LitLM(L.LightningModule):
         checkpoint["sdt"] = self.extra_state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.extra_state = checkpoint.get("sdt", {})
+        # A resumed run has already set its own state (its config may differ, e.g. new data): keep that, so its
+        # checkpoints describe how they were trained. Only a bare module takes the checkpoint's.
+        if not self.extra_state:
+            self.extra_state = checkpoint.get("sdt", {})

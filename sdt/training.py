@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from sdt.callbacks import CheckpointOnSignal, ValidateAtEnd
 from sdt.checkpoint import AtomicCheckpointIO, load_checkpoint, resolve_resume_path
 from sdt.compute import compute_report
-from sdt.data import DataConfig, LMDataModule
+from sdt.data import build_datamodule
 from sdt.errors import UserError
 from sdt.lit_module import LitLM
 from sdt.models import ModelConfig
@@ -108,8 +108,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model_dict = to_dict(cfg.model)
 
     L.seed_everything(cfg.seed, workers=True)
-    data_cfg = DataConfig.from_dict(to_dict(cfg.data))
-    datamodule = LMDataModule(data_cfg)
+    data_cfg, datamodule = build_datamodule(to_dict(cfg.data))
     datamodule.prepare_data()
     datamodule.setup("fit")
 

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sdt.data import DataConfig
+from sdt.data.reasoning import ReasoningDataConfig
 from sdt.models import ModelConfig
 from sdt.optim import OptimConfig
 from tests.conftest import CONF_DIR, compose_cfg
@@ -34,7 +35,8 @@ def test_data_configs_validate(name, tmp_path):
     if name == "hf_hub":
         overrides.append("data.name=some/dataset")
     cfg = compose_cfg("train", overrides, tmp_path, tmp_path)
-    DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
+    config_class = ReasoningDataConfig if name.startswith("reasoning") else DataConfig
+    config_class.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
 
 
 @pytest.mark.parametrize("name", options("trainer"))

@@ -340,3 +340,15 @@ class LMDataModule(L.LightningDataModule):
             if len(text) > n_chars or start_token + n_tokens >= len(stream):
                 return text[:n_chars]
             n_tokens *= 2
+
+
+def build_datamodule(data: dict[str, Any], tokenizer: Tokenizer | None = None) -> tuple[Any, L.LightningDataModule]:
+    """(config, data module) for a `data` config: reasoning SFT data for the reasoning corpora, packed LM blocks
+    otherwise."""
+    from sdt.data.reasoning import REASONING_CORPORA, ReasoningDataConfig, ReasoningDataModule
+
+    if data.get("corpus") in REASONING_CORPORA:
+        reasoning_cfg = ReasoningDataConfig.from_dict(data)
+        return reasoning_cfg, ReasoningDataModule(reasoning_cfg, tokenizer=tokenizer)
+    cfg = DataConfig.from_dict(data)
+    return cfg, LMDataModule(cfg, tokenizer=tokenizer)
