@@ -89,7 +89,62 @@ class ResumableSampler(DistributedSampler):
         return itertools.islice(super().__iter__(), skip, None)
 
 
-class LMDataModule(L.LightningDataModule):
+class ResumableDataModule(L.LightningDataModule):
+    """A data module whose training order resumes exactly: the position in it is part of the checkpoint.
+
+    Subclasses keep `cfg.batch_size` and `cfg.seed` and build their training loader with `train_sampler`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) to start the next train loader at
+
+    def train_sampler(self, ds: Dataset, batch_size: int) -> ResumableSampler:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(ds, num_replicas=world, rank=rank, seed=self.cfg.seed)
+        if self._resume_at is not None:
+            epoch, batches_done = self._resume_at
+            sampler.start_at(epoch, batches_done * batch_size)
+            self._resume_at = None
+        return sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        # The fit loop's own progress, not a count of batches the loader handed out: Lightning prefetches a batch
+        # ahead (and workers more), so the loader is always further along than training.
+        loop = trainer.fit_loop
+        return {
+            "train_epoch": int(loop.epoch_progress.current.processed),
+            "train_batches_done": int(loop.epoch_loop.batch_progress.current.processed),
+            "batch_size": self.cfg.batch_size,
+            "world_size": int(trainer.world_size),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_epoch" not in state_dict:
+            return
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if state_dict.get("batch_size") != self.cfg.batch_size or state_dict.get("world_size") != world:
+            # Another batch size or number of ranks cuts the same order into other batches: no exact position.
+            log.warning(
+                "resuming with data.batch_size=%s on %s ranks (checkpoint: %s on %s): the data order restarts at "
+                "epoch %s instead of continuing mid-epoch",
+                self.cfg.batch_size,
+                world,
+                state_dict.get("batch_size"),
+                state_dict.get("world_size"),
+                state_dict["train_epoch"],
+            )
+            self._resume_at = (int(state_dict["train_epoch"]), 0)
+            return
+        self._resume_at = (int(state_dict["train_epoch"]), int(state_dict["train_batches_done"]))
+
+
+class LMDataModule(ResumableDataModule):
     """Train/val/test dataloaders of packed token blocks for language modelling.
 
     Pass `tokenizer` (e.g. rebuilt from a checkpoint with `Tokenizer.from_json`) to reuse it instead of getting one
@@ -110,7 +165,6 @@ class LMDataModule(L.LightningDataModule):
         self._meta: dict[str, Any] | None = None
         self._datasets: dict[str, PackedDataset] = {}
         # (epoch, batches done in it) read from a checkpoint; applied to the next train loader built.
-        self._resume_at: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------------------------------------------------------
     # Building and loading the caches.
@@ -223,15 +277,7 @@ class LMDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         ds = self._dataset(split)
-        sampler = None
-        if shuffle:
-            trainer = self.trainer
-            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-            sampler = ResumableSampler(ds, num_replicas=world, rank=rank, seed=self.cfg.seed)
-            if self._resume_at is not None:
-                epoch, batches_done = self._resume_at
-                sampler.start_at(epoch, batches_done * batch_size)
-                self._resume_at = None
+        sampler = self.train_sampler(ds, batch_size) if shuffle else None
         return DataLoader(
             ds,
             batch_size=batch_size,
@@ -241,43 +287,6 @@ class LMDataModule(L.LightningDataModule):
             persistent_workers=self.cfg.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
-
-    # ---------------------------------------------------------------------------------------------------------------
-    # Resuming: the position in the training order is part of the checkpoint (Lightning saves this state_dict).
-
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self.trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return {}
-        # The fit loop's own progress, not a count of batches the loader handed out: Lightning prefetches a batch
-        # ahead (and workers more), so the loader is always further along than training.
-        loop = trainer.fit_loop
-        return {
-            "train_epoch": int(loop.epoch_progress.current.processed),
-            "train_batches_done": int(loop.epoch_loop.batch_progress.current.processed),
-            "batch_size": self.cfg.batch_size,
-            "world_size": int(trainer.world_size),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "train_epoch" not in state_dict:
-            return
-        trainer = self.trainer
-        world = trainer.world_size if trainer is not None else 1
-        if state_dict.get("batch_size") != self.cfg.batch_size or state_dict.get("world_size") != world:
-            # Another batch size or number of ranks cuts the same order into other batches: no exact position.
-            log.warning(
-                "resuming with data.batch_size=%s on %s ranks (checkpoint: %s on %s): the data order restarts at "
-                "epoch %s instead of continuing mid-epoch",
-                self.cfg.batch_size,
-                world,
-                state_dict.get("batch_size"),
-                state_dict.get("world_size"),
-                state_dict["train_epoch"],
-            )
-            self._resume_at = (int(state_dict["train_epoch"]), 0)
-            return
-        self._resume_at = (int(state_dict["train_epoch"]), int(state_dict["train_batches_done"]))
 
     def calibration_dataloader(self) -> DataLoader | None:
         """Held-out training blocks for calibrating routing thresholds (None when the corpus is too small)."""

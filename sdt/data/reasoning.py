@@ -31,13 +31,13 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sdt.data.cache import cache_key
 from sdt.data.config import TokenizerConfig, _check_choice, _check_int, _check_str, _from_dict
 from sdt.data.corpora import SPLITS, Corpus
+from sdt.data.datamodule import ResumableDataModule
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
 from sdt.errors import UserError
 from sdt.reasoning.answers import answer_checker
@@ -357,7 +357,7 @@ class _TraceCorpus(Corpus):
         return [PLAIN_PROMPT.format(question=r.question) + r.trace for r in self._records[split]]
 
 
-class ReasoningDataModule(L.LightningDataModule):
+class ReasoningDataModule(ResumableDataModule):
     """Train / val dataloaders of masked SFT examples, and the held-out test problems for generation."""
 
     def __init__(self, cfg: ReasoningDataConfig, tokenizer: Tokenizer | None = None) -> None:
@@ -457,12 +457,11 @@ class ReasoningDataModule(L.LightningDataModule):
         return self._datasets[split]
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.cfg.seed) if shuffle else None
+        ds = self._dataset(split)
         return DataLoader(
-            self._dataset(split),
+            ds,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=self.train_sampler(ds, batch_size) if shuffle else None,
             drop_last=shuffle,
             collate_fn=collate_trimmed,
             num_workers=self.cfg.num_workers,

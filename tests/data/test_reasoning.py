@@ -118,6 +118,20 @@ def test_synthetic_datamodule_batches(tmp_path, braking):
     assert (stats["masked_tokens"] > 0) == (braking != "none")
 
 
+def test_resumed_training_order_continues_where_the_checkpoint_left_off(tmp_path):
+    """The data position saved in a checkpoint (ResumableDataModule.state_dict) restarts the loader mid-epoch."""
+    full = ReasoningDataModule(synthetic_cfg(tmp_path))
+    full.setup("fit")
+    batches = [b["input_ids"] for b in full.train_dataloader()]
+    resumed = ReasoningDataModule(synthetic_cfg(tmp_path))
+    resumed.setup("fit")
+    resumed.load_state_dict({"train_epoch": 0, "train_batches_done": 3, "batch_size": 8, "world_size": 1})
+    rest = [b["input_ids"] for b in resumed.train_dataloader()]
+    assert len(rest) == len(batches) - 3 > 0
+    for a, b in zip(rest, batches[3:], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_calibration_can_be_disabled(tmp_path):
     assert ReasoningDataModule(synthetic_cfg(tmp_path, calibration_examples=0)).calibration_dataloader() is None
 
