@@ -57,3 +57,65 @@ def save_hf_model(directory: Path, kind: str, seed: int = 0, safe_serialization:
         torch.save(model.state_dict(), directory / "pytorch_model.bin")
     tiny_tokenizer().save(directory)
     return model
+
+
+# llama.cpp's tensor names for the parts of a Hugging Face Llama layer.
+_GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _llama_cpp_permute(w, n_heads: int):
+    # llama.cpp's converter reorders q/k rows from rotate_half to interleaved RoPE; transformers undoes it on load.
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, hf_model) -> Path:
+    """Write a transformers Llama as an fp32 GGUF file, as llama.cpp's converter would (weights and model metadata;
+    no tokenizer)."""
+    import gguf
+    import numpy as np
+
+    c = hf_model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"])
+    writer.add_vocab_size(c.vocab_size)
+    for name, tensor in hf_model.state_dict().items():
+        array = tensor.numpy().astype(np.float32)
+        if name == "model.embed_tokens.weight":
+            gguf_name = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gguf_name = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gguf_name = "output.weight"
+        else:  # model.layers.<i>.<module path>.weight
+            parts = name.split(".")
+            module = ".".join(parts[3:-1])
+            if module == "self_attn.q_proj":
+                array = _llama_cpp_permute(array, c.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                array = _llama_cpp_permute(array, c.num_key_value_heads)
+            gguf_name = f"blk.{parts[2]}.{_GGUF_LAYER_NAMES[module]}.weight"
+        writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

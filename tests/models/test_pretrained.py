@@ -10,7 +10,7 @@ import torch
 from sdt.errors import UserError
 from sdt.models import ModelConfig, build_model
 from sdt.models.pretrained import Pretrained, backbone_block_names, resolve_source
-from tests.pretrained_helpers import HF_VOCAB, save_hf_model
+from tests.pretrained_helpers import HF_VOCAB, save_hf_model, write_tiny_gguf
 
 pytest.importorskip("transformers")
 
@@ -59,6 +59,20 @@ def test_bin_weights_load_like_safetensors(tmp_path):
     ids = torch.randint(0, HF_VOCAB, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(load_ours(tmp_path)(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_a_gguf_file_loads_like_transformers(tmp_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    hf = save_hf_model(tmp_path, "llama")
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", hf)
+    pretrained = Pretrained(str(path))
+    assert pretrained.source.gguf_file == "tiny.gguf" and pretrained.backbone["rope_theta"] == 20000.0
+    assert (pretrained.backbone["n_kv_heads"], pretrained.backbone["tie_embeddings"]) == (2, False)
+    ids = torch.randint(0, HF_VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        # GGUF stores the norm eps in fp32 (1e-5 -> 9.9999997e-06): agreement to 1e-4, not to the last bit.
+        torch.testing.assert_close(load_ours(path)(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
 def test_sdt_pairs_take_consecutive_layers_and_stt_mod_keep_their_own(tmp_path):
