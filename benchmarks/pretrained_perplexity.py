@@ -5,6 +5,11 @@ the token blocks `evaluate.py` reads (same corpus, tokenizer, seq_len, batch siz
         --split val --seq-len 256 --batch-size 4 --max-batches 8 --out hf_ppl.json
 
 Prints one JSON object: both perplexities, the number of tokens, and the largest absolute logit difference.
+
+With `--arch sdt|stt|mod [--capacity C]` the "sdt" side is instead the checkpoint transferred into that
+architecture at step 0 (new modules at their initialisation), evaluated in Top-K routing, the training mode: what
+`model.init_from` starts training from. (Top-K is the non-causal oracle; causal modes need calibrated thresholds and,
+for STT and MoD, a trained student.)
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -32,15 +38,28 @@ def load_hf_model(pretrained: Pretrained) -> torch.nn.Module:
 
 @torch.no_grad()
 def compare(
-    init_from: str, corpus: str, split: str, seq_len: int, batch_size: int, max_batches: int | None
+    init_from: str,
+    corpus: str,
+    split: str,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None,
+    arch: str = "dense",
+    capacity: float = 0.5,
 ) -> dict[str, float]:
     pretrained = Pretrained(init_from)
-    ours = build_model(ModelConfig.from_dict(pretrained.own_model_dict()))
+    model_dict = pretrained.own_model_dict() if arch == "dense" else pretrained.model_dict({"arch": arch})
+    if arch != "dense":
+        model_dict["capacity"] = capacity
+    ours = build_model(ModelConfig.from_dict(model_dict))
     pretrained.load_into(ours)
     ours.eval()
     hf = load_hf_model(pretrained)
     tokenizer = Tokenizer.from_pretrained(*pretrained.tokenizer_source())
-    datamodule = LMDataModule(DataConfig(corpus=corpus, seq_len=seq_len, batch_size=batch_size), tokenizer=tokenizer)
+    data_cfg = DataConfig(
+        corpus=corpus, seq_len=seq_len, batch_size=batch_size, cache_dir=os.environ.get("SDT_CACHE_DIR", ".cache/sdt")
+    )
+    datamodule = LMDataModule(data_cfg, tokenizer=tokenizer)
     datamodule.setup()
     loader = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}[split]()
 
@@ -54,7 +73,7 @@ def compare(
         t0 = time.perf_counter()
         hf_logits = hf(input_ids=ids).logits.float()  # (B, T, V)
         t1 = time.perf_counter()
-        our_logits = ours(ids).logits.float()
+        our_logits = ours(ids, routing="topk").logits.float()
         t2 = time.perf_counter()
         seconds["transformers"] += t1 - t0
         seconds["sdt"] += t2 - t1
@@ -66,6 +85,9 @@ def compare(
         max_diff = max(max_diff, float((hf_logits - our_logits).abs().max()))
     return {
         "init_from": init_from,
+        "arch": arch,
+        "capacity": capacity if arch != "dense" else 1.0,
+        "routing": "topk" if arch != "dense" else "dense",
         "corpus": corpus,
         "split": split,
         "seq_len": seq_len,
@@ -88,9 +110,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-batches", type=int, default=None, help="cap, as evaluate.py max_batches")
+    parser.add_argument("--arch", default="dense", choices=["dense", "sdt", "stt", "mod"], help="transfer into")
+    parser.add_argument("--capacity", type=float, default=0.5, help="routed architectures' capacity")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    result = compare(args.init_from, args.corpus, args.split, args.seq_len, args.batch_size, args.max_batches)
+    result = compare(
+        args.init_from,
+        args.corpus,
+        args.split,
+        args.seq_len,
+        args.batch_size,
+        args.max_batches,
+        args.arch,
+        args.capacity,
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
