@@ -6,7 +6,7 @@ the token blocks `evaluate.py` reads (same corpus, tokenizer, seq_len, batch siz
 
 Prints one JSON object: both perplexities, the number of tokens, and the largest absolute logit difference.
 
-With `--arch sdt|stt|mod [--capacity C]` the "sdt" side is instead the checkpoint transferred into that
+With `--arch sdt|stt|mod [--capacity C] [--model-option KEY=VALUE ...]` the "sdt" side is instead the checkpoint transferred into that
 architecture at step 0 (new modules at their initialisation), evaluated in Top-K routing, the training mode: what
 `model.init_from` starts training from. (Top-K is the non-causal oracle; causal modes need calibrated thresholds and,
 for STT and MoD, a trained student.)
@@ -19,9 +19,11 @@ import json
 import math
 import os
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from sdt.data import DataConfig, LMDataModule, Tokenizer
 from sdt.models import ModelConfig, build_model
@@ -46,11 +48,12 @@ def compare(
     max_batches: int | None,
     arch: str = "dense",
     capacity: float = 0.5,
-) -> dict[str, float]:
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     pretrained = Pretrained(init_from)
     model_dict = pretrained.own_model_dict() if arch == "dense" else pretrained.model_dict({"arch": arch})
     if arch != "dense":
-        model_dict["capacity"] = capacity
+        model_dict.update(capacity=capacity, **(options or {}))
     ours = build_model(ModelConfig.from_dict(model_dict))
     pretrained.load_into(ours)
     ours.eval()
@@ -88,6 +91,7 @@ def compare(
         "arch": arch,
         "capacity": capacity if arch != "dense" else 1.0,
         "routing": "topk" if arch != "dense" else "dense",
+        "model_options": options or {},
         "corpus": corpus,
         "split": split,
         "seq_len": seq_len,
@@ -112,8 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batches", type=int, default=None, help="cap, as evaluate.py max_batches")
     parser.add_argument("--arch", default="dense", choices=["dense", "sdt", "stt", "mod"], help="transfer into")
     parser.add_argument("--capacity", type=float, default=0.5, help="routed architectures' capacity")
+    parser.add_argument(
+        "--model-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. routed_attention=full"
+    )
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
+    options = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.model_option)}
     result = compare(
         args.init_from,
         args.corpus,
@@ -123,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         args.max_batches,
         args.arch,
         args.capacity,
+        options,
     )
     text = json.dumps(result, indent=2)
     print(text)

