@@ -29,9 +29,9 @@ def hf_dir(tmp_path_factory):
 @pytest.mark.parametrize("arch", ["sdt", "stt"])
 def test_training_starts_from_the_pretrained_weights_and_tokenizer(arch, hf_dir, corpus_files, cache_dir, tmp_path):
     directory, hf = hf_dir
-    overrides = [f"model={arch}", f"model.init_from={directory}", *TINY_TRAINER, *tiny_data(corpus_files)]
+    common = [f"model={arch}", f"model.init_from={directory}", *TINY_TRAINER, *tiny_data(corpus_files)]
     # A learning rate so small that the weights after two steps still equal the pretrained ones to 1e-6.
-    overrides += ["trainer.max_steps=2", "trainer.val_check_interval=2", "optim.lr=1e-9", "optim.group_lr={}"]
+    overrides = [*common, "trainer.max_steps=2", "trainer.val_check_interval=2", "optim.lr=1e-9", "optim.group_lr={}"]
     result = train(compose_cfg("train", overrides, tmp_path, cache_dir))
     ckpt = load_checkpoint(result["last_checkpoint"])
     model_cfg = ckpt["hyper_parameters"]["model"]
@@ -51,6 +51,11 @@ def test_training_starts_from_the_pretrained_weights_and_tokenizer(arch, hf_dir,
         name = f"model.layers.{i // 2}.{blocks[i % 2]}" if blocks else f"model.layers.{i}.block"
         torch.testing.assert_close(state[f"{name}.mlp.gate_proj.weight"], layer.mlp.gate_proj.weight, atol=1e-6, rtol=0)
     torch.testing.assert_close(state["model.lm_head.weight"], hf.lm_head.weight, atol=1e-6, rtol=0)
+
+    # Resuming keeps the pretrained tokenizer (data.tokenizer still says bpe) and loads nothing from init_from.
+    resume = [*common, "trainer.max_steps=3", f"ckpt_path={result['last_checkpoint']}"]
+    resumed = load_checkpoint(train(compose_cfg("train", resume, tmp_path / "resumed", cache_dir))["last_checkpoint"])
+    assert resumed["global_step"] == 3 and resumed["sdt"]["tokenizer"] == ckpt["sdt"]["tokenizer"]
 
 
 def test_evaluate_a_pretrained_checkpoint_without_training(hf_dir, corpus_files, cache_dir, tmp_path):
