@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from sdt.errors import UserError
 
@@ -19,6 +19,12 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         return task(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except InterpolationResolutionError as e:  # e.g. ${package_file:...} naming a package that is not installed
+        print(
+            f"error: {str(e).splitlines()[0].removeprefix('UserError raised while resolving interpolation: ')}",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_USER_ERROR)
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", None) or "a required option"

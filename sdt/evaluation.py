@@ -21,7 +21,11 @@ from sdt.compute import compute_report
 from sdt.data import DataConfig, LMDataModule, Tokenizer
 from sdt.errors import UserError
 from sdt.models import LanguageModel, ModelCache, ModelConfig, build_model
+from sdt.models.pretrained import Pretrained
+from sdt.resolvers import register_resolvers
 from sdt.routing.calibration import calibrate_thresholds
+
+register_resolvers()  # configs may use ${package_file:...}; register before Hydra composes them
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,19 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> LanguageModel:
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise UserError(f"checkpoint weights do not match the model: missing {missing}, unexpected {unexpected}")
+    return _ready(model, device)
+
+
+def load_pretrained_model(pretrained: Pretrained, device: torch.device) -> LanguageModel:
+    """The model a pretrained checkpoint is (model.init_from, no training): dense, or an sdt export's own arch."""
+    model = build_model(ModelConfig.from_dict(pretrained.own_model_dict()))
+    pretrained.load_into(model)
+    return _ready(model, device)
+
+
+def _ready(model: LanguageModel, device: torch.device) -> LanguageModel:
     model = model.to(device).eval()
-    if cfg.compile:
+    if model.config.compile:
         model.compile()
     return model
 
@@ -253,17 +268,19 @@ def generate_samples(
     return samples
 
 
-def data_dict_for_eval(cfg: DictConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
+def data_dict_for_eval(cfg: DictConfig, ckpt: dict[str, Any] | None) -> dict[str, Any]:
     """The `data` config to evaluate on: `data=...` from the command line, else the one the model was trained on."""
     if cfg.get("data") is not None:
         return OmegaConf.to_container(cfg.data, resolve=True)
+    if ckpt is None:
+        raise UserError("model.init_from evaluates a pretrained model on a corpus you name: pass data=<corpus>")
     data = dict(ckpt["sdt"]["config"]["data"])
     # The training run's cache may live on another machine; use this run's cache location.
     data["cache_dir"] = OmegaConf.select(cfg, "paths.cache_dir") or data.get("cache_dir")
     return data
 
 
-def data_config_for_eval(cfg: DictConfig, ckpt: dict[str, Any]) -> DataConfig:
+def data_config_for_eval(cfg: DictConfig, ckpt: dict[str, Any] | None) -> DataConfig:
     """The corpus to evaluate on: `data=...` from the command line, else the one the model was trained on."""
     data = data_dict_for_eval(cfg, ckpt)
     if cfg.get("batch_size"):
@@ -279,12 +296,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return evaluate_reasoning(cfg)
     if task != "lm":
         raise UserError(f"task must be lm or reasoning, got {task!r}")
-    ckpt = load_checkpoint(cfg.ckpt_path)
     device = pick_device(cfg.get("device", "auto"))
     torch.manual_seed(int(cfg.seed))
-    model = load_model(ckpt, device)
-    tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
-    valid_vocab = int(ckpt["sdt"].get("tokenizer_vocab_size", tokenizer.vocab_size))
+    init_from = OmegaConf.select(cfg, "model.init_from")
+    if cfg.get("ckpt_path") and init_from:
+        raise UserError("pass either ckpt_path=<.ckpt> or model.init_from=<pretrained checkpoint>, not both")
+    if init_from:
+        # A pretrained checkpoint as it is, no training: its weights and its own tokenizer.
+        ckpt = None
+        pretrained = Pretrained(init_from)
+        model = load_pretrained_model(pretrained, device)
+        tokenizer = Tokenizer.from_pretrained(*pretrained.tokenizer_source())
+        valid_vocab = tokenizer.vocab_size
+    else:
+        if not cfg.get("ckpt_path"):
+            raise UserError(
+                "ckpt_path is required (pass ckpt_path=<.ckpt>, or model.init_from=<pretrained checkpoint>)"
+            )
+        ckpt = load_checkpoint(cfg.ckpt_path)
+        model = load_model(ckpt, device)
+        tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
+        valid_vocab = int(ckpt["sdt"].get("tokenizer_vocab_size", tokenizer.vocab_size))
 
     data_cfg = data_config_for_eval(cfg, ckpt)
     if data_cfg.seq_len > model.config.max_seq_len:
@@ -323,9 +355,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     headline = splits.get("test") or next(iter(splits.values()))
 
     result: dict[str, Any] = {
-        "checkpoint": os.path.abspath(cfg.ckpt_path),
+        "checkpoint": os.path.abspath(cfg.ckpt_path) if ckpt is not None else init_from,
         "arch": model.config.arch,
-        "global_step": ckpt.get("global_step"),
+        "global_step": ckpt.get("global_step") if ckpt is not None else 0,
         "corpus": data_cfg.corpus,
         "seq_len": data_cfg.seq_len,
         "routing_mode": headline_mode,
@@ -366,7 +398,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 datamodule,
                 headline_mode,
                 table,
-                training_metrics_csv(cfg.ckpt_path, ckpt),
+                training_metrics_csv(cfg.ckpt_path, ckpt) if ckpt is not None else None,
                 out_dir,
                 device,
             )

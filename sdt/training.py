@@ -18,11 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 from sdt.callbacks import CheckpointOnSignal, ValidateAtEnd
 from sdt.checkpoint import AtomicCheckpointIO, load_checkpoint, resolve_resume_path
 from sdt.compute import compute_report
-from sdt.data import build_datamodule
+from sdt.data import Tokenizer, build_datamodule
 from sdt.errors import UserError
 from sdt.lit_module import LitLM
 from sdt.models import ModelConfig
+from sdt.models.pretrained import Pretrained
+from sdt.resolvers import register_resolvers
 from sdt.sweeps import dense_duplicate_of, make_multirun_safe, release_distributed, same_point_result
+
+register_resolvers()  # configs may use ${package_file:...}; register before Hydra composes them
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +103,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return same_point_result(cfg, duplicate)
     make_multirun_safe(cfg)
     ckpt_path = resolve_resume_path(cfg.get("ckpt_path"), str(cfg.paths.output_dir))
+    pretrained, tokenizer = None, None
     if ckpt_path:
         # Resume: the architecture comes from the checkpoint, not from the command line.
         ckpt = load_checkpoint(ckpt_path)
         model_dict = ckpt["hyper_parameters"]["model"]
         log.info("resuming from %s (step %s)", ckpt_path, ckpt.get("global_step"))
+        if model_dict.get("init_from"):  # the pretrained tokenizer the run started with, not data.tokenizer
+            tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
     else:
         model_dict = to_dict(cfg.model)
+        if model_dict.get("init_from"):
+            # Backbone dimensions and tokenizer come from the pretrained checkpoint; its weights load below.
+            pretrained = Pretrained(model_dict["init_from"])
+            model_dict = pretrained.model_dict(model_dict)
+            tokenizer = Tokenizer.from_pretrained(*pretrained.tokenizer_source())
+            log.info("model.init_from: using the checkpoint's tokenizer (%r), not data.tokenizer", tokenizer)
 
     L.seed_everything(cfg.seed, workers=True)
-    data_cfg, datamodule = build_datamodule(to_dict(cfg.data))
+    data_cfg, datamodule = build_datamodule(to_dict(cfg.data), tokenizer=tokenizer)
     datamodule.prepare_data()
     datamodule.setup("fit")
 
     model_dict = resolve_model_dict(model_dict, datamodule.vocab_size, data_cfg.seq_len)
     lit = LitLM(model=model_dict, optim=to_dict(cfg.optim))
+    if pretrained is not None:
+        pretrained.load_into(lit.model)
     lit.extra_state = {
         "config": to_dict(cfg),
         "tokenizer": datamodule.tokenizer.to_json(),

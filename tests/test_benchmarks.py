@@ -140,3 +140,25 @@ def test_topk_training_path_compiles_without_graph_breaks(layer_cls):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(x.grad, eager_grad)
     assert compiled[1].sum(dim=1).tolist() == [4, 4]  # exactly k = floor(0.25 * 16) tokens per row
+
+
+@pytest.mark.parametrize(("arch", "capacity"), [("dense", 1.0), ("sdt", 1.0), ("stt", 0.5)])
+def test_pretrained_perplexity_compares_transformers_and_our_load(arch, capacity, tmp_path, monkeypatch, cache_dir):
+    pytest.importorskip("transformers")
+    from tests.pretrained_helpers import save_hf_model
+
+    save_hf_model(tmp_path, "qwen2")
+    monkeypatch.setenv("SDT_CACHE_DIR", str(cache_dir))
+    spec = importlib.util.spec_from_file_location("pretrained_perplexity", ROOT / "benchmarks/pretrained_perplexity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ppl.json"
+    bench.main(["--init-from", str(tmp_path), "--seq-len", "32", "--batch-size", "2", "--max-batches", "2",
+                "--arch", arch, "--capacity", str(capacity), "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 128 and result["batches"] == 2 and result["arch"] == arch
+    if capacity == 1.0:  # our load, dense or transferred at full capacity, is the pretrained model
+        assert result["max_abs_logit_diff"] < 1e-4
+        assert result["perplexity_sdt"] == pytest.approx(result["perplexity_transformers"], rel=1e-5)
+    else:  # half the routed layers' tokens skip their block: no longer the pretrained model
+        assert result["max_abs_logit_diff"] > 1e-3

@@ -88,12 +88,12 @@ class Tokenizer:
         hf.save_pretrained(str(directory))
 
     @classmethod
-    def from_pretrained(cls, path: str) -> Tokenizer:
-        """Load a Hugging Face fast tokenizer from a local directory or a hub id."""
+    def from_pretrained(cls, path: str, gguf_file: str | None = None) -> Tokenizer:
+        """Load a Hugging Face fast tokenizer from a local directory or a hub id (or a GGUF file in `path`)."""
         from transformers import AutoTokenizer
 
         try:
-            hf = AutoTokenizer.from_pretrained(path)
+            hf = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
         except (OSError, ValueError) as e:
             raise UserError(f"data.tokenizer.path={path}: could not load a tokenizer ({e})") from None
         backend = getattr(hf, "backend_tokenizer", None)

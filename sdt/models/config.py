@@ -50,6 +50,9 @@ class ModelConfig:
     init_std: float = 0.02
     # Execution, not architecture: torch.compile the model for training and evaluation (~20 s on CPU first).
     compile: bool = False
+    # Start from a pretrained Llama/Qwen2 checkpoint (local HF directory, .gguf file or hub id): its backbone
+    # dimensions, weights and tokenizer replace the ones configured here (sdt.models.pretrained, docs/pretrained.md).
+    init_from: str | None = None
 
     # --- routing (sdt / stt / mod; ignored by dense). See ../shared/spec and docs/models.md.
     capacity: float = 0.5  # gamma: share of tokens a routed block runs on; k = max(1, floor(gamma * T))
@@ -102,6 +105,10 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _check(self.rope_theta > 0, f"model.rope_theta must be positive, got {self.rope_theta}")
         _check(self.rms_norm_eps > 0, f"model.rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        _check(
+            self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+            f"model.init_from must be a path or hub id, or null; got {self.init_from!r}",
+        )
 
         self._validate_routing()
 

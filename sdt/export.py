@@ -1,0 +1,71 @@
+"""`python -m sdt.export ckpt_path=<.ckpt> out=<dir>`: a training checkpoint as a Hugging Face model directory.
+
+Writes `model.safetensors`, `config.json` and the tokenizer (`tokenizer.json`, `tokenizer_config.json`):
+- the backbone under Hugging Face Llama names (Qwen2 when the model has q/k/v biases), so a dense export is a plain
+  Llama/Qwen2 checkpoint that `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads;
+- for routed models also the routing tensors (priors, transition networks, routers, gate scalars, calibrated
+  thresholds) under `sdt.`-prefixed names, and the full model config under the `sdt` key of `config.json`.
+`model.init_from=<dir>` reads any export back (training or evaluate.py): a routed export evaluates as the routed model
+it is; `transformers` would load only its backbone and run every block on every token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from sdt.checkpoint import load_checkpoint
+from sdt.cli import EXIT_USER_ERROR
+from sdt.data import Tokenizer
+from sdt.errors import UserError
+from sdt.evaluation import load_model
+from sdt.models.pretrained import export_state_dict, hf_config
+
+USAGE = "usage: python -m sdt.export ckpt_path=<path to .ckpt> out=<output directory>"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def export(ckpt_path: str, out: str) -> str:
+    """Write the checkpoint's model, config and tokenizer into `out`; returns `out`."""
+    from safetensors.torch import save_file
+
+    ckpt = load_checkpoint(ckpt_path)
+    model = load_model(ckpt, torch.device("cpu"))
+    tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
+    os.makedirs(out, exist_ok=True)
+    save_file(export_state_dict(model), os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config(model.config, eos_token_id=tokenizer.eos_id), f, indent=2)
+    tokenizer.save(out)
+    return out
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """`key=value` arguments, as for train.py and evaluate.py; both keys are required."""
+    args: dict[str, str] = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in ("ckpt_path", "out") or not value:
+            raise UserError(f"unexpected argument {arg!r}; {USAGE}")
+        args[key] = value
+    missing = [k for k in ("ckpt_path", "out") if k not in args]
+    if missing:
+        raise UserError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required; {USAGE}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        out = export(args["ckpt_path"], args["out"])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    print(f"exported {args['ckpt_path']} to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Transfer from pretrained Llama / Qwen2 checkpoints (spec section 5), and the name mapping exports write back.
+
+`model.init_from` names a checkpoint in one of three forms:
+- a local Hugging Face model directory: `config.json` and `*.safetensors` (or `pytorch_model*.bin`) weights;
+- a single `.gguf` file (llama.cpp format, possibly quantised): read and dequantised to fp32 by `transformers`,
+  which needs the `gguf` and `accelerate` packages (`pip install "sdt[pretrained]"`);
+- a hub id such as `Qwen/Qwen2.5-0.5B`: downloaded with `huggingface_hub`, then read as a local directory.
+
+The backbone's dimensions, RoPE theta, norm eps, tied embeddings, qkv bias and vocabulary come from the checkpoint's
+config; routing options (arch, capacity, gates, ...) stay the user's. Weights map by name: the i-th pretrained layer
+goes to the i-th backbone `Block` of our stack, in order. So a dense model takes layer i as `layers.i.block`; an SDT
+pair j takes layer 2j as its `decision` block and layer 2j+1 as its `dynamic` block; STT and MoD layers keep their
+own layer's weights. Nothing is dropped and nothing is left fresh: a checkpoint whose weights do not fill every
+backbone tensor exactly is an error that lists the missing and unexpected names.
+
+New modules keep their own initialisation (`reset_routing_parameters`): priors and transition networks have a zero
+output projection, so their prediction is 0 at step 0; routers and students are small random MLPs; gate scalars
+start at their configured values. With `capacity=1.0` and `ste` gates every token runs every block at full value,
+so the transferred SDT/STT model computes exactly the pretrained logits at step 0 (tests/models/test_pretrained.py).
+
+An `sdt` export (`python -m sdt.export`) is a checkpoint of this same form: the backbone under Hugging Face names
+(a dense export is a plain Llama/Qwen2 model), the full model config under the `sdt` key of `config.json`, and the
+routing modules' tensors under names prefixed `sdt.`.
+
+This module is plain PyTorch plus file formats: the tokenizer is loaded by the caller from `tokenizer_source()`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sdt.errors import UserError
+from sdt.models.config import ModelConfig
+from sdt.models.layers import Block
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SDT_CONFIG_KEY = "sdt"  # config.json key under which an export stores our full ModelConfig
+ROUTING_PREFIX = "sdt."  # export weight names of routing tensors (priors, routers, gate scalars, thresholds)
+# Fields of ModelConfig that describe the backbone and therefore come from the checkpoint.
+BACKBONE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "max_seq_len",
+    "rope_theta",
+    "rms_norm_eps",
+    "qkv_bias",
+    "tie_embeddings",
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class PretrainedSource:
+    """Where a checkpoint lives on disk once resolved."""
+
+    spec: str  # what the user wrote in model.init_from
+    directory: str  # the model directory (for a .gguf file: the directory holding it)
+    gguf_file: str | None = None  # file name inside `directory`, for a GGUF checkpoint
+
+
+def resolve_source(spec: str) -> PretrainedSource:
+    """A local directory, a local .gguf file, or (anything else of the form owner/name) a hub id to download."""
+    path = os.path.expanduser(spec)
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise UserError(
+                f"model.init_from={spec}: a single file must be a .gguf checkpoint; for a Hugging Face checkpoint "
+                "pass its directory"
+            )
+        path = os.path.abspath(path)
+        return PretrainedSource(spec, os.path.dirname(path), os.path.basename(path))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"model.init_from={spec}: the directory has no config.json (not a Hugging Face model)")
+        return PretrainedSource(spec, os.path.abspath(path))
+    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return PretrainedSource(spec, download_from_hub(spec))
+    raise UserError(f"model.init_from={spec}: no such file or directory, and not a hub id (owner/name)")
+
+
+def download_from_hub(repo_id: str) -> str:
+    """Download config, tokenizer and weights of a hub model (safetensors if it has them, else .bin)."""
+    from huggingface_hub import snapshot_download
+
+    meta = ["*.json", "*.txt", "*.model", "*.tiktoken"]  # config, tokenizer files
+    try:
+        local = snapshot_download(repo_id, allow_patterns=[*meta, "*.safetensors"])
+        if not glob.glob(os.path.join(local, "*.safetensors")):
+            local = snapshot_download(repo_id, allow_patterns=[*meta, "*.bin"])
+    except (OSError, ValueError) as e:  # offline, unknown repo, no access, malformed id: the hub's errors
+        raise UserError(f"model.init_from={repo_id}: could not download it from the Hugging Face hub ({e})") from None
+    return local
+
+
+def read_hf_config(source: PretrainedSource) -> dict[str, Any]:
+    """The checkpoint's Hugging Face config as a plain dict."""
+    if source.gguf_file is not None:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file).to_dict()
+        except ImportError as e:
+            raise UserError(f"model.init_from={source.spec}: reading GGUF needs `pip install gguf` ({e})") from None
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"model.init_from={source.spec}: cannot read the GGUF file ({e})") from None
+    with open(os.path.join(source.directory, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _rope_theta(hf: dict[str, Any], where: str) -> float:
+    # transformers < 5 writes rope_theta (+ rope_scaling); 5.x writes rope_parameters {rope_type, rope_theta}.
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise UserError(f"model.init_from={where}: RoPE scaling {rope_type!r} is not supported (plain RoPE only)")
+    return float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def backbone_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """ModelConfig backbone fields from a Llama / Qwen2 Hugging Face config."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"model.init_from={where}: model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"model.init_from={where}: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported")
+    if hf.get("mlp_bias"):
+        raise UserError(f"model.init_from={where}: mlp_bias=true is not supported")
+    if model_type == "llama" and hf.get("attention_bias"):
+        raise UserError(f"model.init_from={where}: attention_bias=true (bias on o_proj too) is not supported")
+    if hf.get("use_sliding_window"):
+        raise UserError(f"model.init_from={where}: sliding-window attention is not supported")
+    n_heads = int(hf["num_attention_heads"])
+    return {
+        "vocab_size": int(hf["vocab_size"]),
+        "d_model": int(hf["hidden_size"]),
+        "n_layers": int(hf["num_hidden_layers"]),
+        "n_heads": n_heads,
+        "n_kv_heads": int(hf.get("num_key_value_heads") or n_heads),
+        "head_dim": int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
+        "intermediate_size": int(hf["intermediate_size"]),
+        "max_seq_len": int(hf.get("max_position_embeddings") or ModelConfig.max_seq_len),
+        "rope_theta": _rope_theta(hf, where),
+        "rms_norm_eps": float(hf.get("rms_norm_eps") or 1e-6),
+        "qkv_bias": model_type == "qwen2",  # Qwen2 always has q/k/v biases, Llama (attention_bias=false) none
+        # Omitted from a saved config when equal to the class default, which is False for Llama and Qwen2.
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+
+
+def hf_config(cfg: ModelConfig, eos_token_id: int | None = None) -> dict[str, Any]:
+    """A Hugging Face config.json for our backbone: Qwen2 when it has q/k/v biases, Llama otherwise."""
+    model_type = "qwen2" if cfg.qkv_bias else "llama"
+    d: dict[str, Any] = {
+        "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "torch_dtype": "float32",
+    }
+    if model_type == "llama":
+        d.update(attention_bias=False, mlp_bias=False)
+    else:
+        d.update(use_sliding_window=False, sliding_window=None)
+    if eos_token_id is not None:
+        d.update(eos_token_id=eos_token_id, bos_token_id=eos_token_id)
+    d[SDT_CONFIG_KEY] = cfg.to_dict()
+    return d
+
+
+def backbone_block_names(model: nn.Module) -> list[str]:
+    """Module names of the backbone blocks in stack order (an SDT pair: decision, then dynamic)."""
+    return [name for name, module in model.named_modules() if isinstance(module, Block)]
+
+
+def hf_name_map(model: nn.Module) -> dict[str, str]:
+    """Our state-dict name -> the Hugging Face name, for every backbone tensor of `model` (a LanguageModel)."""
+    blocks = backbone_block_names(model)
+    if len(blocks) != model.config.n_layers:
+        raise ValueError(f"the stack has {len(blocks)} blocks but the config says n_layers={model.config.n_layers}")
+    mapping = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not model.config.tie_embeddings:
+        mapping["lm_head.weight"] = "lm_head.weight"
+    for i, prefix in enumerate(blocks):
+        for local in model.get_submodule(prefix).state_dict():
+            mapping[f"{prefix}.{local}"] = f"model.layers.{i}.{local}"
+    return mapping
+
+
+def routing_state_names(model: nn.Module) -> list[str]:
+    """State-dict names that are not backbone: routers, priors, transition networks, gate scalars, thresholds."""
+    backbone = set(hf_name_map(model)) | {"lm_head.weight"}
+    return [name for name in model.state_dict() if name not in backbone]
+
+
+def export_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every tensor of `model` under export names: backbone as Hugging Face names, the rest prefixed `sdt.`."""
+    state = model.state_dict()
+    out = {hf: state[ours] for ours, hf in hf_name_map(model).items()}
+    out.update({ROUTING_PREFIX + name: state[name] for name in routing_state_names(model)})
+    # safetensors refuses shared storage (tied embeddings are written once anyway): give each tensor its own.
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _ignorable(name: str) -> bool:
+    # Old Hugging Face checkpoints store RoPE's inverse frequencies; we recompute them from rope_theta.
+    return name.endswith("rotary_emb.inv_freq")
+
+
+def load_weights(model: nn.Module, weights: dict[str, Tensor], where: str) -> list[str]:
+    """Copy a Hugging Face / export state dict into `model` by name; returns the routing tensors it loaded.
+
+    Every backbone tensor must be present with the right shape, and every checkpoint tensor must have a place,
+    or a UserError lists what is missing, unexpected or misshapen. Routing tensors (`sdt.` names, from an export)
+    load when the model has exactly those; into another architecture they are skipped with a warning.
+    """
+    mapping = hf_name_map(model)
+    state = model.state_dict()
+    weights = {k: v for k, v in weights.items() if not _ignorable(k)}
+    if model.config.tie_embeddings:
+        weights.pop("lm_head.weight", None)  # a tied checkpoint may store the shared matrix twice
+    routing = {k[len(ROUTING_PREFIX) :]: v for k, v in weights.items() if k.startswith(ROUTING_PREFIX)}
+    expected = set(mapping.values())
+    missing = sorted(hf for hf in expected if hf not in weights)
+    unexpected = sorted(k for k in weights if k not in expected and not k.startswith(ROUTING_PREFIX))
+    if missing or unexpected:
+        raise UserError(
+            f"model.init_from={where}: the checkpoint's weights do not match a {model.config.arch} model of "
+            f"{model.config.n_layers} layers built from its config: missing {_names(missing)}, unexpected "
+            f"{_names(unexpected)}"
+        )
+    wrong_shape = [
+        f"{hf} {tuple(weights[hf].shape)} vs {tuple(state[ours].shape)}"
+        for ours, hf in mapping.items()
+        if weights[hf].shape != state[ours].shape
+    ]
+    if wrong_shape:
+        raise UserError(f"model.init_from={where}: tensor shapes differ from the model's: {_names(wrong_shape)}")
+    new_state = {ours: weights[hf].to(state[ours].dtype) for ours, hf in mapping.items()}
+
+    loaded_routing: list[str] = []
+    if routing:
+        ours_routing = set(routing_state_names(model))
+        if set(routing) == ours_routing and all(routing[k].shape == state[k].shape for k in routing):
+            new_state.update({k: v.to(state[k].dtype) for k, v in routing.items()})
+            loaded_routing = sorted(routing)
+        else:
+            log.warning(
+                "model.init_from=%s: its %d routing tensors belong to another architecture or layout than this %s "
+                "model; only the backbone is loaded",
+                where,
+                len(routing),
+                model.config.arch,
+            )
+    result = model.load_state_dict(new_state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return loaded_routing
+
+
+def _names(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"[{shown}{more}]" if names else "[]"
+
+
+def read_weights(source: PretrainedSource) -> dict[str, Tensor]:
+    """All tensors of the checkpoint, under its own (Hugging Face) names, on the CPU."""
+    if source.gguf_file is not None:
+        return _read_gguf_weights(source)
+    d = source.directory
+    for index_name, reader in (
+        ("model.safetensors.index.json", _read_safetensors),
+        ("pytorch_model.bin.index.json", _read_bin),
+    ):
+        index = os.path.join(d, index_name)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return _merge(reader(os.path.join(d, s)) for s in shards)
+    files = sorted(glob.glob(os.path.join(d, "*.safetensors")))
+    if files:
+        return _merge(_read_safetensors(f) for f in files)
+    files = sorted(glob.glob(os.path.join(d, "pytorch_model*.bin")))
+    if files:
+        return _merge(_read_bin(f) for f in files)
+    raise UserError(f"model.init_from={source.spec}: no *.safetensors or pytorch_model*.bin weights in {d}")
+
+
+def _merge(parts) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
+def _read_safetensors(path: str) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path, device="cpu")
+
+
+def _read_bin(path: str) -> dict[str, Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_gguf_weights(source: PretrainedSource) -> dict[str, Tensor]:
+    # transformers knows llama.cpp's tensor names and undoes its q/k row permutation; quantised tensors come back
+    # dequantised, in fp32.
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            source.directory, gguf_file=source.gguf_file, dtype=torch.float32
+        )
+    except ImportError as e:
+        raise UserError(
+            f"model.init_from={source.spec}: loading GGUF needs `pip install gguf accelerate` ({e})"
+        ) from None
+    return {k: v.detach() for k, v in hf_model.state_dict().items()}
+
+
+class Pretrained:
+    """A pretrained checkpoint opened for transfer: its config now, its weights when first asked for."""
+
+    def __init__(self, spec: str) -> None:
+        self.source = resolve_source(spec)
+        self.hf_config = read_hf_config(self.source)
+        self.backbone = backbone_config(self.hf_config, spec)
+        # An sdt export carries its full model config; a plain Hugging Face checkpoint only the backbone.
+        self.exported_config: dict[str, Any] | None = self.hf_config.get(SDT_CONFIG_KEY)
+
+    @property
+    def spec(self) -> str:
+        return self.source.spec
+
+    def model_dict(self, user: dict[str, Any]) -> dict[str, Any]:
+        """The user's model options with the backbone fields replaced by the checkpoint's."""
+        out = dict(user)
+        changed = {k: (user.get(k), v) for k, v in self.backbone.items() if user.get(k) != v}
+        out.update(self.backbone)
+        out["init_from"] = self.spec
+        if changed:
+            log.info(
+                "model.init_from=%s sets the backbone: %s",
+                self.spec,
+                ", ".join(f"{k}={new}" for k, (_, new) in changed.items()),
+            )
+        return out
+
+    def own_model_dict(self) -> dict[str, Any]:
+        """The model this checkpoint is: an export's own config (any arch), else a dense model of its backbone."""
+        if self.exported_config is not None:
+            return {**self.exported_config, **self.backbone, "init_from": self.spec}
+        return {"arch": "dense", **self.backbone, "init_from": self.spec}
+
+    @cached_property
+    def weights(self) -> dict[str, Tensor]:
+        return read_weights(self.source)
+
+    def load_into(self, model: nn.Module) -> list[str]:
+        """Copy the weights into `model` (see `load_weights`); returns the routing tensors that were loaded."""
+        loaded = load_weights(model, self.weights, self.spec)
+        log.info(
+            "loaded %d backbone layers from %s into %s%s",
+            model.config.n_layers,
+            self.spec,
+            model.config.arch,
+            f" (and {len(loaded)} routing tensors)" if loaded else "",
+        )
+        return loaded
+
+    def tokenizer_source(self) -> tuple[str, str | None]:
+        """(directory, gguf_file) to hand to `AutoTokenizer.from_pretrained`: the tokenizer ships with the weights."""
+        return self.source.directory, self.source.gguf_file
