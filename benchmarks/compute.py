@@ -100,16 +100,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
+CLOCKS = {
+    # Wall time: what a user waits for; needs a quiet machine.
+    "wall": time.perf_counter,
+    # CPU time of this process: on a shared machine, time spent descheduled is not counted. Meaningful with one
+    # thread (--threads 1): with more, it also counts threads spinning while they wait for work.
+    "cpu": time.process_time,
+}
+
+
+@dataclass(frozen=True)
+class Timer:
+    device: torch.device
+    clock: str = "wall"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        """Seconds that fn takes on this clock."""
+        now = CLOCKS[self.clock]
+        sync(self.device)
+        start = now()
+        fn()
+        sync(self.device)
+        return now() - start
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device
+    fns: dict[str, Callable[[], object]], warmup: int, repeats: int, timer: Timer
 ) -> dict[str, list[float]]:
     """Seconds of each fn per repeat. Models take turns within every repeat (order reversed on odd repeats), so slow
     drift in machine load lands on all of them instead of on whichever model happened to be measured last."""
@@ -120,7 +136,7 @@ def interleaved(
     for r in range(repeats):
         names = list(fns) if r % 2 == 0 else list(reversed(fns))
         for name in names:
-            samples[name].append(timed(fns[name], device))
+            samples[name].append(timer(fns[name]))
     return samples
 
 
@@ -220,11 +236,13 @@ class Settings:
     decode_temperature: float = 1.0
     layer_bench: bool = False
     compare_transformers: bool = False
+    clock: str = "wall"  # wall | cpu (see CLOCKS)
     seed: int = 0
 
 
 def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Callable) -> list[dict[str, Any]]:
     """Measure dense and the routed models at one capacity; one record per model."""
+    timer = Timer(device, s.clock)
     size = SIZES[s.size]
     B, T, P, N = size.batch, size.seq_len, s.prompt_tokens, s.decode_tokens
     max_seq_len = max(T, P + N)  # only sizes the RoPE tables
@@ -254,7 +272,7 @@ def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Call
 
     for m in models.values():
         m.train()
-    train_s = interleaved({n: lambda n=n: train_step(n) for n in names}, s.warmup, s.repeats, device)
+    train_s = interleaved({n: lambda n=n: train_step(n) for n in names}, s.warmup, s.repeats, timer)
     peak: dict[str, int | None] = {}
     for name in names:
         if device.type == "cuda":
@@ -323,12 +341,12 @@ def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Call
                 generator=sampler,
             )
 
-    forward_s = interleaved({n: lambda n=n: forward(n) for n in names}, s.warmup, s.repeats, device)
-    prefill_s = interleaved({n: lambda n=n: prefill(n) for n in names}, s.warmup, s.repeats, device)
+    forward_s = interleaved({n: lambda n=n: forward(n) for n in names}, s.warmup, s.repeats, timer)
+    prefill_s = interleaved({n: lambda n=n: prefill(n) for n in names}, s.warmup, s.repeats, timer)
     for _ in range(s.warmup):  # a short generation warms the decode kernels; a full one would double the cost
         for name in names:
             decode(name, min(N, 8))
-    generate_s = interleaved({n: lambda n=n: decode(n, N) for n in names}, 0, s.repeats, device)
+    generate_s = interleaved({n: lambda n=n: decode(n, N) for n in names}, 0, s.repeats, timer)
     # One more, untimed generation per model (same sampler seed, so the same tokens and decisions), counting what each
     # routed layer executes: the KV bytes are then checked against the bytes those tokens need.
     tokens_fed = P + N - 1  # the last generated token is never fed back
@@ -407,6 +425,7 @@ def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Call
 
 def bench_layer(s: Settings, device: torch.device, amp: Callable) -> dict[str, Any]:
     """One routed block (Top-K selection + gather + block on k tokens + scatter) vs one block on all T tokens."""
+    timer = Timer(device, s.clock)
     size = SIZES[s.size]
     B, T = size.batch, max(LAYER_BENCH_MIN_SEQ_LEN, size.seq_len)
     cfg = model_config(size, "dense", LAYER_BENCH_CAPACITY, T)
@@ -441,8 +460,8 @@ def bench_layer(s: Settings, device: torch.device, amp: Callable) -> dict[str, A
 
         return run
 
-    fwd = interleaved({"dense": no_grad(dense), "routed": no_grad(routed)}, s.warmup, s.repeats, device)
-    trn = interleaved({"dense": train(dense), "routed": train(routed)}, s.warmup, s.repeats, device)
+    fwd = interleaved({"dense": no_grad(dense), "routed": no_grad(routed)}, s.warmup, s.repeats, timer)
+    trn = interleaved({"dense": train(dense), "routed": train(routed)}, s.warmup, s.repeats, timer)
     med = {phase: {n: statistics.median(v) for n, v in d.items()} for phase, d in (("forward", fwd), ("train", trn))}
     flops_routed, flops_dense = sum(block_flops(cfg, T, k).values()), sum(block_flops(cfg, T).values())
     return {
@@ -495,6 +514,7 @@ def qwen2_twin(cfg: ModelConfig, device: torch.device) -> tuple[LanguageModel, t
 
 def bench_transformers(s: Settings, device: torch.device, amp: Callable) -> dict[str, Any]:
     """Our dense forward vs `transformers`' Qwen2 forward of the same config and weights, same batch."""
+    timer = Timer(device, s.clock)
     size = SIZES[s.size]
     ours, hf = qwen2_twin(model_config(size, "dense", 1.0, size.seq_len), device)
     g = torch.Generator().manual_seed(s.seed)
@@ -510,7 +530,7 @@ def bench_transformers(s: Settings, device: torch.device, amp: Callable) -> dict
 
         return run
 
-    fwd = interleaved({"sdt": forward(ours), "transformers": forward(hf, use_cache=False)}, s.warmup, s.repeats, device)
+    fwd = interleaved({"sdt": forward(ours), "transformers": forward(hf, use_cache=False)}, s.warmup, s.repeats, timer)
     med = {n: statistics.median(v) for n, v in fwd.items()}
     return {
         "model": "Qwen2ForCausalLM (sdpa attention)",
@@ -633,7 +653,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         "",
         (
             f"- Machine: {meta['cpu']}, {meta['cpu_count']} CPUs, {meta['platform']}; torch {meta['torch']} with "
-            f"{meta['torch_threads']} threads; device {device}; dtype {meta['dtype']}"
+            f"{meta['torch_threads']} threads; device {device}; dtype {meta['dtype']}; clock {meta['clock']}"
         ),
         f"- Command: `{meta['command']}`",
         (
@@ -699,6 +719,12 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None, Path | No
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (needs a quiet machine) | cpu: process CPU time, for shared CPUs with --threads 1",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     p.add_argument("--markdown", type=Path, default=None, help="write a markdown report here")
     a = p.parse_args(argv)
@@ -714,6 +740,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None, Path | No
         p.error("--warmup must be >= 0")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if a.clock == "cpu" and a.device == "cuda":
+        p.error("--clock cpu measures CPU work; time CUDA with --clock wall")
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     settings = Settings(
@@ -729,6 +757,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None, Path | No
         decode_temperature=a.decode_temperature,
         layer_bench=a.layer_bench,
         compare_transformers=a.compare_transformers,
+        clock=a.clock,
         seed=a.seed,
     )
     return settings, a.out, a.markdown

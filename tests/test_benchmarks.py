@@ -54,6 +54,7 @@ def tiny_run(tmp_path_factory) -> tuple[dict, Path]:
     bench = load_benchmark()
     out = tmp_path_factory.mktemp("bench")
     argv = ["--size", "tiny", "--repeats", "1", "--warmup", "1", "--decode-tokens", "8", "--prompt-tokens", "16"]
+    argv += ["--clock", "cpu"]
     argv += [
         "--layer-bench",
         "--compare-transformers",
@@ -69,6 +70,7 @@ def tiny_run(tmp_path_factory) -> tuple[dict, Path]:
 def test_tiny_run_writes_every_model_and_capacity(tiny_run):
     result, out = tiny_run
     assert {"torch", "cpu_count", "torch_threads", "size", "dtype", "device", "command"} <= set(result["meta"])
+    assert result["meta"]["clock"] == "cpu"
     records = result["records"]
     assert sorted((r["model"], r["capacity"]) for r in records) == sorted(
         (m, c) for m in ("dense", "mod", "sdt", "stt") for c in (0.125, 0.25, 0.5, 1.0)
