@@ -4,23 +4,18 @@ import pytest
 import torch
 
 from sdt.errors import UserError
-from sdt.models import ModelCache, ModelConfig, build_model
+from sdt.models import ModelCache, build_model
 from sdt.models.transformer import MAX_PATH_FACTOR
 from sdt.routing.calibration import calibrate_thresholds
+from tests.models.test_transformer import tiny
 
-V = 97
-
-
-def tiny(**kw) -> ModelConfig:
-    base = {"vocab_size": V, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
-    base.update(kw)
-    return ModelConfig(**base)
+V = 97  # the vocabulary of tests.models.test_transformer.tiny
 
 
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return build_model(tiny()).eval()
+    return build_model(tiny(n_layers=4)).eval()
 
 
 def test_identity_path_equals_normal_forward_exactly(model):
@@ -70,7 +65,7 @@ def test_greedy_generation_on_a_path_equals_argmax_of_the_uncached_forward(model
 def test_routed_model_repeats_a_layer_causally():
     """An STT model in its causal (student) mode: cached decoding over a repeated routed layer matches the full forward."""
     torch.manual_seed(0)
-    model = build_model(tiny(arch="stt", vocab_size=61)).eval()
+    model = build_model(tiny(arch="stt", vocab_size=61, n_layers=4)).eval()
     calibrate_thresholds(
         model, [torch.randint(0, 61, (4, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     )
