@@ -288,7 +288,33 @@ def data_config_for_eval(cfg: DictConfig, ckpt: dict[str, Any] | None) -> DataCo
     return DataConfig.from_dict(data)
 
 
+def load_model_and_tokenizer(
+    cfg: DictConfig, device: torch.device
+) -> tuple[LanguageModel, Tokenizer, int, dict[str, Any] | None]:
+    """The model to evaluate (`ckpt_path=` or `model.init_from=`), its tokenizer, the number of real vocabulary
+    entries, and the training checkpoint (None for a pretrained one)."""
+    init_from = OmegaConf.select(cfg, "model.init_from")
+    if cfg.get("ckpt_path") and init_from:
+        raise UserError("pass either ckpt_path=<.ckpt> or model.init_from=<pretrained checkpoint>, not both")
+    if init_from:
+        # A pretrained checkpoint as it is, no training: its weights and its own tokenizer.
+        pretrained = Pretrained(init_from)
+        model = load_pretrained_model(pretrained, device)
+        tokenizer = Tokenizer.from_pretrained(*pretrained.tokenizer_source())
+        return model, tokenizer, tokenizer.vocab_size, None
+    if not cfg.get("ckpt_path"):
+        raise UserError("ckpt_path is required (pass ckpt_path=<.ckpt>, or model.init_from=<pretrained checkpoint>)")
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    model = load_model(ckpt, device)
+    tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
+    return model, tokenizer, int(ckpt["sdt"].get("tokenizer_vocab_size", tokenizer.vocab_size)), ckpt
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.get("search"):
+        from sdt.search.evaluate import evaluate_search
+
+        return evaluate_search(cfg)
     task = cfg.get("task", "lm")
     if task == "reasoning":
         from sdt.reasoning.evaluate import evaluate_reasoning
@@ -299,24 +325,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(cfg.get("device", "auto"))
     torch.manual_seed(int(cfg.seed))
     init_from = OmegaConf.select(cfg, "model.init_from")
-    if cfg.get("ckpt_path") and init_from:
-        raise UserError("pass either ckpt_path=<.ckpt> or model.init_from=<pretrained checkpoint>, not both")
-    if init_from:
-        # A pretrained checkpoint as it is, no training: its weights and its own tokenizer.
-        ckpt = None
-        pretrained = Pretrained(init_from)
-        model = load_pretrained_model(pretrained, device)
-        tokenizer = Tokenizer.from_pretrained(*pretrained.tokenizer_source())
-        valid_vocab = tokenizer.vocab_size
-    else:
-        if not cfg.get("ckpt_path"):
-            raise UserError(
-                "ckpt_path is required (pass ckpt_path=<.ckpt>, or model.init_from=<pretrained checkpoint>)"
-            )
-        ckpt = load_checkpoint(cfg.ckpt_path)
-        model = load_model(ckpt, device)
-        tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
-        valid_vocab = int(ckpt["sdt"].get("tokenizer_vocab_size", tokenizer.vocab_size))
+    model, tokenizer, valid_vocab, ckpt = load_model_and_tokenizer(cfg, device)
 
     data_cfg = data_config_for_eval(cfg, ckpt)
     if data_cfg.seq_len > model.config.max_seq_len:

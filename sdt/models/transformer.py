@@ -73,6 +73,25 @@ class DenseLayer(nn.Module):
         return LayerOutput(self.block(x, ctx.positions, ctx.rope, cache=ctx.kv(), pad_mask=ctx.pad_mask))
 
 
+MAX_PATH_FACTOR = 4  # a layer path may be at most this many times the stack's depth
+
+
+def check_layer_path(layer_path: Sequence[int], n_layers: int) -> list[int]:
+    """A layer path (indices into the stack, in execution order; repeats and skips allowed), validated."""
+    path = [int(i) for i in layer_path]
+    if not path:
+        raise UserError("layer_path is empty: it must list at least one layer index")
+    bad = [i for i in path if not 0 <= i < n_layers]
+    if bad:
+        raise UserError(f"layer_path has indices out of range {bad}: the model has layers 0..{n_layers - 1}")
+    if len(path) > MAX_PATH_FACTOR * n_layers:
+        raise UserError(
+            f"layer_path has {len(path)} entries, over the bound of {MAX_PATH_FACTOR} x {n_layers} layers "
+            f"= {MAX_PATH_FACTOR * n_layers}"
+        )
+    return path
+
+
 def positions_from_pad_mask(pad_mask: Tensor) -> Tensor:
     """Left-padded batch (B, T) -> positions counting only real tokens (padding slots get 0)."""
     return (pad_mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -141,6 +160,7 @@ class LanguageModel(nn.Module):
         routing: str | None = None,
         logits_to_keep: int = 0,
         diagnostics: bool = True,
+        layer_path: Sequence[int] | None = None,
     ) -> ModelOutput:
         """input_ids (B, T); targets (B, T) are the *already shifted* next tokens (-100 = ignore).
 
@@ -148,6 +168,9 @@ class LanguageModel(nn.Module):
         `logits_to_keep > 0` computes logits only for the last that many positions (prefill during generation).
         `routing` picks how routed layers choose tokens: "topk" (training; the default without a cache), or a causal
         mode, "threshold" or "student" (the default with a cache is the config's `inference_routing`).
+        `layer_path` runs these layers of the stack in this order instead of all of them once (test-time depth
+        adaptation, docs/cola.md); each position in the path has its own cache slots, so a repeated layer keeps one
+        KV cache per visit. Per-layer stats and decisions of a layer visited twice are those of its last visit.
         """
         if routing is None:
             routing = self.config.inference_routing if cache is not None else "topk"
@@ -172,8 +195,10 @@ class LanguageModel(nn.Module):
         stats: dict[str, Tensor] = {}
         decisions: dict[int, Tensor] = {}
         scores: dict[int, dict[str, Tensor]] = {}
-        for i, layer in enumerate(self.layers):
-            out = layer(x, replace(ctx, cache_key=i))
+        # The identity path gives cache key i to layer i, as a plain forward always did.
+        path = range(len(self.layers)) if layer_path is None else check_layer_path(layer_path, len(self.layers))
+        for step, i in enumerate(path):
+            out = self.layers[i](x, replace(ctx, cache_key=step))
             x = out.hidden
             for name, value in out.aux_losses.items():
                 aux_sums[name] = aux_sums.get(name, 0.0) + value
@@ -222,11 +247,13 @@ class LanguageModel(nn.Module):
         valid_vocab: int | None = None,
         generator: torch.Generator | None = None,
         cache: ModelCache | None = None,
+        layer_path: Sequence[int] | None = None,
     ) -> Tensor:
         """Sample a continuation with a KV cache. input_ids (B, T0), left-padded when `pad_mask` is given.
 
         temperature 0 is greedy decoding. Rows that produced `eos_id` keep emitting it. `valid_vocab` masks the
-        padded tail of the vocabulary that no real token maps to. Returns (B, T0 + max_new_tokens).
+        padded tail of the vocabulary that no real token maps to. `layer_path` is as in `forward`.
+        Returns (B, T0 + max_new_tokens).
         """
         B, T0 = input_ids.shape
         routing = routing or self.config.inference_routing
@@ -237,6 +264,8 @@ class LanguageModel(nn.Module):
                 f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len="
                 f"{self.config.max_seq_len}"
             )
+        if layer_path is not None:
+            layer_path = check_layer_path(layer_path, len(self.layers))
         if max_new_tokens <= 0:
             return input_ids
         cache = ModelCache() if cache is None else cache
@@ -247,7 +276,13 @@ class LanguageModel(nn.Module):
             positions = torch.arange(T0, device=input_ids.device).expand(B, T0)
             next_pos = torch.full((B, 1), T0, device=input_ids.device, dtype=torch.long)
         logits = self(
-            input_ids, pad_mask=pad_mask, positions=positions, cache=cache, routing=routing, logits_to_keep=1
+            input_ids,
+            pad_mask=pad_mask,
+            positions=positions,
+            cache=cache,
+            routing=routing,
+            logits_to_keep=1,
+            layer_path=layer_path,
         ).logits[:, -1]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new_tokens = []
@@ -258,7 +293,9 @@ class LanguageModel(nn.Module):
                 finished |= nxt == eos_id
             new_tokens.append(nxt)
             if step + 1 < max_new_tokens:
-                logits = self(nxt[:, None], positions=next_pos, cache=cache, routing=routing).logits[:, -1]
+                logits = self(
+                    nxt[:, None], positions=next_pos, cache=cache, routing=routing, layer_path=layer_path
+                ).logits[:, -1]
                 next_pos = next_pos + 1
         cache.next_pos = next_pos
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -1,0 +1,1 @@
+"""Test-time search over how a trained model is run: chain-of-layers (CoLa) path search (docs/cola.md)."""

@@ -1,0 +1,165 @@
+"""`python evaluate.py search=cola task=<task> ckpt_path=... | model.init_from=...`: CoLa search per task item.
+
+For every item, MCTS (sdt/search/cola.py) searches layer paths whose answer is correct, rewarding 1 for a correct
+answer and 0 otherwise. The reward uses the gold answer, so the results are an oracle upper bound on what a
+per-input path could achieve, as in the paper, not an accuracy a deployable method reaches. Written to `cola.json`
+with three plots next to it (docs/cola.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from sdt.errors import UserError
+from sdt.search.cola import ColaConfig, ColaSearch
+from sdt.search.plots import cola_plots, layer_edit_counts
+from sdt.search.tasks import PathScorer, load_task
+
+log = logging.getLogger(__name__)
+
+ORACLE_NOTE = (
+    "Per-input search rewarded with the gold answer: an oracle upper bound on per-input depth adaptation "
+    "(as in the paper), not the accuracy of a deployable method."
+)
+
+
+def summarise(items: list[dict[str, Any]], depth: int) -> dict[str, Any]:
+    """The headline figures of a search over `items` (each with original_correct and best_correct)."""
+    correct = [it for it in items if it["original_correct"]]
+    wrong = [it for it in items if not it["original_correct"]]
+    shorter = [it for it in correct if it["best_correct"] and it["best_correct"]["length"] < depth]
+    fixed = [it for it in wrong if it["best_correct"]]
+    best_lengths = [it["best_correct"]["length"] for it in items if it["best_correct"]]
+
+    def share(part: list, whole: list) -> float | None:
+        return len(part) / len(whole) if whole else None
+
+    return {
+        "num_items": len(items),
+        "num_originally_correct": len(correct),
+        "original_accuracy": len(correct) / len(items),
+        "oracle_accuracy": sum(bool(it["best_correct"]) for it in items) / len(items),
+        "share_correct_with_shorter_path": share(shorter, correct),
+        "share_wrong_with_correct_path": share(fixed, wrong),
+        "mean_best_correct_length": statistics.fmean(best_lengths) if best_lengths else None,
+        "mean_best_correct_length_originally_correct": (
+            statistics.fmean(it["best_correct"]["length"] for it in correct) if correct else None
+        ),
+    }
+
+
+def evaluate_search(cfg: DictConfig) -> dict[str, Any]:
+    from sdt.evaluation import load_model_and_tokenizer, pick_device  # evaluation dispatches here
+
+    if cfg.get("search") != "cola":
+        raise UserError(f"search must be cola (or null for no search), got {cfg.get('search')!r}")
+    task_spec = cfg.get("task")
+    if task_spec in (None, "lm", "reasoning"):
+        raise UserError("search=cola needs task=<shipped task name, .jsonl file or lm-eval .yaml> (docs/cola.md)")
+    options = OmegaConf.to_container(cfg.cola, resolve=True)
+    num_items = options.pop("num_items", None)
+    search_cfg = ColaConfig.from_dict(options)
+
+    device = pick_device(cfg.get("device", "auto"))
+    torch.manual_seed(int(cfg.seed))
+    model, tokenizer, valid_vocab, ckpt = load_model_and_tokenizer(cfg, device)
+    source = os.path.abspath(cfg.ckpt_path) if ckpt is not None else OmegaConf.select(cfg, "model.init_from")
+    task = load_task(str(task_spec))
+    items = task.items[: int(num_items)] if num_items else task.items
+    depth = len(model.layers)
+    search = ColaSearch(depth, search_cfg)
+    scorer = PathScorer(model, tokenizer, task, device, valid_vocab)
+
+    out_dir = str(cfg.paths.output_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    start = time.perf_counter()
+    evaluations = 0
+    # One line per item as it finishes, so a run cut short still leaves its results.
+    with open(os.path.join(out_dir, "cola_items.jsonl"), "w") as partial:
+        for index, item in enumerate(tqdm(items, desc=f"cola {task.name}", unit="item")):
+            result = search.search(lambda path, item=item: float(scorer.correct(item, path)))
+            evaluations += result.evaluations
+            correct_paths = [e for e in result.best if e["reward"] >= 1.0]
+            rows.append(
+                {
+                    "index": index,
+                    "prompt": item.prompt,
+                    "answer": item.answer,
+                    "original_correct": result.original_reward >= 1.0,
+                    "best_correct": correct_paths[0] if correct_paths else None,
+                    **result.to_dict(),
+                }
+            )
+            partial.write(json.dumps(rows[-1]) + "\n")
+            partial.flush()
+    wall = time.perf_counter() - start
+
+    out: dict[str, Any] = {
+        "task": task.name,
+        "kind": task.kind,
+        "checkpoint": source,
+        "arch": model.config.arch,
+        "depth": depth,
+        "simulations": search_cfg.simulations,
+        "config": {**options, "block_sizes": list(search_cfg.block_sizes)},
+        "oracle": True,
+        "note": ORACLE_NOTE,
+        **summarise(rows, depth),
+        "evaluations": evaluations,
+        "wall_seconds": wall,
+        "seconds_per_evaluation": wall / max(evaluations, 1),
+        "device": str(device),
+        "items": rows,
+    }
+    out["layer_edits"] = layer_edit_counts(out)
+    if cfg.get("plots", True):
+        out["plots"] = cola_plots(out, out_dir)
+    with open(os.path.join(out_dir, "cola.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(format_search_report(out))
+    log.info("wrote %s", os.path.join(out_dir, "cola.json"))
+    return out
+
+
+def format_search_report(r: dict[str, Any]) -> str:
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.1%}"
+
+    mean_len = r["mean_best_correct_length"]
+    return "\n".join(
+        [
+            f"CoLa search   {r['task']} ({r['kind']}, {r['num_items']} items), {r['checkpoint']}",
+            f"model         {r['arch']}, {r['depth']} layers; {r['simulations']} simulations per item",
+            (
+                f"accuracy      original {pct(r['original_accuracy'])}, oracle (best path per item) "
+                f"{pct(r['oracle_accuracy'])}"
+            ),
+            (
+                f"correct -> shorter correct path   {pct(r['share_correct_with_shorter_path'])} "
+                f"of {r['num_originally_correct']}"
+            ),
+            (
+                f"wrong -> correct path             {pct(r['share_wrong_with_correct_path'])} "
+                f"of {r['num_items'] - r['num_originally_correct']}"
+            ),
+            (
+                f"mean length of best correct paths {'n/a' if mean_len is None else f'{mean_len:.2f}'} "
+                f"(original {r['depth']})"
+            ),
+            (
+                f"search        {r['evaluations']} path evaluations in {r['wall_seconds']:.1f} s "
+                f"({r['seconds_per_evaluation']:.3f} s each)"
+            ),
+            f"note          {r['note']}",
+        ]
+    )
