@@ -57,6 +57,17 @@ def _from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return dict(d)
 
 
+def check_batching(cfg: Any, p: str) -> None:
+    """Validate the batching keys every data config has (seq_len, batch_size, eval_batch_size, num_workers) and
+    default eval_batch_size to batch_size."""
+    _check_int(f"{p}.seq_len", cfg.seq_len, minimum=2)
+    _check_int(f"{p}.batch_size", cfg.batch_size, minimum=1)
+    _check_int(f"{p}.eval_batch_size", cfg.eval_batch_size, minimum=1, allow_none=True)
+    if cfg.eval_batch_size is None:
+        cfg.eval_batch_size = cfg.batch_size
+    _check_int(f"{p}.num_workers", cfg.num_workers, minimum=0)
+
+
 @dataclass
 class TokenizerConfig:
     """How text becomes token ids.
@@ -132,12 +143,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         p = "data"
         _check_choice(f"{p}.corpus", self.corpus, CORPORA)
-        _check_int(f"{p}.seq_len", self.seq_len, minimum=2)
-        _check_int(f"{p}.batch_size", self.batch_size, minimum=1)
-        _check_int(f"{p}.eval_batch_size", self.eval_batch_size, minimum=1, allow_none=True)
-        if self.eval_batch_size is None:
-            self.eval_batch_size = self.batch_size
-        _check_int(f"{p}.num_workers", self.num_workers, minimum=0)
+        check_batching(self, p)
         _check_int(f"{p}.calibration_blocks", self.calibration_blocks, minimum=0)
         _check_str(f"{p}.cache_dir", self.cache_dir)
 

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sdt.data.cache import cache_key
-from sdt.data.config import TokenizerConfig, _check_choice, _check_int, _check_str, _from_dict
+from sdt.data.config import TokenizerConfig, _check_choice, _check_int, _check_str, _from_dict, check_batching
 from sdt.data.corpora import SPLITS, Corpus
 from sdt.data.datamodule import ResumableDataModule
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
@@ -103,12 +103,7 @@ class ReasoningDataConfig:
         _check_choice(f"{p}.corpus", self.corpus, REASONING_CORPORA)
         _check_choice(f"{p}.braking", self.braking, VARIANTS)
         _check_choice(f"{p}.prompt_format", self.prompt_format, PROMPT_FORMATS)
-        _check_int(f"{p}.seq_len", self.seq_len, minimum=2)
-        _check_int(f"{p}.batch_size", self.batch_size, minimum=1)
-        _check_int(f"{p}.eval_batch_size", self.eval_batch_size, minimum=1, allow_none=True)
-        if self.eval_batch_size is None:
-            self.eval_batch_size = self.batch_size
-        _check_int(f"{p}.num_workers", self.num_workers, minimum=0)
+        check_batching(self, p)
         _check_str(f"{p}.cache_dir", self.cache_dir)
         _check_int(f"{p}.seed", self.seed)
         _check_int(f"{p}.calibration_examples", self.calibration_examples, minimum=0)
