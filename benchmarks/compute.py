@@ -572,7 +572,9 @@ def run(s: Settings, command: str = "") -> dict[str, Any]:
         records += bench_capacity(s, capacity, device, amp)
     layer = bench_layer(s, device, amp) if s.layer_bench else None
     hf = bench_transformers(s, device, amp) if s.compare_transformers else None
-    return {"meta": meta, "records": records, "layer_bench": layer, "transformers": hf}
+    result = {"meta": meta, "records": records, "layer_bench": layer, "transformers": hf}
+    result["targets"] = target_checks(result)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------- output
@@ -626,6 +628,53 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("transformers"):
         lines.append(_transformers_line(result["transformers"]))
     return "\n".join(lines)
+
+
+# Issue targets, as ratios measured in one run: (a) a routed layer at capacity 0.25 costs at most 1.2x its FLOP ratio;
+# (b) whole-model train-step and forward time ratios at most 1.25x their FLOP ratios; (c) KV bytes equal the analytic
+# ratio within 2%; (d) our dense forward no slower than transformers' Qwen2.
+LAYER_TARGET, MODEL_TARGET, KV_TARGET, HF_TARGET = 1.2, 1.25, 0.02, 1.0
+
+
+def target_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per target check: what, measured value, bound, whether it holds."""
+    rows = []
+
+    def check(target: str, what: str, value: float | None, bound: float, ok: bool | None = None) -> None:
+        if value is not None:
+            rows.append({"target": target, "what": what, "value": value, "bound": bound,
+                         "ok": value <= bound if ok is None else ok})  # fmt: skip
+
+    layer = result.get("layer_bench")
+    if layer:
+        for phase in ("forward", "train"):
+            what = f"routed block {phase} time / FLOP ratio (T={layer['seq_len']}, capacity {layer['capacity']})"
+            check("a", what, layer[f"{phase}_ratio"] / layer["flop_ratio"], LAYER_TARGET)
+    for r in result["records"]:
+        if r["model"] == "dense":
+            continue
+        name = f"{r['model']} @ {r['capacity']:g}"
+        check("b", f"{name}: train-step time / FLOP ratio", ratio(r["train_step_ratio"], r["train_flop_ratio"]),
+              MODEL_TARGET)  # fmt: skip
+        check("b", f"{name}: forward time / FLOP ratio", ratio(r["forward_ratio"], r["forward_flop_ratio"]),
+              MODEL_TARGET)  # fmt: skip
+        for key, label in (("executed_kv_ratio", "at the executed fractions"), ("analytic_kv_ratio", "at capacity")):
+            rel = abs(r["kv_bytes_ratio"] / r[key] - 1)
+            check("c", f"{name}: |KV bytes / analytic {label} - 1|", rel, KV_TARGET)
+    hf = result.get("transformers")
+    if hf:
+        check("d", "dense forward time / transformers Qwen2 forward time", hf["forward_ratio"], HF_TARGET)
+    return rows
+
+
+def format_targets(result: dict[str, Any]) -> list[str]:
+    rows = target_checks(result)
+    if not rows:
+        return []
+    lines = ["| target | check | measured | bound | holds |", "|---|---|---|---|---|"]
+    lines += [f"| ({r['target']}) | {r['what']} | {r['value']:.3f} | {r['bound']:g} | {'yes' if r['ok'] else '**no**'} |"
+              for r in rows]  # fmt: skip
+    return lines
 
 
 def _layer_line(layer: dict[str, Any]) -> str:
@@ -684,6 +733,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Per layer: {_layer_line(result['layer_bench'])}."]
     if result.get("transformers"):
         lines += ["", f"Against `transformers`: {_transformers_line(result['transformers'])}."]
+    targets = format_targets(result)
+    if targets:
+        lines += ["", "Targets (benchmarks/README.md):", "", *targets]
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,9 @@ check by hand and comparable across architectures:
   selected queries are assumed spread evenly over the sequence, so each sees (T + 1) / 2 keys on average, and K/V
   projections run on all T tokens.
 - Per-token FLOPs = FLOPs of one sequence of length T / T. Training FLOPs = 3 x the forward FLOPs of the
-  training-time graph (the usual forward + 2x backward estimate), so detached router inputs are not discounted.
+  training-time graph (the usual forward + 2x backward estimate), so detached router inputs are not discounted. The
+  one exception is STT's dense teacher pass: it runs under no_grad (the surprise signals only read it detached), so
+  it costs its forward only.
 """
 
 from __future__ import annotations
@@ -136,7 +138,9 @@ def _layer_flops(cfg: ModelConfig, kind: str, seq_len: int, training: bool) -> F
         router_in = 2 * cfg.d_model if cfg.student_input == "x_prev" else cfg.d_model
         parts = [_routed_block(cfg, T), _student_router(cfg, T, router_in)]
         if training:  # dense teacher pass for the surprise signals, then the sparse re-run above
-            parts += [block_flops(cfg, T), _prior(cfg, T), _surprise(cfg, T)]
+            # The teacher's output only feeds detached signals: no backward through it, so one forward, not three.
+            teacher = {name: value / TRAIN_FLOPS_MULTIPLIER for name, value in block_flops(cfg, T).items()}
+            parts += [teacher, _prior(cfg, T), _surprise(cfg, T)]
     elif kind == "mod":
         parts = [_routed_block(cfg, T), _linear_router(cfg, T), _student_router(cfg, T)]
     else:

@@ -88,10 +88,12 @@ class STTLayer(nn.Module):
         if ctx.cache is not None:
             raise UserError("STT decodes with routing=student: the teacher needs a dense pass over the whole sequence")
 
-        # Teacher: dense pass for the surprise signals.
-        dense_out = self.block(x, ctx.positions, ctx.rope, pad_mask=ctx.pad_mask)  # (B, T, D)
-        delta = (dense_out - x).detach()
-        delta_hat, logvar = self.transition(shift_right(dense_out.detach()))  # token t sees only tokens < t
+        # Teacher: dense pass for the surprise signals. Only read detached, so no graph: no activations kept for a
+        # backward that never reaches it (and its FLOPs count once in training, see sdt.compute).
+        with torch.no_grad():
+            dense_out = self.block(x, ctx.positions, ctx.rope, pad_mask=ctx.pad_mask)  # (B, T, D)
+        delta = dense_out - x.detach()
+        delta_hat, logvar = self.transition(shift_right(dense_out))  # token t sees only tokens < t
         sig, _ = self.surprise(delta, delta_hat, logvar, valid_BT=ctx.pad_mask)
         topk_idx = topk_indices(sig.g.detach(), capacity_k(T, self.capacity))
         topk_mask = indices_to_mask(topk_idx, T)
