@@ -96,6 +96,19 @@ def test_transformers_twin_computes_the_same_logits(tiny_run):
     assert "Against `transformers`" in (tiny_run[1] / "performance.md").read_text()
 
 
+def test_target_checks_cover_every_target_and_follow_the_ratios(tiny_run):
+    result = tiny_run[0]
+    rows = result["targets"]
+    assert {r["target"] for r in rows} == {"a", "b", "c", "d"}
+    for r in rows:
+        assert r["ok"] == (r["value"] <= r["bound"])
+    d = next(r for r in rows if r["target"] == "d")
+    assert d["value"] == pytest.approx(result["transformers"]["forward_ratio"])
+    b = [r for r in rows if r["target"] == "b"]
+    assert len(b) == 2 * sum(r["model"] != "dense" for r in result["records"])  # train step and forward per record
+    assert "| (a) |" in (tiny_run[1] / "performance.md").read_text()
+
+
 def test_dense_ratios_are_one_and_routing_saves_kv(tiny_run):
     result, _ = tiny_run
     for r in result["records"]:
