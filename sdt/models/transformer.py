@@ -207,7 +207,8 @@ class LanguageModel(nn.Module):
                 stats[f"layers.{i}.{name}"] = value
             if out.decisions is not None:
                 decisions[i] = out.decisions
-                stats[f"layers.{i}.position_consensus"] = position_consensus(out.decisions, pad_mask)
+                if diagnostics and cache is None:  # a batch-level statistic: not per decoding step
+                    stats[f"layers.{i}.position_consensus"] = position_consensus(out.decisions, pad_mask)
             if out.scores:
                 scores[i] = out.scores
 

@@ -352,3 +352,16 @@ def test_prior_width():
     assert tiny(d_model=256).prior_hidden_size == 16
     assert tiny(d_model=16).prior_hidden_size == 2  # at least 2
     assert build(d_model=48).layers[0].prior.gate_proj.out_features == 4
+
+
+def test_position_consensus_is_a_training_statistic_not_a_decoding_one():
+    """The routing-collapse statistic is per batch of whole sequences: logged by full forwards, skipped per decode step
+    (where it would cost ops on every token and mean nothing for one token)."""
+    model = calibrated()
+    ids = ids_like(4, 16)
+    stats = model(ids).stats
+    consensus = {k: v for k, v in stats.items() if k.endswith("position_consensus")}
+    assert consensus and all(0 <= float(v) <= 1 for v in consensus.values())
+    assert not any(k.endswith("position_consensus") for k in model(ids, diagnostics=False).stats)
+    cached = model(ids[:, :4], cache=ModelCache(), routing="threshold").stats
+    assert not any(k.endswith("position_consensus") for k in cached)
