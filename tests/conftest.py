@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -102,3 +105,9 @@ def cli_env(cache_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(SDT_CACHE_DIR=str(cache_dir), WANDB_MODE="disabled", HYDRA_FULL_ERROR="0", PYTHONPATH=str(ROOT))
     return env
+
+
+def launch_train(args: list[str], cache_dir: Path, **popen: Any) -> subprocess.Popen:
+    """A real `python train.py` in its own process (one torch thread), for tests that signal or kill it."""
+    env = cli_env(cache_dir) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, text=True, **popen)

@@ -7,7 +7,6 @@ import logging
 import math
 import signal
 import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -18,7 +17,7 @@ from sdt.callbacks import NonFiniteGuard, NonFiniteLossError, RoutingHealth
 from sdt.checkpoint import load_checkpoint
 from sdt.errors import UserError
 from sdt.training import train
-from tests.conftest import ROOT, TINY_MODEL, TINY_TRAINER, cli_env, compose_cfg, tiny_data
+from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, launch_train, tiny_data
 
 
 def tiny(tmp_path, cache_dir, corpus_files, *extra):
@@ -34,15 +33,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus_files, cac
     args += ["trainer.max_steps=10000", "trainer.val_check_interval=10000"]  # no save but the signal's
     args += ["+callbacks.record._target_=tests.faults.RecordBatches", f"+callbacks.record.path={record}"]
     args += ["+callbacks.slow._target_=tests.faults.SlowDown", "+callbacks.slow.seconds=0.1"]
-    env = cli_env(cache_dir) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = launch_train(args, cache_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and not (record.is_file() and record.read_text()):
         time.sleep(0.05)

@@ -7,14 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from sdt.checkpoint import load_checkpoint
-from tests.conftest import ROOT, TINY_MODEL, TINY_TRAINER, cli_env, tiny_data
+from tests.conftest import TINY_MODEL, TINY_TRAINER, launch_train, tiny_data
 
 MAX_STEPS = 40
 EPOCH_BATCHES = 24  # batches of 4 blocks in one epoch of the small corpus
@@ -48,16 +47,7 @@ def overrides(out_dir: Path, record: Path, corpus: list[str]) -> list[str]:
 
 
 def start(args: list[str], cache_dir: Path) -> subprocess.Popen:
-    env = cli_env(cache_dir)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.Popen(
-        [sys.executable, "train.py", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return launch_train(args, cache_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
