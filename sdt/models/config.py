@@ -21,6 +21,11 @@ CHANGE_SURPRISE = ("mse", "kl")
 BETA_MODES = ("learnable", "linear", "cosine")
 ROUTED_ATTENTION = ("selected", "full")
 ROUTING_MODES = ("topk", "threshold", "student")
+# "full" runs every backbone block on every token with no gate: the routed model's dense function (the
+# self-distillation teacher, and an upper bound at evaluation). Not a routing of the model's own.
+FORWARD_ROUTING_MODES = (*ROUTING_MODES, "full")
+CAPACITY_SCHEDULES = ("linear", "cosine")
+MOD_GATES = ("sigmoid", "raw", "ste")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -56,6 +61,16 @@ class ModelConfig:
 
     # --- routing (sdt / stt / mod; ignored by dense). See ../shared/spec and docs/models.md.
     capacity: float = 0.5  # gamma: share of tokens a routed block runs on; k = max(1, floor(gamma * T))
+    # Capacity schedule: training starts routed layers at `capacity_start` (None: no schedule) and moves them to
+    # `capacity` over the first `capacity_warmup` share of training, in `capacity_levels` steps (few distinct k, so
+    # compiled graphs are rebuilt only that often). capacity_start=1.0 starts a conversion at the pretrained model.
+    capacity_start: float | None = None
+    capacity_warmup: float = 0.5
+    capacity_schedule: str = "linear"  # linear | cosine
+    capacity_levels: int = 4
+    # Leading positions that every routed layer executes in every mode (counted inside k): position 0 is the
+    # attention sink of pretrained models, whose removal from routed layers' context hurts most.
+    always_execute_first: int = 0
     gate_rule: str = "or"  # how S_CE and S_CU combine into g: or | ce | cu
     gate_mode: str = "ste"  # ste: forward = full block, gradient through g | soft: output scaled by g
     change_surprise: str = "mse"  # D_ch form: mse | kl (the prior also predicts a log-variance)
@@ -78,7 +93,12 @@ class ModelConfig:
     # None picks the architecture's own: threshold for SDT (its gate is causal), student for STT and MoD.
     inference_routing: str | None = None
     student_input: str = "x"  # causal router input: x | x_prev ([x_t ; x_{t-1}], STT option)
-    mod_gate: str = "sigmoid"  # MoD: scale the block output by sigmoid(r) or by the raw router score r
+    # MoD: scale the block update by sigmoid(r), by the raw score r, or ste: forward value exactly 1 with the gradient
+    # of sigmoid(r) (straight-through), so MoD at capacity 1.0 computes the pretrained model exactly.
+    mod_gate: str = "sigmoid"
+    # Causal student routers read an RMS-normalised input (no weight): pretrained residual streams have large,
+    # layer-dependent norms and outlier dimensions that a freshly initialised MLP learns poorly from.
+    student_norm: bool = False
     mod_zloss_weight: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -127,10 +147,28 @@ class ModelConfig:
             ("routed_attention", ROUTED_ATTENTION),
             ("inference_routing", ROUTING_MODES),
             ("student_input", ("x", "x_prev")),
-            ("mod_gate", ("sigmoid", "raw")),
+            ("mod_gate", MOD_GATES),
+            ("capacity_schedule", CAPACITY_SCHEDULES),
         ):
             value = getattr(self, name)
             _check(value in choices, f"model.{name}={value!r} is unknown; choose one of {', '.join(choices)}")
+        if self.capacity_start is not None:
+            _check(
+                isinstance(self.capacity_start, (int, float)) and 0 < self.capacity_start <= 1,
+                f"model.capacity_start must be a number in (0, 1] or null, got {self.capacity_start!r}",
+            )
+        _check(
+            isinstance(self.capacity_warmup, (int, float)) and 0 < self.capacity_warmup < 1,
+            f"model.capacity_warmup must be a share of training in (0, 1), got {self.capacity_warmup!r}",
+        )
+        _check(
+            isinstance(self.capacity_levels, int) and self.capacity_levels >= 2,
+            f"model.capacity_levels must be an integer >= 2, got {self.capacity_levels!r}",
+        )
+        _check(
+            isinstance(self.always_execute_first, int) and self.always_execute_first >= 0,
+            f"model.always_execute_first must be a non-negative integer, got {self.always_execute_first!r}",
+        )
         _check(self.ma_window >= 1, f"model.ma_window must be >= 1, got {self.ma_window}")
         _check(self.prior_factor > 0, f"model.prior_factor must be positive, got {self.prior_factor}")
         _check(self.o_ce_init > 0 and self.m_cu_init > 0, "model.o_ce_init and model.m_cu_init must be positive")
@@ -162,6 +200,17 @@ class ModelConfig:
     @property
     def routed_layer_count(self) -> int:
         return self.n_layers - self.dense_first - self.dense_last
+
+    def capacity_at(self, progress: float) -> float:
+        """The capacity in force at `progress` (share of training done, in [0, 1]) under the capacity schedule."""
+        if self.capacity_start is None:
+            return self.capacity
+        s = min(1.0, max(0.0, progress) / self.capacity_warmup)
+        if self.capacity_schedule == "cosine":
+            s = 0.5 * (1 - math.cos(math.pi * s))
+        steps = self.capacity_levels - 1
+        s = math.floor(s * steps + 1e-9) / steps  # capacity_levels distinct values, the last from capacity_warmup on
+        return self.capacity_start + (self.capacity - self.capacity_start) * s
 
     @property
     def prior_hidden_size(self) -> int:

@@ -3,7 +3,9 @@
 Selected tokens get x_i + gate_i * f_i with gate = sigmoid(r_i) (or raw r_i), so the router learns through the LM
 loss; the rest pass through on the residual. An auxiliary BCE of r against the Top-K mask (and a small z-loss on r)
 lets `threshold` routing (r >= tau) reproduce Top-K causally; a causal student router (as for SDT/STT) is the other
-causal mode. Routing is always the soft, router-weighted kind: that is what makes MoD's router trainable.
+causal mode. The router learns through the LM loss from the gate: the router-weighted update (`mod_gate=sigmoid` or
+`raw`), or `mod_gate=ste`, whose forward value is the full update (as SDT's and STT's ste gates) and whose gradient
+is that of sigmoid(r), so a converted model at capacity 1.0 computes the pretrained function exactly.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ from sdt.models.layers import Block
 from sdt.models.transformer import ForwardContext, LayerOutput
 from sdt.routing import (
     CausalRouter,
-    capacity_k,
-    causal_selection,
+    all_tokens,
     classification_stats,
     execute_tokens,
-    indices_to_mask,
     router_bce,
-    topk_indices,
+    select_tokens,
+    topk_membership,
 )
 from sdt.routing.routers import LinearRouter
 from sdt.routing.stats import masked_mean
@@ -35,40 +36,41 @@ class MoDLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.capacity, self.raw_gate = cfg.capacity, cfg.mod_gate == "raw"
+        self.capacity, self.gate_kind = cfg.capacity, cfg.mod_gate  # capacity: the one in force (schedules move it)
+        self.always_first = cfg.always_execute_first
         self.full_context = cfg.routed_attention == "full"
         self.block = Block(cfg)
         self.router = LinearRouter(cfg.d_model)
-        self.student = CausalRouter(cfg.d_model, cfg.d_model // 2)
+        self.student = CausalRouter(cfg.d_model, cfg.d_model // 2, normalize=cfg.student_norm)
 
     def thresholds(self) -> dict[str, Tensor]:
         return {"router": self.router.threshold, "student": self.student.threshold}
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
-        T = x.shape[1]
+        if ctx.routing == "full":  # the block on every token, no router weight: the layer's dense function
+            out = self.block(x, ctx.positions, ctx.rope, cache=ctx.kv(0), pad_mask=ctx.pad_mask)
+            return LayerOutput(hidden=out, decisions=all_tokens(x, ctx.pad_mask))
         r = self.router(x)  # (B, T)
-        gate = r if self.raw_gate else torch.sigmoid(r)
+        gate = r if self.gate_kind == "raw" else torch.sigmoid(r)
         student_logits = self.student(x)
         student_prob = torch.sigmoid(student_logits)
         topk_mask = None
         if ctx.cache is None and (ctx.routing == "topk" or ctx.diagnostics):
-            topk_idx = topk_indices(r.detach(), capacity_k(T, self.capacity))
-            topk_mask = indices_to_mask(topk_idx, T)
-
-        if ctx.routing == "topk":
-            if topk_mask is None:
-                raise ValueError("topk routing is not causal and cannot be used for cached decoding")
-            idx, valid = topk_idx, None
-        else:
-            if ctx.routing == "threshold":
-                decide = r >= self.router.threshold
-            elif ctx.routing == "student":
-                decide = student_prob >= self.student.threshold
-            else:
-                raise ValueError(f"unknown routing mode {ctx.routing!r}")
-            idx, valid = causal_selection(decide, ctx.pad_mask, self.full_context)
+            _, topk_mask = topk_membership(r.detach(), self.capacity, ctx.positions, self.always_first)
+        idx, valid = select_tokens(
+            ctx.routing,
+            capacity=self.capacity,
+            positions_BT=ctx.positions,
+            topk_score_BT=r.detach() if ctx.cache is None else None,
+            causal_decide={"threshold": r >= self.router.threshold, "student": student_prob >= self.student.threshold},
+            pad_mask_BT=ctx.pad_mask,
+            always_first=self.always_first,
+            full_context=self.full_context,
+        )
+        # ste: forward value exactly 1 (the block's full update), gradient of sigmoid(r); otherwise the update is
+        # scaled by the router weight.
         out, executed = execute_tokens(
-            self.block, x, ctx.positions, ctx.rope, idx, valid, gate, "soft",
+            self.block, x, ctx.positions, ctx.rope, idx, valid, gate, "ste" if self.gate_kind == "ste" else "soft",
             pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0), full_context=self.full_context,
         )  # fmt: skip
 

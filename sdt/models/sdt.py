@@ -26,13 +26,12 @@ from sdt.routing import (
     CausalRouter,
     PriorFFN,
     SurpriseGate,
-    capacity_k,
-    causal_selection,
+    all_tokens,
     classification_stats,
     execute_tokens,
-    indices_to_mask,
     router_bce,
-    topk_indices,
+    select_tokens,
+    topk_membership,
 )
 from sdt.routing.stats import masked_mean, surprise_stats
 
@@ -44,21 +43,24 @@ class SDTPair(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.capacity, self.gate_mode = cfg.capacity, cfg.gate_mode
+        self.capacity, self.gate_mode = cfg.capacity, cfg.gate_mode  # capacity: the one in force (schedules move it)
+        self.always_first = cfg.always_execute_first
         self.full_context = cfg.routed_attention == "full"
         self.decision = Block(cfg)
         self.dynamic = Block(cfg)
         self.prior = PriorFFN(cfg.d_model, cfg.prior_hidden_size, cfg.rms_norm_eps, cfg.change_surprise == "kl")
         self.surprise = SurpriseGate(cfg)
-        self.student = CausalRouter(cfg.d_model, cfg.d_model // 2)
+        self.student = CausalRouter(cfg.d_model, cfg.d_model // 2, normalize=cfg.student_norm)
 
     def thresholds(self) -> dict[str, Tensor]:
         """Calibrated thresholds by score name (see `scores` in LayerOutput)."""
         return {"gate": self.surprise.threshold, "student": self.student.threshold}
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
-        T = x.shape[1]
         post = self.decision(x, ctx.positions, ctx.rope, cache=ctx.kv(0), pad_mask=ctx.pad_mask)  # (B, T, D)
+        if ctx.routing == "full":  # both blocks on every token, no gate: the pair's dense function
+            out = self.dynamic(post, ctx.positions, ctx.rope, cache=ctx.kv(1), pad_mask=ctx.pad_mask)
+            return LayerOutput(hidden=out, decisions=all_tokens(x, ctx.pad_mask))
         delta = (post - x).detach()
         delta_hat, logvar = self.prior(x.detach())  # the prior learns to predict; it does not shape the backbone
         history = ctx.cache.state.get((ctx.cache_key, "ma")) if ctx.cache is not None else None
@@ -71,20 +73,20 @@ class SDTPair(nn.Module):
         # Top-K membership: what training executes, and the target the student learns. Meaningless for one token.
         topk_mask = None
         if ctx.cache is None and (ctx.routing == "topk" or ctx.diagnostics):
-            k = capacity_k(T, self.capacity)
-            topk_idx = topk_indices(sig.g.detach(), k)
-            topk_mask = indices_to_mask(topk_idx, T)
-
-        if ctx.routing == "topk":
-            if topk_mask is None:
-                raise ValueError("topk routing is not causal and cannot be used for cached decoding")
-            idx, valid = topk_idx, None
-        elif ctx.routing == "threshold":
-            idx, valid = causal_selection(sig.g >= self.surprise.threshold, ctx.pad_mask, self.full_context)
-        elif ctx.routing == "student":
-            idx, valid = causal_selection(student_prob >= self.student.threshold, ctx.pad_mask, self.full_context)
-        else:
-            raise ValueError(f"unknown routing mode {ctx.routing!r}")
+            _, topk_mask = topk_membership(sig.g.detach(), self.capacity, ctx.positions, self.always_first)
+        idx, valid = select_tokens(
+            ctx.routing,
+            capacity=self.capacity,
+            positions_BT=ctx.positions,
+            topk_score_BT=sig.g.detach() if ctx.cache is None else None,
+            causal_decide={
+                "threshold": sig.g >= self.surprise.threshold,
+                "student": student_prob >= self.student.threshold,
+            },
+            pad_mask_BT=ctx.pad_mask,
+            always_first=self.always_first,
+            full_context=self.full_context,
+        )
         out, executed = execute_tokens(
             self.dynamic, post, ctx.positions, ctx.rope, idx, valid, sig.g, self.gate_mode,
             pad_mask_BT=ctx.pad_mask, cache=ctx.kv(1), full_context=self.full_context,

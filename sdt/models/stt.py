@@ -27,13 +27,12 @@ from sdt.routing import (
     CausalRouter,
     PriorFFN,
     SurpriseGate,
-    capacity_k,
-    causal_selection,
+    all_tokens,
     classification_stats,
     execute_tokens,
-    indices_to_mask,
     router_bce,
-    topk_indices,
+    select_tokens,
+    topk_membership,
 )
 from sdt.routing.stats import masked_mean, surprise_stats
 
@@ -56,14 +55,15 @@ class STTLayer(nn.Module):
                 "model=stt supports model.gate_mode=ste only: its inference path has no teacher pass "
                 "to compute a soft gate from"
             )
-        self.capacity, self.gate_mode = cfg.capacity, cfg.gate_mode
+        self.capacity, self.gate_mode = cfg.capacity, cfg.gate_mode  # capacity: the one in force (schedules move it)
+        self.always_first = cfg.always_execute_first
         self.full_context = cfg.routed_attention == "full"
         self.use_prev = cfg.student_input == "x_prev"
         self.block = Block(cfg)
         self.transition = PriorFFN(cfg.d_model, cfg.prior_hidden_size, cfg.rms_norm_eps, cfg.change_surprise == "kl")
         self.surprise = SurpriseGate(cfg)
         d_in = 2 * cfg.d_model if self.use_prev else cfg.d_model
-        self.student = CausalRouter(d_in, cfg.d_model // 2)
+        self.student = CausalRouter(d_in, cfg.d_model // 2, normalize=cfg.student_norm)
 
     def thresholds(self) -> dict[str, Tensor]:
         return {"gate": self.surprise.threshold, "student": self.student.threshold}
@@ -80,7 +80,9 @@ class STTLayer(nn.Module):
         return self.student(torch.cat([x, prev], dim=-1))
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
-        T = x.shape[1]
+        if ctx.routing == "full":  # the block on every token, no gate: the layer's dense function
+            out = self.block(x, ctx.positions, ctx.rope, cache=ctx.kv(0), pad_mask=ctx.pad_mask)
+            return LayerOutput(hidden=out, decisions=all_tokens(x, ctx.pad_mask))
         student_logits = self._student_logits(x, ctx)
         student_prob = torch.sigmoid(student_logits)
         if ctx.routing == "student":
@@ -95,15 +97,20 @@ class STTLayer(nn.Module):
         delta = dense_out - x.detach()
         delta_hat, logvar = self.transition(shift_right(dense_out))  # token t sees only tokens < t
         sig, _ = self.surprise(delta, delta_hat, logvar, valid_BT=ctx.pad_mask)
-        topk_idx = topk_indices(sig.g.detach(), capacity_k(T, self.capacity))
-        topk_mask = indices_to_mask(topk_idx, T)
+        topk_idx, topk_mask = topk_membership(sig.g.detach(), self.capacity, ctx.positions, self.always_first)
         if ctx.routing == "topk":
             idx, valid = topk_idx, None
-        elif ctx.routing == "threshold":
-            # min one slot: the teacher's threshold mode is only run in full forwards, where shapes stay non-empty
-            idx, valid = causal_selection(sig.g >= self.surprise.threshold, ctx.pad_mask, full_context=True)
         else:
-            raise ValueError(f"unknown routing mode {ctx.routing!r}")
+            # full_context=True keeps one slot: the teacher's threshold mode only runs in full forwards
+            idx, valid = select_tokens(
+                ctx.routing,
+                capacity=self.capacity,
+                positions_BT=ctx.positions,
+                causal_decide={"threshold": sig.g >= self.surprise.threshold},
+                pad_mask_BT=ctx.pad_mask,
+                always_first=self.always_first,
+                full_context=True,
+            )
         out, executed = execute_tokens(
             self.block, x, ctx.positions, ctx.rope, idx, valid, sig.g, self.gate_mode,
             pad_mask_BT=ctx.pad_mask, full_context=self.full_context,
@@ -123,7 +130,15 @@ class STTLayer(nn.Module):
 
     def _student_forward(self, x: Tensor, ctx: ForwardContext, student_prob: Tensor) -> LayerOutput:
         """Inference: run the block only where the student says so; no teacher pass, no K/V for skipped tokens."""
-        idx, valid = causal_selection(student_prob >= self.student.threshold, ctx.pad_mask, self.full_context)
+        idx, valid = select_tokens(
+            "student",
+            capacity=self.capacity,
+            positions_BT=ctx.positions,
+            causal_decide={"student": student_prob >= self.student.threshold},
+            pad_mask_BT=ctx.pad_mask,
+            always_first=self.always_first,
+            full_context=self.full_context,
+        )
         out, executed = execute_tokens(
             self.block, x, ctx.positions, ctx.rope, idx, valid, None, self.gate_mode,
             pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0), full_context=self.full_context,

@@ -138,10 +138,23 @@ class LanguageModel(nn.Module):
         return [(i, layer) for i, layer in enumerate(self.layers) if hasattr(layer, "thresholds")]
 
     def set_training_progress(self, progress: float) -> None:
-        """Fraction of training done, in [0, 1]; drives scheduled routing temperatures (beta)."""
+        """Fraction of training done, in [0, 1]; drives scheduled routing temperatures (beta) and the capacity
+        schedule (`model.capacity_start`)."""
         for module in self.modules():
             if module is not self and hasattr(module, "set_progress"):
                 module.set_progress(progress)
+        self.set_capacity(self.config.capacity_at(progress))
+
+    def set_capacity(self, capacity: float) -> None:
+        """The share of tokens every routed layer's Top-K keeps from now on (the capacity in force)."""
+        for _, layer in self.routed_layers():
+            layer.capacity = capacity
+
+    @property
+    def capacity_in_force(self) -> float:
+        """The routed layers' current capacity: `config.capacity` unless a schedule has moved it."""
+        routed = self.routed_layers()
+        return routed[0][1].capacity if routed else self.config.capacity
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -167,7 +180,8 @@ class LanguageModel(nn.Module):
         The data pipeline shifts labels; the loss here compares position t's logits with targets[t] directly.
         `logits_to_keep > 0` computes logits only for the last that many positions (prefill during generation).
         `routing` picks how routed layers choose tokens: "topk" (training; the default without a cache), or a causal
-        mode, "threshold" or "student" (the default with a cache is the config's `inference_routing`).
+        mode, "threshold" or "student" (the default with a cache is the config's `inference_routing`); "full" runs
+        every block on every token without gates (the routed model's dense function, a distillation teacher).
         `layer_path` runs these layers of the stack in this order instead of all of them once (test-time depth
         adaptation, docs/cola.md); each position in the path has its own cache slots, so a repeated layer keeps one
         KV cache per visit. Per-layer stats and decisions of a layer visited twice are those of its last visit.

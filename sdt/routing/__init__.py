@@ -9,6 +9,7 @@ from sdt.routing.execution import (
 )
 from sdt.routing.gates import apply_gate
 from sdt.routing.priors import PriorFFN
+from sdt.routing.selection import all_tokens, leading_positions, select_tokens, topk_membership
 from sdt.routing.students import CausalRouter, classification_stats, router_bce
 from sdt.routing.surprise import SurpriseGate, SurpriseSignals, causal_moving_average, combine_gates
 from sdt.routing.topk import capacity_k, indices_to_mask, pack_decisions, topk_indices
@@ -18,6 +19,7 @@ __all__ = [
     "PriorFFN",
     "SurpriseGate",
     "SurpriseSignals",
+    "all_tokens",
     "apply_gate",
     "capacity_k",
     "causal_moving_average",
@@ -27,9 +29,12 @@ __all__ = [
     "execute_tokens",
     "gather_tokens",
     "indices_to_mask",
+    "leading_positions",
     "pack_decisions",
     "router_bce",
     "run_routed_block",
     "scatter_tokens",
+    "select_tokens",
     "topk_indices",
+    "topk_membership",
 ]

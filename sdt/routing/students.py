@@ -17,14 +17,18 @@ class CausalRouter(nn.Module):
 
     param_role = "router"
 
-    def __init__(self, d_in: int, d_hidden: int) -> None:
+    def __init__(self, d_in: int, d_hidden: int, normalize: bool = False) -> None:
         super().__init__()
+        self.normalize = normalize  # RMS-normalise the input (no weight): scale-free decisions
         self.fc1 = nn.Linear(d_in, max(1, d_hidden))
         self.fc2 = nn.Linear(max(1, d_hidden), 1)
         self.register_buffer("threshold", torch.full((), 0.5))  # on sigmoid(logit), calibrated to the capacity
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        return self.fc2(F.silu(self.fc1(x_BTD.detach()))).squeeze(-1)  # (B, T) logits
+        x = x_BTD.detach()
+        if self.normalize:
+            x = F.rms_norm(x.float(), (x.shape[-1],)).to(x.dtype)
+        return self.fc2(F.silu(self.fc1(x))).squeeze(-1)  # (B, T) logits
 
 
 def router_bce(logits_BT: Tensor, target_BT: Tensor, valid_BT: Tensor | None = None) -> Tensor:

@@ -1,0 +1,180 @@
+"""Conversion-recipe options that every routed model shares: the dense function (routing="full"), the MoD
+straight-through gate, always-executed leading positions and the capacity schedule."""
+
+import itertools
+
+import pytest
+import torch
+
+from sdt.models import ModelCache, ModelConfig, build_model
+from sdt.routing.calibration import calibrate_thresholds
+
+V = 97
+ROUTED = ["sdt", "stt", "mod"]
+
+
+def tiny(arch: str, **kw) -> ModelConfig:
+    base = {"arch": arch, "vocab_size": V, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2}
+    base.update(max_seq_len=64, init_std=0.2, beta_init=5.0, ma_window=8)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def build(arch: str, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    return build_model(tiny(arch, **kw)).eval()
+
+
+def ids_like(*shape, seed: int = 1):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def dense_twin(model):
+    """A dense model holding the routed model's backbone: every routed block becomes a plain block."""
+    dense = build_model(tiny("dense", n_layers=model.config.n_layers)).eval()
+    blocks = []
+    for layer in model.layers:
+        blocks += [layer.decision, layer.dynamic] if hasattr(layer, "decision") else [layer.block]
+    for target, block in zip(dense.layers, blocks, strict=True):
+        target.block.load_state_dict(block.state_dict())
+    for name in ("embed_tokens", "norm", "lm_head"):
+        getattr(dense, name).load_state_dict(getattr(model, name).state_dict())
+    return dense
+
+
+@pytest.mark.parametrize("arch", ROUTED)
+def test_full_routing_is_the_backbone_run_densely(arch):
+    model = build(arch, mod_gate="sigmoid")  # even MoD's router weight is not applied in the dense function
+    ids = ids_like(2, 24)
+    out = model(ids, routing="full")
+    assert torch.equal(out.logits, dense_twin(model)(ids).logits)
+    assert all(bool(d.all()) for d in out.decisions.values())
+
+
+@pytest.mark.parametrize("arch", ROUTED)
+def test_full_routing_decodes_with_a_cache_like_the_full_forward(arch):
+    model = build(arch)
+    ids = ids_like(1, 12)
+    full = model(ids, routing="full").logits
+    cache = ModelCache()
+    steps = [model(ids[:, :8], cache=cache, routing="full").logits]
+    for t in range(8, 12):
+        steps.append(model(ids[:, t : t + 1], positions=torch.tensor([[t]]), cache=cache, routing="full").logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_mod_ste_gate_at_capacity_one_is_exactly_the_dense_function_and_trains_the_router():
+    model = build("mod", mod_gate="ste", capacity=1.0).train()
+    ids = ids_like(2, 16)
+    out = model(ids, ids)
+    # Up to float rounding of the gathered attention (the same blocks, the same tokens, full updates).
+    torch.testing.assert_close(out.logits, model(ids, routing="full").logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    router_grads = [layer.router.proj.weight.grad for _, layer in model.routed_layers()]
+    assert all(g is not None and g.abs().sum() > 0 for g in router_grads)
+
+
+def test_mod_sigmoid_gate_at_capacity_one_changes_the_function():
+    # The reason for the ste option: the default sigmoid weight halves-ish every routed update at step 0.
+    model = build("mod", mod_gate="sigmoid", capacity=1.0)
+    ids = ids_like(2, 16)
+    assert not torch.allclose(model(ids).logits, model(ids, routing="full").logits)
+
+
+@pytest.mark.parametrize("arch", ROUTED)
+@pytest.mark.parametrize("mode", ["topk", "threshold", "student"])
+def test_leading_positions_execute_in_every_mode(arch, mode):
+    if arch == "stt" and mode == "threshold":
+        mode = "threshold"  # the teacher's threshold mode, full forwards only
+    model = build(arch, always_execute_first=3, capacity=0.25)
+    for _, layer in model.routed_layers():
+        for buf in layer.thresholds().values():
+            buf.fill_(1e9)  # no token passes a causal threshold: only the forced ones execute
+    out = model(ids_like(2, 32), routing=mode)
+    for decisions in out.decisions.values():
+        assert decisions[:, :3].all()
+        if mode != "topk":
+            assert not decisions[:, 3:].any()
+        else:
+            assert int(decisions.sum(dim=1).max()) == 8  # still k = 0.25 * 32, the forced ones inside
+
+
+@pytest.mark.parametrize("arch", ROUTED)
+def test_leading_positions_in_cached_generation_match_the_full_forward(arch):
+    model = build(arch, always_execute_first=2)
+    g = torch.Generator().manual_seed(5)
+    calibrate_thresholds(model, [torch.randint(0, V, (4, 32), generator=g) for _ in range(2)])
+    mode = model.config.inference_routing
+    ids = ids_like(1, 20)
+    full = model(ids, routing=mode)
+    cache = ModelCache()
+    steps = [model(ids[:, :1], cache=cache, routing=mode).logits]  # a 1-token prompt: position 1 is decoded
+    for t in range(1, 20):
+        steps.append(model(ids[:, t : t + 1], positions=torch.tensor([[t]]), cache=cache, routing=mode).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_counts_the_leading_positions_inside_the_capacity():
+    model = build("sdt", always_execute_first=4, capacity=0.5)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, V, (4, 32), generator=g) for _ in range(4)]
+    calibrate_thresholds(model, batches)
+    executed = torch.cat([model(b, routing="threshold").decisions[1].float() for b in batches])
+    assert executed[:, :4].all()
+    assert abs(float(executed.mean()) - 0.5) < 0.03  # 4 forced + the threshold's share = half the tokens
+
+
+def test_capacity_schedule_steps_from_start_to_target_in_few_levels():
+    cfg = tiny("sdt", capacity=0.5, capacity_start=1.0, capacity_warmup=0.5, capacity_levels=3)
+    values = [cfg.capacity_at(p / 100) for p in range(101)]
+    assert values[0] == 1.0 and values[49] == 0.75 and values[50] == 0.5 and values[-1] == 0.5
+    assert sorted(set(values), reverse=True) == [1.0, 0.75, 0.5]  # k changes only twice
+    assert all(a >= b for a, b in itertools.pairwise(values))  # never back up
+    cosine = tiny("sdt", capacity=0.5, capacity_start=1.0, capacity_schedule="cosine", capacity_levels=100)
+    assert cosine.capacity_at(0.05) > tiny("sdt", capacity=0.5, capacity_start=1.0, capacity_levels=100).capacity_at(
+        0.05
+    )  # cosine leaves full capacity more slowly
+    assert tiny("sdt", capacity=0.25).capacity_at(0.0) == 0.25  # no schedule
+
+
+@pytest.mark.parametrize("arch", ROUTED)
+def test_training_progress_moves_the_capacity_in_force_and_calibration_uses_it(arch):
+    model = build(arch, capacity=0.25, capacity_start=1.0, capacity_levels=2, capacity_warmup=0.5)
+    model.set_training_progress(0.0)
+    assert model.capacity_in_force == 1.0
+    ids = ids_like(2, 32)
+    out = model.train()(ids, ids)
+    assert all(bool(d.all()) for d in out.decisions.values())  # Top-K at capacity 1: every token
+    model.set_training_progress(0.6)
+    assert model.capacity_in_force == 0.25
+    assert all(int(d.sum(dim=1).max()) == 8 for d in model(ids, ids).decisions.values())
+    model.set_training_progress(0.0)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, V, (4, 32), generator=g) for _ in range(2)]
+    model.eval()
+    calibrate_thresholds(model, batches)
+    mode = model.config.inference_routing
+    executed = torch.cat([model(b, routing=mode).decisions[model.routed_layers()[0][0]] for b in batches])
+    assert float(executed.float().mean()) > 0.95  # calibrated to the capacity in force (1.0), not the target
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("capacity_start", 0.0, "capacity_start"),
+    ("capacity_warmup", 1.0, "capacity_warmup"),
+    ("capacity_levels", 1, "capacity_levels"),
+    ("always_execute_first", -1, "always_execute_first"),
+    ("capacity_schedule", "step", "capacity_schedule"),
+    ("mod_gate", "hard", "mod_gate"),
+])  # fmt: skip
+def test_recipe_options_are_validated_by_name(key, value, match):
+    from sdt.errors import UserError
+
+    with pytest.raises(UserError, match=match):
+        tiny("sdt", **{key: value})
+
+
+def test_student_norm_makes_the_student_scale_free():
+    model = build("sdt", student_norm=True)
+    student = model.routed_layers()[0][1].student
+    x = torch.randn(2, 8, 32)
+    torch.testing.assert_close(student(x), student(x * 50.0), rtol=1e-4, atol=1e-4)
