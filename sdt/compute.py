@@ -185,11 +185,19 @@ def kv_entries(cfg: ModelConfig, seq_len: int) -> int:
     return sum(seq_len if kind in ("block", "decision") else routed_kv for kind in layer_kinds(cfg))
 
 
-def compute_report(cfg: ModelConfig, seq_len: int) -> dict:
-    """FLOPs per token, KV entries and their ratios to the dense model with the same dimensions."""
+def compute_report(cfg: ModelConfig, seq_len: int, teacher: ModelConfig | None = None) -> dict:
+    """FLOPs per token, KV entries and their ratios to the dense model with the same dimensions.
+
+    `teacher`: a distillation teacher (`distill.*`) whose forward runs, without gradients, at every training step;
+    its dense forward FLOPs count once in the training FLOPs (for `distill.teacher=self`, the model's own
+    dimensions as a dense model).
+    """
     dense = dataclasses.replace(cfg, arch="dense")
     inference, dense_inference = flops_breakdown(cfg, seq_len), flops_breakdown(dense, seq_len)
     train, dense_train = flops_breakdown(cfg, seq_len, training=True), flops_breakdown(dense, seq_len, training=True)
+    if teacher is not None:
+        train = dict(train)
+        train["total"] += flops_breakdown(dataclasses.replace(teacher, arch="dense"), seq_len)["total"]
     kv = kv_entries(cfg, seq_len)
     return {
         "flops_per_token": inference["total"],

@@ -9,8 +9,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from sdt.models import ModelConfig, build_model
-from sdt.optim import OptimConfig, build_optimizer, clip_grad_norm_by_role, warmup_cosine
+from sdt.distill import DistillConfig, distillation_loss, load_teacher, teacher_logits
+from sdt.models import LanguageModel, ModelConfig, build_model
+from sdt.optim import OptimConfig, build_optimizer, clip_grad_norm_by_role, parameter_role, warmup_cosine
 from sdt.routing.calibration import calibrate_thresholds
 
 
@@ -21,12 +22,18 @@ class LitLM(L.LightningModule):
     small and the model can be rebuilt from the checkpoint alone.
     """
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], distill: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_config = ModelConfig.from_dict(model)
         self.optim_config = OptimConfig.from_dict(optim)
+        self.distill_config = DistillConfig.from_dict(distill)
         self.model = build_model(self.model_config)
+        # A separate teacher is frozen and not part of this module's state (checkpoints hold the student only);
+        # None with distillation on means the student's own dense pass.
+        self._teacher: list[LanguageModel] = []
+        if self.distill_config.enabled and self.distill_config.teacher != "self":
+            self._teacher.append(load_teacher(self.distill_config.teacher))
         if self.model_config.compile:
             # In place (nn.Module.compile), so parameter names and checkpoints stay those of the eager model.
             self.model.compile()
@@ -40,13 +47,30 @@ class LitLM(L.LightningModule):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         self.model.set_training_progress(min(1.0, self.global_step / max(1, total)))
 
+    @property
+    def teacher_config(self) -> ModelConfig | None:
+        """The distillation teacher's config (the student's own for `teacher: self`), None without distillation."""
+        if not self.distill_config.enabled:
+            return None
+        return self._teacher[0].config if self._teacher else self.model_config
+
+    def on_fit_start(self) -> None:
+        for teacher in self._teacher:
+            teacher.to(self.device)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.model(batch["input_ids"], batch["targets"])
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        if self.distill_config.enabled:
+            teacher = self._teacher[0] if self._teacher else None
+            t_logits = teacher_logits(teacher, self.model, batch["input_ids"])
+            distill = distillation_loss(out.logits, t_logits, self.distill_config.temperature, batch["targets"])
+            out.aux_losses["distill"] = distill.detach()
+            loss = loss + self.distill_config.weight * distill
         n_tokens = batch["input_ids"].numel()
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n_tokens)
         self.log("train/ppl", torch.exp(out.loss.detach()), batch_size=n_tokens)
-        if out.aux_loss is not None:
+        if out.aux_losses:
             self.log("train/total_loss", loss, batch_size=n_tokens)
             for name, value in out.aux_losses.items():
                 self.log(f"train/aux/{name}", value, batch_size=n_tokens)
@@ -118,6 +142,16 @@ class LitLM(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Router warm-up: for the first `optim.router_warmup_steps` steps only the routing modules (priors,
+        transition networks, gate scalars, students, routers) learn; the backbone's gradients are dropped, so
+        AdamW leaves those weights (and their moments) untouched."""
+        if self.global_step >= self.optim_config.router_warmup_steps:
+            return
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and parameter_role(self.model, name) == "base":
+                p.grad = None
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None

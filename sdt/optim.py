@@ -24,6 +24,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # handed to the Trainer (gradient_clip_val); 0 disables
     # Learning rates per parameter role (see `parameter_role`); roles not listed use `lr`.
     group_lr: dict[str, float] = field(default_factory=dict)
+    # The first N steps train only the routing modules (every role but "base"); the backbone stays frozen.
+    router_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -35,6 +37,8 @@ class OptimConfig:
             raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not isinstance(self.router_warmup_steps, int) or self.router_warmup_steps < 0:
+            raise UserError(f"optim.router_warmup_steps must be an integer >= 0, got {self.router_warmup_steps!r}")
         for role, lr in self.group_lr.items():
             if lr <= 0:
                 raise UserError(f"optim.group_lr.{role} must be positive, got {lr}")

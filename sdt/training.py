@@ -71,9 +71,11 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = No
     )
 
 
-def log_compute(trainer: L.Trainer, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+def log_compute(
+    trainer: L.Trainer, model_cfg: ModelConfig, seq_len: int, teacher: ModelConfig | None = None
+) -> dict[str, float]:
     """Analytic compute of the configured model against dense, logged once at step 0 (`compute/...`)."""
-    report = compute_report(model_cfg, seq_len)
+    report = compute_report(model_cfg, seq_len, teacher=teacher)
     metrics = {
         f"compute/{k}": float(report[k])
         for k in ("flops_per_token", "flops_ratio_vs_dense", "train_flops_ratio_vs_dense", "kv_entries_ratio_vs_dense")
@@ -126,7 +128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
 
     model_dict = resolve_model_dict(model_dict, datamodule.vocab_size, data_cfg.seq_len)
-    lit = LitLM(model=model_dict, optim=to_dict(cfg.optim))
+    lit = LitLM(model=model_dict, optim=to_dict(cfg.optim), distill=to_dict(cfg.get("distill")))
     if pretrained is not None:
         pretrained.load_into(lit.model)
     lit.extra_state = {
@@ -143,7 +145,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
 
     trainer = build_trainer(cfg)
-    log_compute(trainer, lit.model_config, data_cfg.seq_len)
+    log_compute(trainer, lit.model_config, data_cfg.seq_len, teacher=lit.teacher_config)
     try:
         with warnings.catch_warnings():
             # Lightning warns that a mid-epoch resume replays data unless the loader is stateful; ours continues
