@@ -75,3 +75,18 @@ class PoisonLoss(L.Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+class CrashAtStep(L.Callback):
+    """Raises `SimulatedCrash` when training reaches `step`, in process: a run dying mid-way for the resume tests."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step >= self.step:
+            raise SimulatedCrash(f"simulated crash at step {trainer.global_step}")
+
+
+class SimulatedCrash(RuntimeError):
+    pass

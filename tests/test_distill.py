@@ -67,7 +67,7 @@ def test_the_teacher_pass_counts_once_in_training_flops():
 
 
 def test_a_capacity_schedule_raises_training_flops_by_its_average_capacity():
-    base = dict(arch="sdt", vocab_size=4096, d_model=128, n_layers=4, n_heads=4, capacity=0.5)
+    base = {"arch": "sdt", "vocab_size": 4096, "d_model": 128, "n_layers": 4, "n_heads": 4, "capacity": 0.5}
     plain = compute_report(ModelConfig(**base), 256)
     scheduled = compute_report(ModelConfig(**base, capacity_start=1.0, capacity_warmup=0.5, capacity_levels=2), 256)
     full = compute_report(ModelConfig(**{**base, "capacity": 1.0}), 256)

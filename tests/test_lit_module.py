@@ -2,6 +2,7 @@
 
 import csv
 
+import pytest
 import torch
 from lightning.pytorch import seed_everything
 
@@ -10,6 +11,7 @@ from sdt.lit_module import LitLM
 from sdt.optim import parameter_role
 from sdt.training import train
 from tests.conftest import TINY_TRAINER, compose_cfg, tiny_data
+from tests.faults import SimulatedCrash
 
 ROUTED_TINY = ["model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.n_kv_heads=1", "model.max_seq_len=64"]
 
@@ -56,3 +58,22 @@ def test_capacity_schedule_trains_at_full_capacity_first_and_ends_at_the_target(
     assert executed[-1] == 0.25  # from half-way on, the target
     val = [float(r[k]) for r in rows for k in r if k.startswith("val_routing/") and r[k]]
     assert val and abs(val[-1] - 0.25) < 0.15  # the final calibration used the target capacity
+
+
+def test_resume_is_exact_under_the_full_recipe(tmp_path, corpus_files, cache_dir):
+    recipe = [
+        "model.capacity=0.25", "model.capacity_start=1.0", "model.capacity_warmup=0.5", "model.capacity_levels=3",
+        "model.always_execute_first=1", "distill.weight=0.5", "optim.router_warmup_steps=2",
+        "trainer.max_steps=8", "trainer.val_check_interval=8", "callbacks.last_checkpoint.every_n_train_steps=3",
+    ]  # fmt: skip
+    base = [*ROUTED_TINY, *TINY_TRAINER, *tiny_data(corpus_files), "optim.warmup_steps=0", *recipe]
+    train(compose_cfg("train", base, tmp_path / "ref", cache_dir))
+    crash = ["+callbacks.crash._target_=tests.faults.CrashAtStep", "+callbacks.crash.step=5"]
+    with pytest.raises(SimulatedCrash):
+        train(compose_cfg("train", base + crash, tmp_path / "crashed", cache_dir))
+    last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(str(last))["global_step"] == 3  # mid-schedule (capacity 0.625 in force), mid-warm-up
+    train(compose_cfg("train", [*base, f"ckpt_path={last}"], tmp_path / "resumed", cache_dir))
+    a = load_checkpoint(str(tmp_path / "ref" / "checkpoints" / "last.ckpt"))["state_dict"]
+    b = load_checkpoint(str(tmp_path / "resumed" / "checkpoints" / "last.ckpt"))["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
