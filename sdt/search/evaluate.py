@@ -158,8 +158,24 @@ def evaluate_search(cfg: DictConfig) -> dict[str, Any]:
     items = task.items[: int(num_items)] if num_items else task.items
     depth = len(model.layers)
     rows, wall = search_items(ColaSearch(depth, search_cfg), scorer, items, range(len(items)), task.name, out_dir)
-    evaluations = sum(r["evaluations"] for r in rows)
+    return write_search_result(cfg, rows, wall, task, model, search_cfg, source, scorer, out_dir)
 
+
+def write_search_result(
+    cfg: DictConfig,
+    rows: list[dict[str, Any]],
+    wall: float,
+    task: Any,
+    model: Any,
+    search_cfg: ColaConfig,
+    source: str | None,
+    scorer: PathScorer,
+    out_dir: str,
+) -> dict[str, Any]:
+    """cola.json (and its plots) of a search whose per-item results are `rows`."""
+    depth = len(model.layers)
+    evaluations = sum(r["evaluations"] for r in rows)
+    options = OmegaConf.to_container(cfg.cola, resolve=True)
     out: dict[str, Any] = {
         "task": task.name,
         "kind": task.kind,
@@ -167,7 +183,7 @@ def evaluate_search(cfg: DictConfig) -> dict[str, Any]:
         "arch": model.config.arch,
         "depth": depth,
         "simulations": search_cfg.simulations,
-        "config": {**options, **run_options, "block_sizes": list(search_cfg.block_sizes)},
+        "config": {**options, "block_sizes": list(search_cfg.block_sizes)},
         "oracle": True,
         "note": ORACLE_NOTE,
         **summarise(rows, depth),
@@ -175,7 +191,7 @@ def evaluate_search(cfg: DictConfig) -> dict[str, Any]:
         "wall_seconds": wall,
         "seconds_per_evaluation": wall / max(evaluations, 1),
         **reuse_counts(scorer),
-        "device": str(device),
+        "device": str(next(model.parameters()).device),
         "items": rows,
     }
     out["layer_edits"] = layer_edit_counts(out)

@@ -103,7 +103,7 @@ def evaluate_router(
     run_options: dict[str, Any],
     out_dir: str,
 ) -> dict[str, Any]:
-    from sdt.search.evaluate import reuse_counts, search_items, summarise
+    from sdt.search.evaluate import reuse_counts, search_items, summarise, write_search_result
 
     rcfg = RouterConfig.from_dict(OmegaConf.to_container(cfg.cola_router, resolve=True))
     depth = len(model.layers)
@@ -132,7 +132,9 @@ def evaluate_router(
         rows, timings["search_seconds"] = search_items(
             ColaSearch(depth, search_cfg), scorer, train_items, train_idx, task.name, out_dir, rewards
         )
+        # The training split's search is a search=cola run of its own: cola.json and its plots.
         train_summary = summarise(rows, depth)
+        write_search_result(cfg, rows, timings["search_seconds"], task, model, search_cfg, source, scorer, out_dir)
         correct_paths = [[p for p, r in rewards[i].items() if r >= 1.0] for i in train_idx]
         candidates = select_candidates(correct_paths, original, rcfg.prefix_layers, rcfg.num_candidates)
         start = time.perf_counter()
@@ -164,6 +166,7 @@ def evaluate_router(
     timings["heldout_seconds"] = time.perf_counter() - start
     lengths = router.lengths
     picks = router.route(feats)
+    probs = router.probabilities(feats)
     rows_out = [
         {
             "index": index,
@@ -172,6 +175,8 @@ def evaluate_router(
             "candidate": k,
             "correct": bool(correct[n, k]),
             "original_correct": bool(correct[n, 0]),
+            "probabilities": probs[n].tolist(),  # the router's P(correct) per candidate
+            "candidates_correct": correct[n].bool().tolist(),
         }
         for n, (index, k) in enumerate(zip(heldout_idx, picks, strict=True))
     ]

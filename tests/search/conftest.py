@@ -8,6 +8,7 @@ import torch
 from sdt.data.tokenizer import train_bpe
 from sdt.models import ModelConfig, build_model
 from sdt.search.tasks import Task, TaskItem
+from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, tiny_data
 
 WORDS = "three four five six seven eight nine ten red blue green cat dog"
 
@@ -36,3 +37,34 @@ def tiny_model(arch: str, n_layers: int = 6, seed: int = 0):
     torch.manual_seed(seed)
     cfg = ModelConfig(arch=arch, vocab_size=300, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_seq_len=64)
     return build_model(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def dense_run(tmp_path_factory, corpus_files, cache_dir):
+    """A tiny 4-layer dense run (its last.ckpt): paths over 4 layers leave a router something to choose."""
+    from sdt.training import train
+
+    out = tmp_path_factory.mktemp("dense_run")
+    overrides = [o for o in TINY_MODEL if o != "model.n_layers=2"] + ["model=dense", "model.n_layers=4"]
+    overrides += [*TINY_TRAINER, *tiny_data(corpus_files), "trainer.max_steps=2"]
+    train(compose_cfg("train", overrides, out, cache_dir))
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def router_run(tmp_path_factory, dense_run, cache_dir):
+    """`python evaluate.py search=cola_router` on the dense run: (run dir, overrides, result, printed report)."""
+    import contextlib
+    import io
+
+    from sdt.evaluation import evaluate
+
+    out = tmp_path_factory.mktemp("router_run")
+    overrides = ["search=cola_router", "task=basic_mc", f"ckpt_path={dense_run}", "device=cpu"]
+    overrides += ["cola.simulations=8", "cola_router.train_items=12", "cola_router.heldout_items=6"]
+    overrides += ["cola_router.prefix_layers=1", "cola_router.num_candidates=4", "cola_router.cv_folds=3"]
+    overrides += ["cola_router.steps=50"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = evaluate(compose_cfg("eval", overrides, out, cache_dir))
+    return out, overrides, result, printed.getvalue()

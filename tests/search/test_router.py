@@ -10,7 +10,7 @@ import torch
 from sdt.errors import UserError
 from sdt.evaluation import evaluate
 from sdt.search.router import PathRouter, RouterConfig, fit_router, select_candidates, split_items
-from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, tiny_data
+from tests.conftest import compose_cfg
 
 
 def test_split_is_deterministic_disjoint_and_sized():
@@ -67,35 +67,19 @@ def test_router_learns_when_the_short_path_is_safe_and_round_trips(tmp_path):
         PathRouter.load(str(tmp_path / "bad.pt"))
 
 
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory, corpus_files, cache_dir):
-    """A tiny 4-layer dense run: paths over 4 layers leave the router something to choose."""
-    from sdt.training import train
-
-    out = tmp_path_factory.mktemp("dense_run")
-    overrides = [*TINY_MODEL, "model=dense", "model.n_layers=4", *TINY_TRAINER, *tiny_data(corpus_files)]
-    overrides = [o for o in overrides if o != "model.n_layers=2"] + ["trainer.max_steps=2"]
-    train(compose_cfg("train", overrides, out, cache_dir))
-    return out / "checkpoints" / "last.ckpt"
-
-
-def test_cola_router_trains_saves_and_applies_on_held_out_items_only(dense_run, cache_dir, tmp_path, capsys):
-    overrides = ["search=cola_router", "task=basic_mc", f"ckpt_path={dense_run}", "device=cpu"]
-    overrides += ["cola.simulations=8", "cola_router.train_items=12", "cola_router.heldout_items=6"]
-    overrides += ["cola_router.prefix_layers=1", "cola_router.num_candidates=4", "cola_router.cv_folds=3"]
-    overrides += ["cola_router.steps=50"]
-    result = evaluate(compose_cfg("eval", overrides, tmp_path, cache_dir))
-    data = json.loads((tmp_path / "cola_router.json").read_text())
+def test_cola_router_trains_saves_and_applies_on_held_out_items_only(router_run, cache_dir, tmp_path):
+    run_dir, overrides, result, stdout = router_run
+    data = json.loads((run_dir / "cola_router.json").read_text())
     assert data == json.loads(json.dumps(result))
-    assert (tmp_path / "cola_router.png").stat().st_size > 0 and (tmp_path / "cola_router.pt").is_file()
-    assert "without the gold answer" in capsys.readouterr().out
+    assert (run_dir / "cola_router.png").stat().st_size > 0 and (run_dir / "cola_router.pt").is_file()
+    assert "without the gold answer" in stdout
     for key in ("accuracy", "original_accuracy", "mean_path_length", "original_path_length"):
         assert key in data
     assert data["original_path_length"] == data["depth"] == 4
     train, held = set(data["train_indices"]), set(data["heldout_indices"])
     assert len(train) == 12 and len(held) == 6 and not train & held
     # The training search ran on the training items only, and the figures agree with the per-item rows.
-    searched = [json.loads(line)["index"] for line in (tmp_path / "cola_items.jsonl").read_text().splitlines()]
+    searched = [json.loads(line)["index"] for line in (run_dir / "cola_items.jsonl").read_text().splitlines()]
     assert sorted(searched) == sorted(train)
     rows = data["items"]
     assert [r["index"] for r in rows] == sorted(held)
@@ -107,9 +91,11 @@ def test_cola_router_trains_saves_and_applies_on_held_out_items_only(dense_run, 
     assert all(r["path"] == candidates[r["candidate"]] for r in rows)
 
     # Applying the saved router reproduces the held-out results without searching or training.
-    router = PathRouter.load(str(tmp_path / "cola_router.pt"))
+    # The training split's search also leaves its cola.json, as search=cola would.
+    assert sorted(it["index"] for it in json.loads((run_dir / "cola.json").read_text())["items"]) == sorted(train)
+    router = PathRouter.load(str(run_dir / "cola_router.pt"))
     assert set(router.meta["train_indices"]) == train
-    apply = overrides + [f"cola.router={tmp_path / 'cola_router.pt'}"]
+    apply = overrides + [f"cola.router={run_dir / 'cola_router.pt'}"]
     again = evaluate(compose_cfg("eval", apply, tmp_path / "apply", cache_dir))
     assert again["items"] == rows and not again["trained_here"]
     assert not (tmp_path / "apply" / "cola_items.jsonl").exists()
