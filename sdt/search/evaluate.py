@@ -60,7 +60,7 @@ def summarise(items: list[dict[str, Any]], depth: int) -> dict[str, Any]:
 
 
 # cola.* options of the run rather than of the tree search (ColaConfig)
-RUN_OPTIONS = ("reuse_prefix", "prefix_cache_mb", "router")
+RUN_OPTIONS = ("reuse_prefix", "prefix_cache_mb", "batch_paths", "router")
 
 
 def make_scorer(
@@ -69,7 +69,12 @@ def make_scorer(
     """The path scorer of a search run: with prefix reuse (`cola.reuse_prefix`, the default) or the plain one."""
     if run_options.get("reuse_prefix", True):
         megabytes = float(run_options.get("prefix_cache_mb", 512))
-        return PrefixReusingScorer(model, tokenizer, task, device, valid_vocab, cache_bytes=int(megabytes * 2**20))
+        batch = int(run_options.get("batch_paths", 4))
+        if batch < 1:
+            raise UserError(f"cola.batch_paths must be >= 1, got {batch}")
+        return PrefixReusingScorer(
+            model, tokenizer, task, device, valid_vocab, cache_bytes=int(megabytes * 2**20), batch_paths=batch
+        )
     return PathScorer(model, tokenizer, task, device, valid_vocab)
 
 

@@ -68,9 +68,10 @@ class PrefixReusingScorer(PathScorer):
     `layers_run` / `layers_reused` count layer calls made and saved (one call runs every choice of an item).
     """
 
-    def __init__(self, *args, cache_bytes: int = 512 * 2**20, **kwargs) -> None:
+    def __init__(self, *args, cache_bytes: int = 512 * 2**20, batch_paths: int = 4, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.cache = PrefixCache(cache_bytes)
+        self.batch_paths = batch_paths
         self.layers_run = 0
         self.layers_reused = 0
 
@@ -111,10 +112,75 @@ class PrefixReusingScorer(PathScorer):
         logits = self.model.lm_head(self.model.norm(state)[:, -keep:])  # as in LanguageModel.forward
         return self._choice_scores(logits, conts)
 
+    @torch.no_grad()
+    def loglikelihoods_many(self, item: TaskItem, paths: Sequence[Sequence[int]]) -> list[list[float]]:
+        """`choice_loglikelihoods` of many paths on one item, each shared prefix run once.
+
+        The paths form a trie over layer calls; its edges are run in stacked batches of up to `batch_paths` states
+        (each state is the item's (C, W, D) choice batch) that call the same layer, the most widely needed layer
+        first. Used where a set of paths is known in advance (the router's candidates); the search asks for one
+        path at a time. A dense layer computes each row of a stacked batch with the same bits as alone; a routed
+        layer's token selection can change the shapes of its matmuls (and the last bits), so routed models run one
+        state at a time.
+        """
+        ids, mask, conts = self._choice_inputs(item)
+        keep = max(len(c) for c in conts) + 1
+        key = self.input_key(item)
+        wanted = {tuple(check_layer_path(p, len(self.model.layers))) for p in paths}
+        children: dict[Path, set[int]] = {}
+        frontier: dict[Path, Tensor] = {}  # trie nodes whose state is known and which still have children to run
+        done: dict[Path, Tensor] = {}  # requested path -> final state
+        for path in sorted(wanted):
+            start, state = self.cache.longest_prefix(key, path)
+            self.layers_reused += start
+            if state is None:
+                state = self.model.dropout(self.model.embed_tokens(ids))  # as in LanguageModel.forward
+            if start == len(path):
+                done[path] = state
+                continue
+            frontier.setdefault(path[:start], state)
+            for step in range(start, len(path)):
+                children.setdefault(path[:step], set()).add(path[step])
+        pending = [(node, layer) for node in sorted(frontier) for layer in sorted(children[node])]
+        positions = positions_from_pad_mask(mask)
+        stack = 1 if self.model.is_routed else max(1, self.batch_paths)
+        while pending:
+            counts: dict[int, int] = {}
+            for _, layer in pending:
+                counts[layer] = counts.get(layer, 0) + 1
+            layer = max(counts, key=lambda i: (counts[i], -i))
+            group = [edge for edge in pending if edge[1] == layer][:stack]
+            pending = [edge for edge in pending if edge not in group]
+            n = len(group)
+            (out,) = self.model.layer_path_states(
+                torch.cat([frontier[node] for node, _ in group]),
+                [layer],
+                0,
+                positions=positions.repeat(n, 1),
+                pad_mask=mask.repeat(n, 1),
+                routing=self.routing or "topk",
+                diagnostics=False,
+            )
+            self.layers_run += n
+            for (node, _), state in zip(group, out.split(ids.size(0)), strict=True):
+                child, state = node + (layer,), state.clone()  # its own storage, for the cache's byte count
+                self.cache.put(key, child, state)
+                if child in wanted:
+                    done[child] = state
+                if children.get(child):
+                    frontier[child] = state
+                    pending += [(child, nxt) for nxt in sorted(children[child])]
+        out_scores = {}
+        for path, state in done.items():
+            logits = self.model.lm_head(self.model.norm(state)[:, -keep:])  # as in LanguageModel.forward
+            out_scores[path] = self._choice_scores(logits, conts)
+        return [out_scores[tuple(p)] for p in paths]
+
     def correct_many(self, item: TaskItem, paths: Sequence[Sequence[int]]) -> list[bool]:
-        """Correctness of each path on one item, evaluated in prefix order so each shared prefix runs once."""
-        order = sorted(range(len(paths)), key=lambda i: tuple(paths[i]))
-        out: dict[int, bool] = {}
-        for i in order:
-            out[i] = self.correct(item, paths[i])
-        return [out[i] for i in range(len(paths))]
+        """Correctness of each path on one item (multiple choice: batched, each shared prefix run once)."""
+        if self.task.kind != "multiple_choice":
+            return [self.correct(item, p) for p in paths]
+        out = []
+        for scores in self.loglikelihoods_many(item, paths):
+            out.append(max(range(len(scores)), key=scores.__getitem__) == item.answer)
+        return out

@@ -61,10 +61,18 @@ def test_prefix_reuse_gives_bitwise_identical_scores_and_the_same_search(arch, c
         assert fast.layers_reused > 0.3 * (fast.layers_run + fast.layers_reused)
 
 
-def test_correct_many_matches_one_by_one(search_tokenizer, mc_task):
-    model = tiny_model("dense")
+@pytest.mark.parametrize("arch", ["dense", "sdt", "stt"])
+@pytest.mark.parametrize(("batch_paths", "cache_bytes"), [(1, 64 * 2**20), (3, 64 * 2**20), (8, 20_000)])
+def test_batched_candidates_give_the_same_bits_as_one_path_at_a_time(arch, batch_paths, cache_bytes,
+                                                                    search_tokenizer, mc_task):  # fmt: skip
+    model = tiny_model(arch)
     plain = PathScorer(model, search_tokenizer, mc_task, CPU)
-    fast = PrefixReusingScorer(model, search_tokenizer, mc_task, CPU)
-    paths = [[0, 1, 2, 3, 4, 5], [0, 1, 3, 4, 5], [0, 1, 2, 2, 3, 4, 5], [0, 1, 3], [5, 4]]
-    for item in mc_task.items:
+    fast = PrefixReusingScorer(model, search_tokenizer, mc_task, CPU, cache_bytes=cache_bytes, batch_paths=batch_paths)
+    depth = len(model.layers)
+    full = list(range(depth))
+    paths = [full, full[:2] + full[3:], full[:1] + full[2:], full[:3] + full[2:], full[:2], full[::-1], full]
+    for item in mc_task.items[:5]:
+        fast.choice_loglikelihoods(item, full[:1] + full[3:])  # a warm cache for some of them
+        assert fast.loglikelihoods_many(item, paths) == [plain.choice_loglikelihoods(item, p) for p in paths]
         assert fast.correct_many(item, paths) == [plain.correct(item, p) for p in paths]
+    assert fast.layers_reused > 0
