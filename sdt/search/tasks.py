@@ -249,17 +249,26 @@ class PathScorer:
             mask[i, width - len(r) :] = True
         return ids.to(self.device), mask.to(self.device), conts
 
-    @torch.no_grad()
-    def choice_loglikelihoods(self, item: TaskItem, path: Sequence[int] | None) -> list[float]:
+    def _choice_inputs(self, item: TaskItem) -> tuple[Tensor, Tensor, list[list[int]]]:
         key = id(item)
         if key not in self._prepared:
             self._prepared[key] = self._choice_batch(item)
-        ids, mask, conts = self._prepared[key]
+        return self._prepared[key]
+
+    @torch.no_grad()
+    def choice_loglikelihoods(self, item: TaskItem, path: Sequence[int] | None) -> list[float]:
+        ids, mask, conts = self._choice_inputs(item)
         keep = max(len(c) for c in conts) + 1
         out = self.model(
             ids, pad_mask=mask, layer_path=path, logits_to_keep=keep, routing=self.routing, diagnostics=False
         )
-        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (C, keep, V); position j predicts token j + 1
+        return self._choice_scores(out.logits, conts)
+
+    @staticmethod
+    def _choice_scores(logits: Tensor, conts: list[list[int]]) -> list[float]:
+        """Summed log-likelihood of each choice's tokens, from the logits (C, keep, V) of the rows' last positions."""
+        keep = logits.size(1)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (C, keep, V); position j predicts token j + 1
         scores = []
         for i, cont in enumerate(conts):
             # The choice's tokens are the row's last len(cont); the logits before each of them predict it.
