@@ -75,3 +75,19 @@ class PoisonLoss(L.Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+class CrashedOnPurpose(RuntimeError):
+    """Raised by `CrashAtValidation`: what a process killed at that moment leaves on disk, without the kill."""
+
+
+class CrashAtValidation(L.Callback):
+    """Ends the run with `CrashedOnPurpose` as its validation at `step` starts: after that step's optimizer update
+    (and any step-triggered checkpoint), before the validation, calibration and checkpoint that follow it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not trainer.sanity_checking and trainer.global_step == self.step:
+            raise CrashedOnPurpose(f"crashed on purpose before the validation at step {self.step}")
