@@ -60,13 +60,33 @@ def file_record(path: str | os.PathLike) -> dict[str, Any]:
     return {"num_bytes": Path(path).stat().st_size, "sha256": file_sha256(path)}
 
 
-def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The JSON object in `path`, or None when it is missing, unreadable or not a JSON object."""
+_RECORD_CHECKSUM = "record_sha256"
+
+
+def write_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Write a cache entry's record (its meta.json) atomically, with a checksum of its own content."""
+    body = {k: v for k, v in record.items() if k != _RECORD_CHECKSUM}
+    text = json.dumps({**body, _RECORD_CHECKSUM: _json_sha256(body)}, indent=2)
+    atomic_write_text(path, text)
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The record in `path`, or None when it is missing, does not parse, or does not match its own checksum
+    (records written before checksums existed are taken as they are)."""
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return value if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return None
+    checksum = value.pop(_RECORD_CHECKSUM, None)
+    if checksum is not None and checksum != _json_sha256(value):
+        return None
+    return value
+
+
+def _json_sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def cache_key(obj: Any, length: int = 16) -> str:

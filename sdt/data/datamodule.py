@@ -8,7 +8,6 @@ Each split's documents are encoded and concatenated with an end-of-text token af
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import time
@@ -23,12 +22,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sdt.data.cache import (
     atomic_write,
-    atomic_write_text,
     cache_key,
     cache_lock,
     file_problem,
     file_record,
-    read_json,
+    read_record,
+    write_record,
 )
 from sdt.data.config import DataConfig
 from sdt.data.corpora import SPLITS, Corpus, build_corpus
@@ -256,14 +255,14 @@ class LMDataModule(ResumableDataModule):
                 "tokenized %s: %d docs -> %d tokens in %.1fs", split, len(docs), len(stream), time.perf_counter() - t0
             )
         # meta.json is written last: its presence marks the whole entry as complete.
-        atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
+        write_record(out_dir / "meta.json", meta)
 
     def setup(self, stage: str | None = None) -> None:
         """Load (memory-map) the token streams; builds them first if prepare_data was not called. Idempotent."""
         if self._streams is None:
             out_dir = self.tokens_dir
             self._build_streams(out_dir)  # no-op when prepare_data already ran
-            self._meta = json.loads((out_dir / "meta.json").read_text())
+            self._meta = read_record(out_dir / "meta.json")
             self._streams = {s: np.load(out_dir / f"{s}.npy", mmap_mode="r", allow_pickle=False) for s in SPLITS}
         # Fail now, with a clear message, if a split the stage needs is too short for seq_len.
         for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ()):
@@ -384,9 +383,9 @@ def streams_problem(out_dir: Path) -> str | None:
     """
     if not (out_dir / "meta.json").exists():
         return _NO_ENTRY
-    meta = read_json(out_dir / "meta.json")
+    meta = read_record(out_dir / "meta.json")
     if meta is None or not isinstance(meta.get("splits"), dict) or not isinstance(meta.get("dtype"), str):
-        return "meta.json is unreadable"
+        return "meta.json is unreadable or corrupted"
     for split in SPLITS:
         record = meta["splits"].get(split)
         if not isinstance(record, dict) or not isinstance(record.get("num_tokens"), int):

@@ -16,7 +16,15 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from sdt.data.cache import atomic_write_text, cache_key, cache_lock, file_problem, file_record, read_json
+from sdt.data.cache import (
+    atomic_write_text,
+    cache_key,
+    cache_lock,
+    file_problem,
+    file_record,
+    read_record,
+    write_record,
+)
 from sdt.data.config import EOS_TOKEN, TokenizerConfig
 from sdt.data.corpora import Corpus
 from sdt.errors import UserError
@@ -173,7 +181,7 @@ def get_tokenizer(cfg: TokenizerConfig, corpus: Corpus, cache_dir: str | os.Path
         tok = train_bpe(texts, cfg.vocab_size, cfg.min_frequency)
         path.with_name(_META_NAME).unlink(missing_ok=True)  # the record goes last: the entry is complete with it
         atomic_write_text(path, tok.backend.to_str())
-        atomic_write_text(path.with_name(_META_NAME), json.dumps(_bpe_record(path, tok)))
+        write_record(path.with_name(_META_NAME), _bpe_record(path, tok))
         log.info("trained BPE (vocab %d) in %.1fs, cached at %s", tok.vocab_size, time.perf_counter() - t0, path)
         return tok
 
@@ -195,9 +203,9 @@ def load_cached_bpe(path: Path) -> tuple[Tokenizer | None, str | None]:
     if not path.is_file():
         return None, None
     record_path = path.with_name(_META_NAME)
-    record = read_json(record_path)
+    record = read_record(record_path)
     if record is None and record_path.exists():
-        return None, f"{_META_NAME} is unreadable"
+        return None, f"{_META_NAME} is unreadable or corrupted"
     if record is not None:
         problem = file_problem(path, record)
         if problem is not None:
@@ -207,7 +215,7 @@ def load_cached_bpe(path: Path) -> tuple[Tokenizer | None, str | None]:
     except Exception as e:  # noqa: BLE001 - the Rust parser fails with plain Exceptions
         return None, f"{path.name} does not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     if record is None:
-        atomic_write_text(record_path, json.dumps(_bpe_record(path, tok)))
+        write_record(record_path, _bpe_record(path, tok))
     elif record.get("vocab_size") != tok.vocab_size:
         return None, f"{path.name} has {tok.vocab_size} tokens, its record says {record.get('vocab_size')}"
     return tok, None
