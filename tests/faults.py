@@ -26,6 +26,7 @@ class RecordBatches(L.Callback):
         weights = torch.arange(1, ids.numel() + 1, dtype=torch.float64).reshape(ids.shape)
         record = {
             "step": trainer.global_step,  # after this batch's update
+            "rank": trainer.global_rank,
             "batch": float((ids.double() * weights).sum()),
             "loss": float(trainer.callback_metrics["train/loss"]),
             "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
