@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from sdt.cli import run_task
+from sdt.cli import run_cli, run_task
 from sdt.evaluation import evaluate
 
 
@@ -13,4 +13,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
