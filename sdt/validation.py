@@ -292,6 +292,13 @@ def validate_optim(optim: dict[str, Any]) -> None:
     OptimConfig.from_dict(optim)
 
 
+def validate_distill(distill: dict[str, Any] | None) -> None:
+    from sdt.distill import DistillConfig
+
+    check_fields(DistillConfig, distill or {}, "distill")
+    DistillConfig.from_dict(distill)
+
+
 def validate_model(model: dict[str, Any], tokenizer_vocab: Any = None) -> None:
     from sdt.models import ModelConfig
 
@@ -339,6 +346,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     validate_seed(c.get("seed"))
     validate_ckpt_path(c.get("ckpt_path"))
     validate_optim(c.get("optim") or {})
+    validate_distill(c.get("distill"))
     validate_data(c.get("data") or {})
     validate_model(c.get("model") or {}, (c.get("data") or {}).get("tokenizer", {}).get("vocab_size"))
     validate_trainer(c.get("trainer") or {})
