@@ -41,6 +41,29 @@ def tiny_tokenizer():
     return train_bpe([text, "ROMEO:\nBut soft, what light through yonder window breaks?"] * 5, vocab_size=300)
 
 
+def write_checkpoint(path, cfg, seed: int = 0) -> torch.nn.Module:
+    """A checkpoint as `train.py` writes it, for a randomly initialised model with non-default buffers."""
+    from sdt.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith(("threshold", "down_proj.weight")):  # calibrated thresholds, zero-init priors
+                t.copy_(torch.rand_like(t) * 0.1 + 0.45)
+    tokenizer = tiny_tokenizer()
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"model": cfg.to_dict(), "optim": {}},
+            "sdt": {"tokenizer": tokenizer.to_json(), "tokenizer_vocab_size": tokenizer.vocab_size, "config": {}},
+            "global_step": 7,
+        },
+        path,
+    )
+    return model
+
+
 def save_hf_model(directory: Path, kind: str, seed: int = 0, safe_serialization: bool = True, **overrides):
     """Save a random `kind` model (fp32) and a tokenizer into `directory`; returns the transformers model (eval)."""
     from transformers import AutoModelForCausalLM

@@ -14,32 +14,11 @@ from sdt.export import export, main, parse_args
 from sdt.models import ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
 from tests.conftest import ROOT, cli_env
-from tests.pretrained_helpers import tiny_tokenizer
+from tests.pretrained_helpers import write_checkpoint
 
 pytest.importorskip("transformers")
 
 TINY = {"vocab_size": 320, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
-
-
-def write_checkpoint(path, cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """A checkpoint as `train.py` writes it, for a randomly initialised model with non-default buffers."""
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith(("threshold", "down_proj.weight")):  # calibrated thresholds, zero-init priors
-                t.copy_(torch.rand_like(t) * 0.1 + 0.45)
-    tokenizer = tiny_tokenizer()
-    torch.save(
-        {
-            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "hyper_parameters": {"model": cfg.to_dict(), "optim": {}},
-            "sdt": {"tokenizer": tokenizer.to_json(), "tokenizer_vocab_size": tokenizer.vocab_size, "config": {}},
-            "global_step": 7,
-        },
-        path,
-    )
-    return model
 
 
 @pytest.mark.parametrize(
