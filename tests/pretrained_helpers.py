@@ -41,9 +41,11 @@ def tiny_tokenizer():
     return train_bpe([text, "ROMEO:\nBut soft, what light through yonder window breaks?"] * 5, vocab_size=300)
 
 
-def write_checkpoint(path, cfg, seed: int = 0) -> torch.nn.Module:
-    """A checkpoint as `train.py` writes it, for a randomly initialised model with non-default buffers."""
+def write_checkpoint(path, cfg, seed: int = 0, calibrate: bool = False) -> torch.nn.Module:
+    """A checkpoint as `train.py` writes it, for a randomly initialised model with non-default buffers; with
+    `calibrate`, routed thresholds calibrated to the capacity on random tokens (so causal modes skip tokens)."""
     from sdt.models import build_model
+    from sdt.routing.calibration import calibrate_thresholds
 
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
@@ -51,6 +53,10 @@ def write_checkpoint(path, cfg, seed: int = 0) -> torch.nn.Module:
         for name, t in model.state_dict().items():
             if name.endswith(("threshold", "down_proj.weight")):  # calibrated thresholds, zero-init priors
                 t.copy_(torch.rand_like(t) * 0.1 + 0.45)
+    if calibrate:
+        calibrate_thresholds(
+            model, [torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(seed))]
+        )
     tokenizer = tiny_tokenizer()
     torch.save(
         {

@@ -37,7 +37,7 @@ def request(kind: str, *args) -> Instance:
 @pytest.fixture(scope="module", params=list(MODELS))
 def lm(request, tmp_path_factory) -> SDTLM:
     path = tmp_path_factory.mktemp("harness") / "last.ckpt"
-    write_checkpoint(path, ModelConfig(**TINY, **MODELS[request.param]))
+    write_checkpoint(path, ModelConfig(**TINY, **MODELS[request.param]), calibrate=True)
     return SDTLM(ckpt_path=str(path), batch_size=2, device="cpu", max_length=16)
 
 

@@ -46,6 +46,7 @@ from sdt.models.layers import Block
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+ROUTED_MODEL_TYPE = "sdt"  # config.json model_type of a routed export (its backbone keys are Llama's)
 SDT_CONFIG_KEY = "sdt"  # config.json key under which an export stores our full ModelConfig
 ROUTING_PREFIX = "sdt."  # export weight names of routing tensors (priors, routers, gate scalars, thresholds)
 # Fields of ModelConfig that describe the backbone and therefore come from the checkpoint.
@@ -137,6 +138,8 @@ def _rope_theta(hf: dict[str, Any], where: str) -> float:
 def backbone_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """ModelConfig backbone fields from a Llama / Qwen2 Hugging Face config."""
     model_type = hf.get("model_type")
+    if model_type == ROUTED_MODEL_TYPE and SDT_CONFIG_KEY in hf:  # a routed export: Qwen2-style when it has biases
+        model_type = "qwen2" if hf[SDT_CONFIG_KEY].get("qkv_bias") else "llama"
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
             f"model.init_from={where}: model_type {model_type!r} is not supported; "
