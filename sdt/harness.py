@@ -125,19 +125,21 @@ class SDTLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     @torch.no_grad()
-    def _forward_logprobs(self, rows: list[list[int]]) -> torch.Tensor:
-        """Right-padded rows -> log-probabilities (B, W, V) in fp32; position j predicts token j + 1."""
+    def _continuation_logprobs(self, rows: list[list[int]], keep: int) -> torch.Tensor:
+        """Left-padded rows -> fp32 log-probabilities (B, keep, V) of the last `keep` positions only (the
+        continuations end every row, so the full-vocabulary softmax runs over them alone)."""
         width = max(len(r) for r in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
         for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = True
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = True
         padded = not bool(mask.all())
         out = self.model(
             ids.to(self._device),
             pad_mask=mask.to(self._device) if padded else None,
             routing=self.routing,
+            logits_to_keep=keep,
             diagnostics=False,
         )
         return F.log_softmax(out.logits.float(), dim=-1)
@@ -162,10 +164,11 @@ class SDTLM(TemplateLM):
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         batches = sorted_batches([len(x) for x in inputs], self.batch_size)
         for batch in tqdm(batches, desc="sdt loglikelihood", disable=disable_tqdm or self.rank != 0):
-            logp = self._forward_logprobs([inputs[i] for i in batch])
+            keep = max(len(conts[i]) for i in batch)
+            logp = self._continuation_logprobs([inputs[i] for i in batch], keep)
             for row, i in enumerate(batch):
-                n, cont = len(inputs[i]), conts[i]
-                cont_logp = logp[row, n - len(cont) : n]  # (C, V): the positions that predict the continuation
+                cont = conts[i]
+                cont_logp = logp[row, keep - len(cont) :]  # (C, V): the positions that predict the continuation
                 target = torch.tensor(cont, device=cont_logp.device)
                 score = float(cont_logp.gather(1, target[:, None]).sum())
                 greedy = bool((cont_logp.argmax(dim=-1) == target).all())
