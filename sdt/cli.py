@@ -30,3 +30,25 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         key = getattr(e, "full_key", None) or "a required option"
         print(f"error: {key} is required (pass {key}=...)", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+
+
+# Config groups and keys of train.py that evaluate.py does not have: Hydra would answer "Could not override ..." with
+# a hint about HYDRA_FULL_ERROR; the model to evaluate comes from the checkpoint.
+TRAINING_ONLY = ("model", "trainer", "optim", "callbacks", "logger", "experiment", "debug")
+EVAL_MODEL_KEYS = ("model.init_from",)
+
+
+def reject_training_overrides(argv: list[str]) -> None:
+    """Stop with one line when an evaluate.py override names a training option (`model=<name>`, `trainer.*`, ...)."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        group = key.split(".", 1)[0]
+        if group in TRAINING_ONLY and key not in EVAL_MODEL_KEYS:
+            print(
+                f"error: evaluate.py has no {key}= (a train.py option): evaluation takes the model, with its "
+                "architecture and options, from ckpt_path=<.ckpt> or model.init_from=<HF dir | .gguf | hub id>",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_USER_ERROR)

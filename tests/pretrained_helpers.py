@@ -107,9 +107,9 @@ def _llama_cpp_permute(w, n_heads: int):
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, hf_model) -> Path:
+def write_tiny_gguf(path: Path, hf_model, extra_tensors: dict | None = None) -> Path:
     """Write a transformers Llama as an fp32 GGUF file, as llama.cpp's converter would (weights and model metadata;
-    no tokenizer)."""
+    no tokenizer), plus `extra_tensors` ({gguf name: array}) as they are."""
     import gguf
     import numpy as np
 
@@ -142,6 +142,8 @@ def write_tiny_gguf(path: Path, hf_model) -> Path:
             elif module == "self_attn.k_proj":
                 array = _llama_cpp_permute(array, c.num_key_value_heads)
             gguf_name = f"blk.{parts[2]}.{_GGUF_LAYER_NAMES[module]}.weight"
+        writer.add_tensor(gguf_name, array)
+    for gguf_name, array in (extra_tensors or {}).items():
         writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -110,10 +110,30 @@ def download_from_hub(repo_id: str) -> str:
     return local
 
 
+def check_gguf_rope(source: PretrainedSource) -> None:
+    """Refuse a GGUF file with a `rope_freqs` tensor: Llama-3-style RoPE frequency scaling, which transformers'
+    GGUF reader drops without a word, so the model would load as plain RoPE and compute something else."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:
+        raise UserError(f"model.init_from={source.spec}: reading GGUF needs `pip install gguf` ({e})") from None
+    try:
+        names = {t.name for t in GGUFReader(os.path.join(source.directory, source.gguf_file)).tensors}
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.init_from={source.spec}: cannot read the GGUF file ({e})") from None
+    if "rope_freqs.weight" in names or "rope_freqs" in names:
+        raise UserError(
+            f"model.init_from={source.spec}: the GGUF file scales RoPE frequencies (a rope_freqs tensor, "
+            "Llama-3-style RoPE scaling), which is not supported (plain RoPE only)"
+        )
+
+
 def read_hf_config(source: PretrainedSource) -> dict[str, Any]:
     """The checkpoint's Hugging Face config as a plain dict."""
     if source.gguf_file is not None:
         from transformers import AutoConfig
+
+        check_gguf_rope(source)
 
         try:
             return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file).to_dict()
