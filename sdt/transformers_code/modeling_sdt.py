@@ -30,6 +30,10 @@ from transformers.utils import ModelOutput
 
 CAUSAL_MODES = ("threshold", "student")
 LOGVAR_CLAMP = 8.0
+# Model options this code does not reproduce, with the value it assumes: an export that sets another value is refused
+# rather than loaded as a different model.
+ASSUMED_OPTIONS = {"always_execute_first": 0, "student_norm": False}
+MOD_GATES = ("sigmoid", "raw")
 
 
 class SDTConfig(PretrainedConfig):
@@ -523,6 +527,11 @@ class SDTForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"routing={config.routing!r}: the export runs a causal mode, one of {CAUSAL_MODES}")
         if c["arch"] == "stt" and config.routing != "student":
             raise ValueError("an STT export infers with routing='student' (threshold needs the teacher pass)")
+        for key, value in ASSUMED_OPTIONS.items():
+            if c.get(key, value) != value:
+                raise ValueError(f"{key}={c[key]!r} is not reproduced by this modeling code (it assumes {value!r})")
+        if c["arch"] == "mod" and c.get("mod_gate") not in MOD_GATES:
+            raise ValueError(f"mod_gate={c.get('mod_gate')!r} is not reproduced by this modeling code ({MOD_GATES})")
         self.layout = stack_layout(c)
         self.model = Backbone(c)
         self.sdt = RoutingModules(c, self.layout)
