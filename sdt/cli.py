@@ -123,3 +123,23 @@ def run_cli(main: Callable[[], Any]) -> Any:
         if _task_started:  # raised by the task, after composition: not a command-line problem
             raise
         fail(_hydra_error_line(e))
+
+
+# Config groups and keys of train.py that evaluate.py does not have: Hydra would answer "Could not override ..." with
+# a hint about HYDRA_FULL_ERROR; the model to evaluate comes from the checkpoint.
+TRAINING_ONLY = ("model", "trainer", "optim", "callbacks", "logger", "experiment", "debug")
+EVAL_MODEL_KEYS = ("model.init_from",)
+
+
+def reject_training_overrides(argv: list[str]) -> None:
+    """Stop with one line when an evaluate.py override names a training option (`model=<name>`, `trainer.*`, ...)."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        group = key.split(".", 1)[0]
+        if group in TRAINING_ONLY and key not in EVAL_MODEL_KEYS:
+            fail(
+                f"evaluate.py has no {key}= (a train.py option): evaluation takes the model, with its "
+                "architecture and options, from ckpt_path=<.ckpt> or model.init_from=<HF dir | .gguf | hub id>"
+            )
