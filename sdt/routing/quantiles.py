@@ -36,7 +36,7 @@ def quantile_grid(scores: Tensor, size: int = GRID_SIZE) -> Tensor:
 def threshold_at(grid: Tensor, capacity: float | Tensor) -> Tensor:
     """The threshold that executes the share `capacity` of tokens: the grid linearly interpolated at 1 - capacity.
 
-    `capacity` may be a tensor (one per sequence, as the budget mode asks). An infinite grid value (positions that
+    `capacity` may be a tensor (one per sequence, as the budget mode asks). Capacity 1 gives -inf. An infinite grid value (positions that
     always execute enter calibration as +inf) stays infinite: nothing else is admitted there.
     """
     q = 1.0 - torch.as_tensor(capacity, dtype=torch.float64, device=grid.device).clamp(0.0, 1.0)
@@ -45,5 +45,6 @@ def threshold_at(grid: Tensor, capacity: float | Tensor) -> Tensor:
     hi = (lo + 1).clamp(max=grid.numel() - 1)
     frac = (pos - lo).to(grid.dtype)
     a, b = grid[lo], grid[hi]
-    mixed = a + frac * (b - a)
-    return torch.where((frac > 0) & (a != b), mixed, a)
+    mixed = torch.where((frac > 0) & (a != b), a + frac * (b - a), a)
+    # Capacity 1 executes every token, also those scoring below anything calibration saw.
+    return torch.where(q <= 0, torch.full_like(mixed, float("-inf")), mixed)
