@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf import errors as omegaconf_errors
 
 from sdt.cli import run_task
 from sdt.errors import UserError
@@ -40,27 +39,35 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+NUMBERS = {"capacity": float, "temperature": float, "max_new_tokens": int, "top_k": int, "seed": int}
+STRINGS = ("ckpt_path", "model.init_from", "prompt", "routing", "device")
+
+
 def parse_args(argv: Sequence[str]) -> DictConfig:
-    """`key=value` arguments over `DEFAULTS`; unknown keys and malformed arguments are user errors."""
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise UserError(f'arguments are key=value, got {bad[0]!r} (e.g. prompt="ROMEO:" capacity=0.3)')
-    try:
-        given = OmegaConf.from_dotlist(list(argv))
-    except (ValueError, KeyError, omegaconf_errors.OmegaConfBaseException) as e:  # grammar errors: first line
-        raise UserError(f"cannot parse the arguments: {str(e).splitlines()[0]}") from None
-    known = set(DEFAULTS) | {"model.init_from"}
-    unknown = sorted(k for k in _flat_keys(OmegaConf.to_container(given)) if k not in known)
-    if unknown:
-        raise UserError(f"unknown option(s) {unknown}; valid options: {sorted(known - {'model'})}")
-    return OmegaConf.merge(OmegaConf.create(DEFAULTS), given)
-
-
-def _flat_keys(d: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in d.items():
-        keys += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
-    return keys
+    """`key=value` arguments over `DEFAULTS`. Values are taken literally (a prompt such as `ROMEO:` is text, not
+    YAML), numbers are converted for the numeric options, `null` unsets an option; unknown keys and malformed
+    arguments are user errors."""
+    cfg = OmegaConf.create(DEFAULTS)
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        if not sep:
+            raise UserError(f'arguments are key=value, got {arg!r} (e.g. prompt="ROMEO:" capacity=0.3)')
+        key = key.removeprefix("+")
+        if key not in NUMBERS and key not in STRINGS:
+            raise UserError(f"unknown option(s) [{key!r}]; valid options: {sorted([*NUMBERS, *STRINGS])}")
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+            raw = raw[1:-1]  # quotes that reached us (e.g. 'prompt="ROMEO:"')
+        value: Any = raw
+        if key != "prompt" and raw in ("null", "None", "~"):
+            value = None
+        elif key in NUMBERS:
+            try:
+                value = NUMBERS[key](raw)
+            except ValueError:
+                kind = "an integer" if NUMBERS[key] is int else "a number"
+                raise UserError(f"{key} must be {kind}, got {raw!r}") from None
+        OmegaConf.update(cfg, key, value)
+    return cfg
 
 
 def check_request(cfg: DictConfig) -> None:
@@ -107,10 +114,13 @@ def generate_request(cfg: DictConfig) -> RequestUsage:
     def stream(token_B: torch.Tensor) -> None:
         nonlocal shown
         generated.append(int(token_B[0]))
-        text = tokenizer.decode(generated)  # decode the whole continuation: multi-token characters stay whole
-        sys.stdout.write(text[shown:])
-        sys.stdout.flush()
-        shown = len(text)
+        # Decode the whole continuation and hold back an unfinished character (a byte-level token may carry only
+        # part of one, decoded as U+FFFD until the rest arrives).
+        text = tokenizer.decode(generated).rstrip("\ufffd")
+        if len(text) > shown:
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
 
     sys.stdout.write(str(cfg.prompt))
     cache = ModelCache()
@@ -127,7 +137,7 @@ def generate_request(cfg: DictConfig) -> RequestUsage:
         on_token=stream,
     )
     usage = request_usage(model, cache, max_new)[0]
-    print()
+    print(tokenizer.decode(generated)[shown:])
     print(format_usage(usage))
     return usage
 

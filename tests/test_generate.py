@@ -66,6 +66,7 @@ def test_a_lower_capacity_request_reports_less_compute(routed_ckpt, capsys):
         (["prompt=hi"], "ckpt_path is required"),
         (["ckpt_path=/nonexistent/x.ckpt", "prompt=hi"], "checkpoint not found"),
         (["ckpt_path=x.ckpt", "prompt=hi", "capacity=1.5"], "capacity must be a number in (0, 1]"),
+        (["ckpt_path=x.ckpt", "prompt=hi", "capacity=lots"], "capacity must be a number, got 'lots'"),
         (["ckpt_path=x.ckpt", "prompt=hi", "capacity=0"], "capacity must be a number in (0, 1]"),
         (["ckpt_path=x.ckpt", "prompt=hi", "temprature=0"], "unknown option(s) ['temprature']"),
         (["ckpt_path=x.ckpt", "hello"], "arguments are key=value"),
