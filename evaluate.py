@@ -1,9 +1,11 @@
 """Evaluate a checkpoint: `python evaluate.py ckpt_path=<path to .ckpt> [data=...]` (see README)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from sdt.cli import run_task
+from sdt.cli import reject_training_overrides, run_cli, run_task
 from sdt.evaluation import evaluate
 
 
@@ -13,4 +15,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    reject_training_overrides(sys.argv[1:])
+    run_cli(main)

@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from sdt.cli import run_task
+from sdt.cli import run_cli, run_task
 from sdt.training import train
 
 
@@ -15,4 +15,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -28,11 +28,46 @@ class ValidateAtEnd(L.Callback):
     Lightning validates only every `val_check_interval` steps, so a run whose `max_steps` is not a multiple of it
     would end with its last steps unvalidated and unsaved. Requesting a stop at the last step makes the fit loop
     validate once more, which in turn lets ModelCheckpoint write `last.ckpt` for the final weights.
+
+    Its state in every checkpoint says which step was last validated and what the run's metrics were, so a run
+    resumed from a checkpoint of its last step knows whether that final validation (routed models calibrate their
+    thresholds in it) still has to run (`sdt.fit_loop.FinishingFitLoop`), and reports the same metrics.
     """
+
+    def __init__(self) -> None:
+        self.validated_step: int | None = None  # global step of the last validation during fit
+        self.restored_metrics: dict[str, float] = {}  # the metrics saved with the checkpoint this run resumed from
+        self._trainer: L.Trainer | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
 
     def on_train_batch_end(self, trainer: L.Trainer, *args, **kwargs) -> None:
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             trainer.should_stop = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs before the checkpoint callbacks' own on_validation_end (Lightning orders those last): the checkpoints
+        # written after this validation record it.
+        if not trainer.sanity_checking:
+            self.validated_step = trainer.global_step
+
+    def end_of_training_pending(self, trainer: L.Trainer) -> bool:
+        """Whether training reached max_steps but its final validation has not run at that step."""
+        step = trainer.global_step
+        return 0 < trainer.max_steps <= step and self.validated_step != step and trainer.enable_validation
+
+    def metrics(self, trainer: L.Trainer | None) -> dict[str, float]:
+        """The run's metrics: those restored from its checkpoint, updated by everything logged since."""
+        current = trainer.callback_metrics if trainer is not None else {}
+        return {**self.restored_metrics, **{k: float(v) for k, v in current.items() if v.numel() == 1}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validated_step": self.validated_step, "metrics": self.metrics(self._trainer)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validated_step = state_dict.get("validated_step")
+        self.restored_metrics = dict(state_dict.get("metrics") or {})
 
 
 class LastCheckpoint(ModelCheckpoint):

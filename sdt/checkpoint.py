@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import pickle
@@ -58,7 +59,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
-        atomic_torch_save(checkpoint, str(path))
+        try:
+            atomic_torch_save(checkpoint, str(path))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DiskFullError(str(path), checkpoint.get("global_step")) from None
+
+
+class DiskFullError(UserError):
+    """The disk (or quota) filled up while a checkpoint was written; the previous file at that path is intact."""
+
+    def __init__(self, path: str, step: int | None) -> None:
+        kept = (
+            f"the previous {os.path.basename(path)} is intact and loads"
+            if os.path.isfile(path)
+            else "no earlier checkpoint existed at that path"
+        )
+        super().__init__(
+            f"no space left on the device to write the checkpoint of step {step} to {path}: the run stopped, "
+            f"{kept}; free disk space (or set hydra.run.dir on another disk) and resume with ckpt_path={path}"
+        )
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -25,6 +25,7 @@ from sdt.models.pretrained import Pretrained
 from sdt.resolvers import register_resolvers
 from sdt.routing.calibration import calibrate_thresholds
 from sdt.usage import RequestUsage, request_usage, usage_distribution
+from sdt.whole_file import read_documents, window_batches
 
 register_resolvers()  # configs may use ${package_file:...}; register before Hydra composes them
 
@@ -183,7 +184,7 @@ def measure_generation(model: LanguageModel, prompt: Tensor, max_new_tokens: int
 
 def generation_stats(
     model: LanguageModel,
-    datamodule: LMDataModule,
+    prompt_tokens: Any,
     device: torch.device,
     max_new_tokens: int,
     prompt_len: int = 16,
@@ -195,7 +196,7 @@ def generation_stats(
     The two models are timed alternately, `repeats` times each, and the median is kept, so background load on
     the machine affects both alike.
     """
-    prompt = torch.as_tensor(np.asarray(datamodule.token_stream("test")[:prompt_len], dtype=np.int64))[None].to(device)
+    prompt = torch.as_tensor(np.asarray(prompt_tokens[:prompt_len], dtype=np.int64))[None].to(device)
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - prompt_len)
     dense = build_model(dataclasses.replace(model.config, arch="dense")).to(device).eval()
     measure_generation(model, prompt, 8)  # warm up kernels and allocator before timing either model
@@ -239,7 +240,7 @@ def routing_table(model: LanguageModel, stats: dict[str, float]) -> list[dict[st
 def routing_plots(
     model: LanguageModel,
     tokenizer: Tokenizer,
-    datamodule: LMDataModule,
+    passage: Tensor,
     routing: str,
     table: list[dict],
     training_csv: str | None,
@@ -251,8 +252,7 @@ def routing_plots(
     from sdt.analysis import plot_executed_fraction, plot_gate_contributions, plot_routing_heatmap
 
     plots: dict[str, str] = {}
-    batch = next(iter(datamodule.test_dataloader()))
-    ids = batch["input_ids"][:1, :n_tokens].to(device)  # (1, n)
+    ids = passage[:1, :n_tokens].to(device)  # (1, n): the start of a test passage
     out = model(ids, routing=routing)
     labels = [f"layer {e['layer']}\n{e['kind']}" for e in table]
     decisions = np.stack([out.decisions[e["layer"]][0].float().cpu().numpy() for e in table])  # (layers, n)
@@ -361,6 +361,68 @@ def load_model_and_tokenizer(
     return model, tokenizer, int(ckpt["sdt"].get("tokenizer_vocab_size", tokenizer.vocab_size)), ckpt
 
 
+SPLIT_NAMES = ("val", "test", "all")  # all: every token of data=text_files' files (sdt/whole_file.py)
+
+
+def check_stride(stride: Any, seq_len: int, splits: list[str]) -> int:
+    """The window stride of splits=[all]: default seq_len (disjoint windows), else an integer in [1, seq_len]."""
+    if stride is None:
+        return seq_len
+    if "all" not in splits:
+        raise UserError("stride applies to whole-file perplexity: pass splits=[all] with data=text_files")
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= seq_len:
+        raise UserError(f"stride must be an integer in [1, data.seq_len={seq_len}], got {stride!r}")
+    return stride
+
+
+def score_files(
+    model: LanguageModel,
+    files: list[dict[str, Any]],
+    eos_id: int,
+    data_cfg: DataConfig,
+    stride: int,
+    device: torch.device,
+    routing: str,
+) -> dict[str, Any]:
+    """Whole-file perplexity: each file's documents in sliding windows, with per-file figures under `files`."""
+    per_file, nll, tokens, seconds, n_bytes = [], 0.0, 0, 0.0, 0
+    stat_sums: dict[str, float] = {}
+    for f in files:
+        batches = window_batches(
+            f["documents"], eos_id, data_cfg.seq_len, stride, data_cfg.eval_batch_size or data_cfg.batch_size
+        )
+        res = run_split(model, batches, device, None, routing)
+        per_file.append(
+            {
+                "file": f["file"],
+                "tokens": res["tokens"],
+                "perplexity": math.exp(min(res["nll"], 700.0)),
+                "bits_per_byte": res["nll"] * res["tokens"] / math.log(2) / f["bytes"],
+            }
+        )
+        nll += res["nll"] * res["tokens"]
+        tokens += res["tokens"]
+        seconds += res["tokens"] / res["tokens_per_second"]
+        n_bytes += f["bytes"]
+        for name, value in res["stats"].items():
+            stat_sums[name] = stat_sums.get(name, 0.0) + value * res["tokens"]
+    return {
+        "nll": nll / tokens,
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "bits_per_byte": nll / math.log(2) / n_bytes,
+        "stride": stride,
+        "tokens_per_second": tokens / max(seconds, 1e-9),
+        "files": per_file,
+        "stats": {name: value / tokens for name, value in stat_sums.items()},
+    }
+
+
+def files_first_window(files: list[dict[str, Any]], eos_id: int, seq_len: int) -> Tensor:
+    """(1, <= seq_len) the start of the first document: the passage for plots and the generation prompt."""
+    return torch.tensor([[eos_id, *files[0]["documents"][0]][:seq_len]], dtype=torch.long)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("search"):
         from sdt.search.evaluate import evaluate_search
@@ -381,9 +443,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = data_config_for_eval(cfg, ckpt)
     if data_cfg.seq_len > model.config.max_seq_len:
         raise UserError(f"data.seq_len={data_cfg.seq_len} is longer than model.max_seq_len={model.config.max_seq_len}")
-    datamodule = LMDataModule(data_cfg, tokenizer=tokenizer)
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    splits_wanted = list(cfg.splits)
+    for split in splits_wanted:
+        if split not in SPLIT_NAMES:
+            raise UserError(f"unknown split {split!r} in splits; choose from {list(SPLIT_NAMES)}")
+    stride = check_stride(cfg.get("stride"), data_cfg.seq_len, splits_wanted)
+    datamodule = None
+    if any(split != "all" for split in splits_wanted) or (model.is_routed and cfg.get("recalibrate")):
+        datamodule = LMDataModule(data_cfg, tokenizer=tokenizer)
+        datamodule.prepare_data()
+        datamodule.setup("test")
+    files = read_documents(data_cfg, tokenizer) if "all" in splits_wanted else None
 
     if model.is_routed and cfg.get("recalibrate"):
         calibration = datamodule.calibration_dataloader()
@@ -391,28 +461,31 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             raise UserError("recalibrate=true needs calibration blocks; the corpus is too small")
         calibrate_thresholds(model, (b["input_ids"] for b in calibration))
 
-    loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
-    for split in cfg.splits:
-        if split not in loaders:
-            raise UserError(f"unknown split {split!r} in splits; choose from {sorted(loaders)}")
-    unigram = {split: unigram_perplexity(datamodule, split, model.config.vocab_size) for split in cfg.splits}
+    unigram = {
+        split: unigram_perplexity(datamodule, split, model.config.vocab_size)
+        for split in splits_wanted
+        if split != "all"
+    }
     # Routed models: every mode, labelled; the headline perplexity is the causal inference mode's.
     modes = ["topk", "threshold", "student", "budget"] if model.is_routed else ["dense"]
     headline_mode = model.config.inference_routing if model.is_routed else "dense"
     by_mode: dict[str, dict[str, dict[str, Any]]] = {}
     for mode in modes:
+        routing = "topk" if mode == "dense" else mode
         by_mode[mode] = {}
-        for split in cfg.splits:
-            res = run_split(
-                model, loaders[split](), device, cfg.get("max_batches"), "topk" if mode == "dense" else mode
-            )
-            bytes_per_token = datamodule.split_stats[split]["bytes_per_token"]
+        for split in splits_wanted:
+            if split == "all":
+                res = score_files(model, files, tokenizer.eos_id, data_cfg, stride, device, routing)
+            else:
+                loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+                res = run_split(model, loader, device, cfg.get("max_batches"), routing)
+                res["bits_per_byte"] = res["nll"] / math.log(2) / datamodule.split_stats[split]["bytes_per_token"]
+                res["unigram_perplexity"] = unigram[split]
             res["perplexity"] = math.exp(min(res["nll"], 700.0))  # capped: a diverged model must not overflow
-            res["bits_per_byte"] = res["nll"] / math.log(2) / bytes_per_token
-            res["unigram_perplexity"] = unigram[split]
             by_mode[mode][split] = res
     splits = {split: {k: v for k, v in res.items() if k != "stats"} for split, res in by_mode[headline_mode].items()}
-    headline = splits.get("test") or next(iter(splits.values()))
+    headline = splits.get("all") or splits.get("test") or next(iter(splits.values()))
+    first_window = files_first_window(files, tokenizer.eos_id, data_cfg.seq_len) if files else None
 
     result: dict[str, Any] = {
         "checkpoint": os.path.abspath(cfg.ckpt_path) if ckpt is not None else init_from,
@@ -436,11 +509,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     out_dir = cfg.paths.output_dir
     os.makedirs(out_dir, exist_ok=True)
-    stats_split = "test" if "test" in by_mode[headline_mode] else next(iter(by_mode[headline_mode]))
+    stats_split = next(s for s in ("all", "test", "val") if s in by_mode[headline_mode])
     result["executed_fraction_by_routing"] = executed_fraction_by_routing(model, by_mode, stats_split)
     if cfg.get("inference_capacity"):
+        sweep_split = next((s for s in ("test", "val") if s in splits_wanted), None)
+        if sweep_split is None:
+            raise UserError("inference_capacity sweeps a val or test split: add it to splits")
+        loader_fn = datamodule.test_dataloader if sweep_split == "test" else datamodule.val_dataloader
         result["capacity_sweep"] = run_capacity_sweep(
-            model, cfg, list(cfg.inference_capacity), loaders[stats_split], device, headline_mode, data_cfg.seq_len
+            model, cfg, list(cfg.inference_capacity), loader_fn, device, headline_mode, data_cfg.seq_len
         )
         if cfg.get("plots", True):
             result.setdefault("plots", {})["capacity_sweep"] = sweep_plot(
@@ -464,7 +541,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             plots = routing_plots(
                 model,
                 tokenizer,
-                datamodule,
+                first_window if first_window is not None else next(iter(datamodule.test_dataloader()))["input_ids"],
                 headline_mode,
                 table,
                 training_metrics_csv(cfg.ckpt_path, ckpt) if ckpt is not None else None,
@@ -473,8 +550,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             )
             result.setdefault("plots", {}).update(plots)
     if cfg.generation.max_new_tokens > 0:
+        prompt_tokens = first_window[0].tolist() if first_window is not None else datamodule.token_stream("test")
         result["generation"] = generation_stats(
-            model, datamodule, device, int(cfg.generation.max_new_tokens), repeats=int(cfg.generation.repeats)
+            model, prompt_tokens, device, int(cfg.generation.max_new_tokens), repeats=int(cfg.generation.repeats)
         )
     if cfg.samples.prompts:
         usages: list[RequestUsage] = []
@@ -503,7 +581,7 @@ def format_report(result: dict[str, Any]) -> str:
     for name, s in result["splits"].items():
         lines.append(
             f"{name:<8}{s['tokens']:>10}{s['nll']:>9.4f}{s['perplexity']:>10.2f}{s['bits_per_byte']:>11.4f}"
-            f"{s['tokens_per_second']:>10.0f}{s['unigram_perplexity']:>13.2f}"
+            f"{s['tokens_per_second']:>10.0f}{s.get('unigram_perplexity', math.nan):>13.2f}"
         )
     if len(result["perplexity_by_routing"]) > 1:
         lines += ["", "perplexity by routing mode:"]

@@ -3,16 +3,19 @@
 Writes `model.safetensors`, `config.json` and the tokenizer (`tokenizer.json`, `tokenizer_config.json`):
 - the backbone under Hugging Face Llama names (Qwen2 when the model has q/k/v biases), so a dense export is a plain
   Llama/Qwen2 checkpoint that `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads;
-- for routed models also the routing tensors (priors, transition networks, routers, gate scalars, calibrated
-  thresholds) under `sdt.`-prefixed names, and the full model config under the `sdt` key of `config.json`.
-`model.init_from=<dir>` reads any export back (training or evaluate.py): a routed export evaluates as the routed model
-it is; `transformers` would load only its backbone and run every block on every token.
+- for routed models (SDT, STT, MoD) also the routing tensors (priors, transition networks, routers, gate scalars,
+  calibrated thresholds) under `sdt.`-prefixed names, and `modeling_sdt.py` (sdt/transformers_code/, standalone),
+  registered in `config.json` (`model_type: sdt`, `auto_map`) so that
+  `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads the routed model in its causal mode.
+Every export stores the full model config under the `sdt` key of `config.json`. `model.init_from=<dir>` reads any
+export back (training or evaluate.py) as the model it is.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -22,7 +25,8 @@ from sdt.cli import EXIT_USER_ERROR
 from sdt.data import Tokenizer
 from sdt.errors import UserError
 from sdt.evaluation import load_model
-from sdt.models.pretrained import export_state_dict, hf_config
+from sdt.models.pretrained import ROUTED_MODEL_TYPE, export_state_dict, hf_config
+from sdt.transformers_code import MODELING_FILE
 
 USAGE = "usage: python -m sdt.export ckpt_path=<path to .ckpt> out=<output directory>"
 WEIGHTS_FILE = "model.safetensors"
@@ -37,10 +41,24 @@ def export(ckpt_path: str, out: str) -> str:
     tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
     os.makedirs(out, exist_ok=True)
     save_file(export_state_dict(model), os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})
+    config = hf_config(model.config, eos_token_id=tokenizer.eos_id)
+    if model.is_routed:
+        config.update(routed_config_keys())
+        shutil.copyfile(MODELING_FILE, os.path.join(out, os.path.basename(MODELING_FILE)))
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf_config(model.config, eos_token_id=tokenizer.eos_id), f, indent=2)
+        json.dump(config, f, indent=2)
     tokenizer.save(out)
     return out
+
+
+def routed_config_keys() -> dict:
+    """config.json keys that make transformers load a routed export with the shipped modeling code."""
+    module = os.path.splitext(os.path.basename(MODELING_FILE))[0]
+    return {
+        "model_type": ROUTED_MODEL_TYPE,
+        "architectures": ["SDTForCausalLM"],
+        "auto_map": {"AutoConfig": f"{module}.SDTConfig", "AutoModelForCausalLM": f"{module}.SDTForCausalLM"},
+    }
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:

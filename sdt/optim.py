@@ -33,6 +33,12 @@ class OptimConfig:
             raise UserError(f"optim.lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise UserError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.eps <= 0:
+            raise UserError(f"optim.eps must be positive, got {self.eps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.grad_clip < 0:
+            raise UserError(f"optim.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.warmup_steps < 0:
             raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:

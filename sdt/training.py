@@ -20,6 +20,7 @@ from sdt.checkpoint import AtomicCheckpointIO, load_checkpoint, resolve_resume_p
 from sdt.compute import compute_report
 from sdt.data import Tokenizer, build_datamodule
 from sdt.errors import UserError
+from sdt.fit_loop import install_finishing_fit_loop
 from sdt.lit_module import LitLM
 from sdt.models import ModelConfig
 from sdt.models.pretrained import Pretrained
@@ -62,13 +63,15 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = No
     callbacks.append(ValidateAtEnd())
     callbacks += extra_callbacks or []
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
-    return instantiate(
+    trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers if loggers else False,
         gradient_clip_val=cfg.optim.grad_clip or None,
         plugins=[AtomicCheckpointIO()],  # a crash mid-write never leaves a truncated checkpoint
     )
+    install_finishing_fit_loop(trainer)  # a run resumed at its last step still validates, calibrates and saves
+    return trainer
 
 
 def log_compute(
@@ -158,7 +161,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         release_distributed()
     signalled = next((c.received for c in trainer.callbacks if isinstance(c, CheckpointOnSignal)), None)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    # With those restored from the checkpoint: a run resumed at its last step logs only its final validation.
+    metrics = next(c for c in trainer.callbacks if isinstance(c, ValidateAtEnd)).metrics(trainer)
     # The monitored callback keeps best.ckpt; the unmonitored one always holds the latest (last.ckpt).
     best_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)
     last_cb = next((c for c in trainer.checkpoint_callbacks if not c.monitor), None)

@@ -26,6 +26,7 @@ class RecordBatches(L.Callback):
         weights = torch.arange(1, ids.numel() + 1, dtype=torch.float64).reshape(ids.shape)
         record = {
             "step": trainer.global_step,  # after this batch's update
+            "rank": trainer.global_rank,
             "batch": float((ids.double() * weights).sum()),
             "loss": float(trainer.callback_metrics["train/loss"]),
             "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
@@ -77,16 +78,30 @@ class PoisonLoss(L.Callback):
             self._handle = None
 
 
+class CrashedOnPurpose(RuntimeError):
+    """Raised by `CrashAtStep` and `CrashAtValidation`: what a process killed at that moment leaves on disk, without
+    the kill."""
+
+
 class CrashAtStep(L.Callback):
-    """Raises `SimulatedCrash` when training reaches `step`, in process: a run dying mid-way for the resume tests."""
+    """Ends the run with `CrashedOnPurpose` when training reaches `step` (after that step's update and any
+    step-triggered checkpoint): a run dying mid-way, in process."""
 
     def __init__(self, step: int) -> None:
         self.step = step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.global_step >= self.step:
-            raise SimulatedCrash(f"simulated crash at step {trainer.global_step}")
+            raise CrashedOnPurpose(f"crashed on purpose at step {trainer.global_step}")
 
 
-class SimulatedCrash(RuntimeError):
-    pass
+class CrashAtValidation(L.Callback):
+    """Ends the run with `CrashedOnPurpose` as its validation at `step` starts: after that step's optimizer update
+    (and any step-triggered checkpoint), before the validation, calibration and checkpoint that follow it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not trainer.sanity_checking and trainer.global_step == self.step:
+            raise CrashedOnPurpose(f"crashed on purpose before the validation at step {self.step}")

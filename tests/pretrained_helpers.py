@@ -41,6 +41,35 @@ def tiny_tokenizer():
     return train_bpe([text, "ROMEO:\nBut soft, what light through yonder window breaks?"] * 5, vocab_size=300)
 
 
+def write_checkpoint(path, cfg, seed: int = 0, calibrate: bool = False) -> torch.nn.Module:
+    """A checkpoint as `train.py` writes it, for a randomly initialised model with non-default buffers; with
+    `calibrate`, routed thresholds calibrated to the capacity on random tokens (so causal modes skip tokens)."""
+    from sdt.models import build_model
+    from sdt.routing.calibration import calibrate_thresholds
+
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith(("threshold", "down_proj.weight")):  # calibrated thresholds, zero-init priors
+                t.copy_(torch.rand_like(t) * 0.1 + 0.45)
+    if calibrate:
+        calibrate_thresholds(
+            model, [torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(seed))]
+        )
+    tokenizer = tiny_tokenizer()
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"model": cfg.to_dict(), "optim": {}},
+            "sdt": {"tokenizer": tokenizer.to_json(), "tokenizer_vocab_size": tokenizer.vocab_size, "config": {}},
+            "global_step": 7,
+        },
+        path,
+    )
+    return model
+
+
 def save_hf_model(directory: Path, kind: str, seed: int = 0, safe_serialization: bool = True, **overrides):
     """Save a random `kind` model (fp32) and a tokenizer into `directory`; returns the transformers model (eval)."""
     from transformers import AutoModelForCausalLM
@@ -78,9 +107,9 @@ def _llama_cpp_permute(w, n_heads: int):
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, hf_model) -> Path:
+def write_tiny_gguf(path: Path, hf_model, extra_tensors: dict | None = None) -> Path:
     """Write a transformers Llama as an fp32 GGUF file, as llama.cpp's converter would (weights and model metadata;
-    no tokenizer)."""
+    no tokenizer), plus `extra_tensors` ({gguf name: array}) as they are."""
     import gguf
     import numpy as np
 
@@ -113,6 +142,8 @@ def write_tiny_gguf(path: Path, hf_model) -> Path:
             elif module == "self_attn.k_proj":
                 array = _llama_cpp_permute(array, c.num_key_value_heads)
             gguf_name = f"blk.{parts[2]}.{_GGUF_LAYER_NAMES[module]}.weight"
+        writer.add_tensor(gguf_name, array)
+    for gguf_name, array in (extra_tensors or {}).items():
         writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sdt.checkpoint
-from sdt.checkpoint import atomic_torch_save, load_checkpoint, resolve_resume_path
+from sdt.checkpoint import DiskFullError, atomic_torch_save, load_checkpoint, resolve_resume_path
 from sdt.errors import UserError
 from sdt.training import train
 from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, tiny_data
@@ -53,10 +53,17 @@ def test_training_that_crashes_mid_checkpoint_keeps_the_last_complete_one(
     overrides += ["callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint=null"]
     cfg = compose_cfg("train", overrides, tmp_path, cache_dir)
     monkeypatch.setattr(sdt.checkpoint.torch, "save", half_written_save(torch.save, fail_on_call=2))
-    with pytest.raises(OSError, match="No space left"):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(DiskFullError) as err:
         train(cfg)
     monkeypatch.undo()
-    ckpt = load_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"))
+    # A clear error (one line from train.py, exit 2: a UserError), naming the step, the file and what to do.
+    assert str(err.value) == (
+        f"no space left on the device to write the checkpoint of step 4 to {last}: the run stopped, the previous "
+        f"last.ckpt is intact and loads; free disk space (or set hydra.run.dir on another disk) and resume with "
+        f"ckpt_path={last}"
+    )
+    ckpt = load_checkpoint(str(last))
     assert ckpt["global_step"] == 2  # the write at step 4 failed; step 2's file is intact and loads
     assert os.listdir(tmp_path / "checkpoints") == ["last.ckpt"]
 

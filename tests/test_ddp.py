@@ -87,3 +87,49 @@ def test_train_py_with_two_cpu_processes_trains_a_routed_model(tmp_path, corpus_
     result = json.loads((tmp_path / "train_result.json").read_text())
     assert result["world_size"] == 2 and result["global_step"] == 6
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def _records(path) -> dict[tuple[int, int], float]:
+    """(step, rank) -> fingerprint of the batch that rank trained on at that step."""
+    return {(r["step"], r["rank"]): r["batch"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _run(tmp_path, name: str, corpus_files, cache_dir, processes: int, max_steps: int, *extra: str) -> dict:
+    """A tiny run in `tmp_path/<name>/` recording its batches in `tmp_path/<name>.jsonl`."""
+    from sdt.training import train
+    from tests.conftest import compose_cfg
+
+    trainer = [o for o in TINY_TRAINER if o not in ("trainer=cpu", "trainer.max_steps=6")]
+    overrides = [*TINY_MODEL, "trainer=ddp_cpu" if processes == 2 else "trainer=cpu", *trainer]
+    overrides += [*tiny_data(corpus_files), f"trainer.max_steps={max_steps}", "trainer.val_check_interval=100"]
+    overrides += [
+        "+callbacks.record._target_=tests.faults.RecordBatches",
+        f"+callbacks.record.path={tmp_path}/{name}.jsonl",
+    ]
+    return train(compose_cfg("train", [*overrides, *extra], tmp_path / name, cache_dir))
+
+
+@pytest.mark.slow  # four runs, two of them with two spawned processes
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_processes(tmp_path, corpus_files, cache_dir, caplog, before, after):
+    """A checkpoint of a `before`-process run resumed on `after` processes: the step count goes on from the
+    checkpoint's, and the data order restarts at the beginning of the checkpoint's epoch, split as a fresh
+    `after`-process run splits it (a warning says so), since the old position does not exist in the new split."""
+    fresh = _run(tmp_path, "fresh", corpus_files, cache_dir, after, 4)  # the order `after` processes see
+    first = _run(tmp_path, "first", corpus_files, cache_dir, before, 4)
+    assert first["global_step"] == fresh["global_step"] == 4 and first["world_size"] == before
+    ckpt = torch.load(first["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["LMDataModule"] == {"train_epoch": 0, "train_batches_done": 4, "batch_size": 4, "world_size": before}
+
+    with caplog.at_level("WARNING"):
+        resumed = _run(tmp_path, "resumed", corpus_files, cache_dir, after, 8, f"ckpt_path={first['last_checkpoint']}")
+    assert resumed["global_step"] == 8 and resumed["world_size"] == after
+    if after == 1:  # a spawned run warns in its child processes, outside caplog
+        assert f"on 1 ranks (checkpoint: 4 on {before}): the data order restarts at epoch 0" in caplog.text
+    got, want = _records(tmp_path / "resumed.jsonl"), _records(tmp_path / "fresh.jsonl")
+    # Steps 5..8 ran (4 optimizer steps, each on `after` x data.batch_size sequences), on the batches a fresh
+    # `after`-process run trains on at steps 1..4.
+    assert sorted(got) == [(step, rank) for step in range(5, 9) for rank in range(after)]
+    assert all(got[(step + 4, rank)] == want[(step, rank)] for step in range(1, 5) for rank in range(after))
+    final = torch.load(resumed["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert final["LMDataModule"]["world_size"] == after and final["LMDataModule"]["train_batches_done"] == 8

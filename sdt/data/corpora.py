@@ -400,11 +400,16 @@ class TextFilesCorpus(LoadedCorpus):
             length=64,
         )
 
-    def _load(self) -> dict[str, list[str]]:
-        docs: list[str] = []
+    def read_files(self) -> list[tuple[Path, list[str]]]:
+        """Every file with its non-empty documents, unsplit (a .txt file is one document; a table one per row)."""
+        out = []
         for f in self.files:
-            docs.extend(_read_txt(f) if f.suffix == ".txt" else _read_table(f, self.text_column))
-        docs = [d for d in docs if d.strip()]
+            docs = _read_txt(f) if f.suffix == ".txt" else _read_table(f, self.text_column)
+            out.append((f, [d for d in docs if d.strip()]))
+        return out
+
+    def _load(self) -> dict[str, list[str]]:
+        docs = [d for _, file_docs in self.read_files() for d in file_docs]
         if not docs:
             names = ", ".join(str(f) for f in self.files)
             raise UserError(f"data.paths holds no text (every document is empty or whitespace): {names}")

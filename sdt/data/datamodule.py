@@ -8,7 +8,6 @@ Each split's documents are encoded and concatenated with an end-of-text token af
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import time
@@ -21,7 +20,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from sdt.data.cache import atomic_write, atomic_write_text, cache_key, cache_lock
+from sdt.data.cache import (
+    atomic_write,
+    cache_key,
+    cache_lock,
+    file_problem,
+    file_record,
+    read_record,
+    write_record,
+)
 from sdt.data.config import DataConfig
 from sdt.data.corpora import SPLITS, Corpus, build_corpus
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
@@ -164,6 +171,7 @@ class LMDataModule(ResumableDataModule):
         self._streams: dict[str, np.ndarray] | None = None
         self._meta: dict[str, Any] | None = None
         self._datasets: dict[str, PackedDataset] = {}
+        self._verified: Path | None = None  # the token cache entry this module has checked (or built)
         # (epoch, batches done in it) read from a checkpoint; applied to the next train loader built.
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -207,11 +215,18 @@ class LMDataModule(ResumableDataModule):
         self._build_streams(self.tokens_dir)
 
     def _build_streams(self, out_dir: Path) -> None:
-        if (out_dir / "meta.json").is_file():
+        """Make `out_dir` hold intact token streams: checked against meta.json, (re)built under the lock if not."""
+        if self._verified == out_dir or streams_problem(out_dir) is None:
+            self._verified = out_dir
             return
         with cache_lock(out_dir):
-            if not (out_dir / "meta.json").is_file():  # another process may have built it while we waited
+            problem = streams_problem(out_dir)  # another process may have (re)built it while we waited
+            if problem is not None:
+                if problem != _NO_ENTRY:
+                    log.warning("token cache %s is damaged (%s): rebuilding it", out_dir, problem)
+                (out_dir / "meta.json").unlink(missing_ok=True)  # incomplete until the new meta.json is written
                 self._write_streams(out_dir)
+        self._verified = out_dir
 
     def _write_streams(self, out_dir: Path) -> None:
         tok = self.tokenizer
@@ -230,19 +245,24 @@ class LMDataModule(ResumableDataModule):
             # EOS stands for one byte of document separator (it is predicted, so it must cost something).
             num_bytes = sum(len(d.encode("utf-8")) for d in docs) + len(docs)
             atomic_write(out_dir / f"{split}.npy", lambda f, a=stream: np.save(f, a, allow_pickle=False))
-            meta["splits"][split] = {"num_docs": len(docs), "num_tokens": len(stream), "num_bytes": num_bytes}
+            meta["splits"][split] = {
+                "num_docs": len(docs),
+                "num_tokens": len(stream),
+                "num_bytes": num_bytes,
+                "file": file_record(out_dir / f"{split}.npy"),  # what a later load checks the file against
+            }
             log.info(
                 "tokenized %s: %d docs -> %d tokens in %.1fs", split, len(docs), len(stream), time.perf_counter() - t0
             )
         # meta.json is written last: its presence marks the whole entry as complete.
-        atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
+        write_record(out_dir / "meta.json", meta)
 
     def setup(self, stage: str | None = None) -> None:
         """Load (memory-map) the token streams; builds them first if prepare_data was not called. Idempotent."""
         if self._streams is None:
             out_dir = self.tokens_dir
             self._build_streams(out_dir)  # no-op when prepare_data already ran
-            self._meta = json.loads((out_dir / "meta.json").read_text())
+            self._meta = read_record(out_dir / "meta.json")
             self._streams = {s: np.load(out_dir / f"{s}.npy", mmap_mode="r", allow_pickle=False) for s in SPLITS}
         # Fail now, with a clear message, if a split the stage needs is too short for seq_len.
         for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ()):
@@ -349,6 +369,41 @@ class LMDataModule(ResumableDataModule):
             if len(text) > n_chars or start_token + n_tokens >= len(stream):
                 return text[:n_chars]
             n_tokens *= 2
+
+
+_NO_ENTRY = "no entry"
+
+
+def streams_problem(out_dir: Path) -> str | None:
+    """What is wrong with the token cache entry `out_dir` against its meta.json, or None when it is intact.
+
+    Checked: meta.json parses and lists every split; each split's .npy loads as a 1-D array of the recorded dtype and
+    token count, with the recorded file size and SHA-256 (entries written before the file records are checked by
+    dtype and token count only).
+    """
+    if not (out_dir / "meta.json").exists():
+        return _NO_ENTRY
+    meta = read_record(out_dir / "meta.json")
+    if meta is None or not isinstance(meta.get("splits"), dict) or not isinstance(meta.get("dtype"), str):
+        return "meta.json is unreadable or corrupted"
+    for split in SPLITS:
+        record = meta["splits"].get(split)
+        if not isinstance(record, dict) or not isinstance(record.get("num_tokens"), int):
+            return f"meta.json has no token count for the {split} split"
+        path = out_dir / f"{split}.npy"
+        problem = file_problem(path, record.get("file") or {})
+        if problem is not None:
+            return problem
+        try:
+            stream = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            return f"{path.name} does not load ({e})"
+        if stream.ndim != 1 or stream.dtype.name != meta["dtype"] or len(stream) != record["num_tokens"]:
+            return (
+                f"{path.name} holds {stream.size} {stream.dtype.name} tokens in {stream.ndim} dimension(s), "
+                f"meta.json says {record['num_tokens']} {meta['dtype']} in 1"
+            )
+    return None
 
 
 def build_datamodule(data: dict[str, Any], tokenizer: Tokenizer | None = None) -> tuple[Any, L.LightningDataModule]:

@@ -16,7 +16,15 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from sdt.data.cache import atomic_write_text, cache_key, cache_lock
+from sdt.data.cache import (
+    atomic_write_text,
+    cache_key,
+    cache_lock,
+    file_problem,
+    file_record,
+    read_record,
+    write_record,
+)
 from sdt.data.config import EOS_TOKEN, TokenizerConfig
 from sdt.data.corpora import Corpus
 from sdt.errors import UserError
@@ -158,16 +166,56 @@ def get_tokenizer(cfg: TokenizerConfig, corpus: Corpus, cache_dir: str | os.Path
         return Tokenizer.from_pretrained(cfg.path)
 
     path = bpe_cache_path(cfg, corpus, cache_dir)
+    tok, problem = load_cached_bpe(path)
+    if tok is not None:
+        log.info("loading cached tokenizer %s", path)
+        return tok
+    with cache_lock(path.parent):
+        tok, problem = load_cached_bpe(path)  # another process may have (re)built it while we waited for the lock
+        if tok is not None:
+            return tok
+        if problem is not None:
+            log.warning("cached tokenizer %s is damaged (%s): training it again", path, problem)
+        t0 = time.perf_counter()
+        texts = _capped(corpus.documents("train"), cfg.max_train_chars)
+        tok = train_bpe(texts, cfg.vocab_size, cfg.min_frequency)
+        path.with_name(_META_NAME).unlink(missing_ok=True)  # the record goes last: the entry is complete with it
+        atomic_write_text(path, tok.backend.to_str())
+        write_record(path.with_name(_META_NAME), _bpe_record(path, tok))
+        log.info("trained BPE (vocab %d) in %.1fs, cached at %s", tok.vocab_size, time.perf_counter() - t0, path)
+        return tok
+
+
+_META_NAME = "meta.json"  # next to tokenizer.json: its size, SHA-256 and vocabulary size
+
+
+def _bpe_record(path: Path, tok: Tokenizer) -> dict[str, object]:
+    return {**file_record(path), "vocab_size": tok.vocab_size}
+
+
+def load_cached_bpe(path: Path) -> tuple[Tokenizer | None, str | None]:
+    """(the cached BPE, None) when `path` holds an intact one; (None, what is wrong) when it is damaged; (None, None)
+    when there is none.
+
+    The entry is checked against its record (`meta.json`: size, SHA-256, vocabulary size) and must load with an
+    end-of-text token. An entry written before records existed is adopted when it loads, and given its record.
+    """
     if not path.is_file():
-        with cache_lock(path.parent):
-            if not path.is_file():  # another process may have trained it while we waited for the lock
-                t0 = time.perf_counter()
-                texts = _capped(corpus.documents("train"), cfg.max_train_chars)
-                tok = train_bpe(texts, cfg.vocab_size, cfg.min_frequency)
-                atomic_write_text(path, tok.backend.to_str())
-                log.info(
-                    "trained BPE (vocab %d) in %.1fs, cached at %s", tok.vocab_size, time.perf_counter() - t0, path
-                )
-                return tok
-    log.info("loading cached tokenizer %s", path)
-    return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), EOS_TOKEN, kind="bpe")
+        return None, None
+    record_path = path.with_name(_META_NAME)
+    record = read_record(record_path)
+    if record is None and record_path.exists():
+        return None, f"{_META_NAME} is unreadable or corrupted"
+    if record is not None:
+        problem = file_problem(path, record)
+        if problem is not None:
+            return None, problem
+    try:
+        tok = Tokenizer(tokenizers.Tokenizer.from_file(str(path)), EOS_TOKEN, kind="bpe")
+    except Exception as e:  # noqa: BLE001 - the Rust parser fails with plain Exceptions
+        return None, f"{path.name} does not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if record is None:
+        write_record(record_path, _bpe_record(path, tok))
+    elif record.get("vocab_size") != tok.vocab_size:
+        return None, f"{path.name} has {tok.vocab_size} tokens, its record says {record.get('vocab_size')}"
+    return tok, None

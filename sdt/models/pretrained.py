@@ -46,6 +46,7 @@ from sdt.models.layers import Block
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+ROUTED_MODEL_TYPE = "sdt"  # config.json model_type of a routed export (its backbone keys are Llama's)
 SDT_CONFIG_KEY = "sdt"  # config.json key under which an export stores our full ModelConfig
 ROUTING_PREFIX = "sdt."  # export weight names of routing tensors (priors, routers, gate scalars, thresholds)
 # Fields of ModelConfig that describe the backbone and therefore come from the checkpoint.
@@ -109,10 +110,30 @@ def download_from_hub(repo_id: str) -> str:
     return local
 
 
+def check_gguf_rope(source: PretrainedSource) -> None:
+    """Refuse a GGUF file with a `rope_freqs` tensor: Llama-3-style RoPE frequency scaling, which transformers'
+    GGUF reader drops without a word, so the model would load as plain RoPE and compute something else."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:
+        raise UserError(f"model.init_from={source.spec}: reading GGUF needs `pip install gguf` ({e})") from None
+    try:
+        names = {t.name for t in GGUFReader(os.path.join(source.directory, source.gguf_file)).tensors}
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.init_from={source.spec}: cannot read the GGUF file ({e})") from None
+    if "rope_freqs.weight" in names or "rope_freqs" in names:
+        raise UserError(
+            f"model.init_from={source.spec}: the GGUF file scales RoPE frequencies (a rope_freqs tensor, "
+            "Llama-3-style RoPE scaling), which is not supported (plain RoPE only)"
+        )
+
+
 def read_hf_config(source: PretrainedSource) -> dict[str, Any]:
     """The checkpoint's Hugging Face config as a plain dict."""
     if source.gguf_file is not None:
         from transformers import AutoConfig
+
+        check_gguf_rope(source)
 
         try:
             return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file).to_dict()
@@ -137,6 +158,8 @@ def _rope_theta(hf: dict[str, Any], where: str) -> float:
 def backbone_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """ModelConfig backbone fields from a Llama / Qwen2 Hugging Face config."""
     model_type = hf.get("model_type")
+    if model_type == ROUTED_MODEL_TYPE and SDT_CONFIG_KEY in hf:  # a routed export: Qwen2-style when it has biases
+        model_type = "qwen2" if hf[SDT_CONFIG_KEY].get("qkv_bias") else "llama"
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
             f"model.init_from={where}: model_type {model_type!r} is not supported; "

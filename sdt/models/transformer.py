@@ -9,7 +9,7 @@ how they are combined, and the training loop logs each one separately.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -286,6 +286,31 @@ class LanguageModel(nn.Module):
             decisions=decisions,
             scores=scores,
         )
+
+    def layer_path_states(
+        self,
+        x: Tensor,
+        layer_path: Sequence[int],
+        start: int,
+        *,
+        positions: Tensor,
+        pad_mask: Tensor | None = None,
+        routing: str = "topk",
+        diagnostics: bool = True,
+    ) -> Iterator[Tensor]:
+        """Resume a forward over `layer_path` at step `start`: x (B, T, D) is the hidden state entering that step.
+
+        Yields the hidden state after each step `start, start + 1, ...` (no KV cache, no stats), running exactly the
+        layer calls `forward` makes, so resuming from a stored prefix state gives the same bits as the full forward
+        (prefix reuse in CoLa search, docs/cola.md). The logits are `lm_head(norm(state))`, as in `forward`.
+        """
+        path = check_layer_path(layer_path, len(self.layers))
+        ctx = ForwardContext(
+            positions=positions, rope=self.rope, pad_mask=pad_mask, routing=routing, diagnostics=diagnostics
+        )
+        for step in range(start, len(path)):
+            x = self.layers[path[step]](x, replace(ctx, cache_key=step)).hidden
+            yield x
 
     @torch.no_grad()
     def generate(

@@ -13,6 +13,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,7 +23,8 @@ from tqdm import tqdm
 from sdt.errors import UserError
 from sdt.search.cola import ColaConfig, ColaSearch
 from sdt.search.plots import cola_plots, layer_edit_counts
-from sdt.search.tasks import PathScorer, load_task
+from sdt.search.prefix_cache import PrefixReusingScorer
+from sdt.search.tasks import PathScorer, TaskItem, load_task
 
 log = logging.getLogger(__name__)
 
@@ -57,38 +59,48 @@ def summarise(items: list[dict[str, Any]], depth: int) -> dict[str, Any]:
     }
 
 
-def evaluate_search(cfg: DictConfig) -> dict[str, Any]:
-    from sdt.evaluation import load_model_and_tokenizer, pick_device  # evaluation dispatches here
+# cola.* options of the run rather than of the tree search (ColaConfig)
+RUN_OPTIONS = ("reuse_prefix", "prefix_cache_mb", "batch_paths", "router")
 
-    if cfg.get("search") != "cola":
-        raise UserError(f"search must be cola (or null for no search), got {cfg.get('search')!r}")
-    task_spec = cfg.get("task")
-    if task_spec in (None, "lm", "reasoning"):
-        raise UserError("search=cola needs task=<shipped task name, .jsonl file or lm-eval .yaml> (docs/cola.md)")
-    options = OmegaConf.to_container(cfg.cola, resolve=True)
-    num_items = options.pop("num_items", None)
-    search_cfg = ColaConfig.from_dict(options)
 
-    device = pick_device(cfg.get("device", "auto"))
-    torch.manual_seed(int(cfg.seed))
-    model, tokenizer, valid_vocab, ckpt = load_model_and_tokenizer(cfg, device)
-    source = os.path.abspath(cfg.ckpt_path) if ckpt is not None else OmegaConf.select(cfg, "model.init_from")
-    task = load_task(str(task_spec))
-    items = task.items[: int(num_items)] if num_items else task.items
-    depth = len(model.layers)
-    search = ColaSearch(depth, search_cfg)
-    scorer = PathScorer(model, tokenizer, task, device, valid_vocab)
+def make_scorer(
+    model: Any, tokenizer: Any, task: Any, device: torch.device, valid_vocab: int, run_options: dict[str, Any]
+) -> PathScorer:
+    """The path scorer of a search run: with prefix reuse (`cola.reuse_prefix`, the default) or the plain one."""
+    if run_options.get("reuse_prefix", True):
+        megabytes = float(run_options.get("prefix_cache_mb", 512))
+        batch = int(run_options.get("batch_paths", 4))
+        if batch < 1:
+            raise UserError(f"cola.batch_paths must be >= 1, got {batch}")
+        return PrefixReusingScorer(
+            model, tokenizer, task, device, valid_vocab, cache_bytes=int(megabytes * 2**20), batch_paths=batch
+        )
+    return PathScorer(model, tokenizer, task, device, valid_vocab)
 
-    out_dir = str(cfg.paths.output_dir)
-    os.makedirs(out_dir, exist_ok=True)
+
+def search_items(
+    search: ColaSearch,
+    scorer: PathScorer,
+    items: Sequence[TaskItem],
+    indices: Sequence[int],
+    task_name: str,
+    out_dir: str,
+    rewards: dict[int, dict[tuple[int, ...], float]] | None = None,
+) -> tuple[list[dict[str, Any]], float]:
+    """Search every item; one result row per item (also appended to `cola_items.jsonl` as items finish, so a run cut
+    short still leaves its results) and the wall time. `rewards`, if given, collects every scored path's reward
+    per item index."""
     rows = []
     start = time.perf_counter()
-    evaluations = 0
-    # One line per item as it finishes, so a run cut short still leaves its results.
     with open(os.path.join(out_dir, "cola_items.jsonl"), "w") as partial:
-        for index, item in enumerate(tqdm(items, desc=f"cola {task.name}", unit="item")):
-            result = search.search(lambda path, item=item: float(scorer.correct(item, path)))
-            evaluations += result.evaluations
+        for index, item in zip(indices, tqdm(items, desc=f"cola {task_name}", unit="item"), strict=True):
+            seen = rewards.setdefault(index, {}) if rewards is not None else {}
+
+            def reward(path: tuple[int, ...], item: TaskItem = item, seen: dict = seen) -> float:
+                seen[path] = float(scorer.correct(item, path))
+                return seen[path]
+
+            result = search.search(reward)
             correct_paths = [e for e in result.best if e["reward"] >= 1.0]
             rows.append(
                 {
@@ -102,8 +114,73 @@ def evaluate_search(cfg: DictConfig) -> dict[str, Any]:
             )
             partial.write(json.dumps(rows[-1]) + "\n")
             partial.flush()
-    wall = time.perf_counter() - start
+    return rows, time.perf_counter() - start
 
+
+def reuse_counts(scorer: PathScorer) -> dict[str, Any]:
+    """Layer calls run and saved by prefix reuse (empty for the plain scorer)."""
+    if not isinstance(scorer, PrefixReusingScorer):
+        return {"reuse_prefix": False}
+    total = scorer.layers_run + scorer.layers_reused
+    return {
+        "reuse_prefix": True,
+        "layer_calls": scorer.layers_run,
+        "layer_calls_reused": scorer.layers_reused,
+        "share_of_layer_calls_reused": scorer.layers_reused / total if total else None,
+    }
+
+
+def evaluate_search(cfg: DictConfig) -> dict[str, Any]:
+    from sdt.evaluation import load_model_and_tokenizer, pick_device  # evaluation dispatches here
+
+    if cfg.get("search") not in ("cola", "cola_router"):
+        raise UserError(f"search must be cola or cola_router (or null for no search), got {cfg.get('search')!r}")
+    task_spec = cfg.get("task")
+    if task_spec in (None, "lm", "reasoning"):
+        raise UserError(
+            f"search={cfg.search} needs task=<shipped task name, .jsonl file or lm-eval .yaml> (docs/cola.md)"
+        )
+    options = OmegaConf.to_container(cfg.cola, resolve=True)
+    num_items = options.pop("num_items", None)
+    run_options = {key: options.pop(key) for key in RUN_OPTIONS if key in options}
+    search_cfg = ColaConfig.from_dict(options)
+    if cfg.search == "cola" and run_options.get("router"):
+        raise UserError("cola.router applies a saved path router: use it with search=cola_router")
+
+    device = pick_device(cfg.get("device", "auto"))
+    torch.manual_seed(int(cfg.seed))
+    model, tokenizer, valid_vocab, ckpt = load_model_and_tokenizer(cfg, device)
+    source = os.path.abspath(cfg.ckpt_path) if ckpt is not None else OmegaConf.select(cfg, "model.init_from")
+    task = load_task(str(task_spec))
+    scorer = make_scorer(model, tokenizer, task, device, valid_vocab, run_options)
+    out_dir = str(cfg.paths.output_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if cfg.search == "cola_router":
+        from sdt.search.router_run import evaluate_router
+
+        return evaluate_router(cfg, model, task, scorer, search_cfg, source, run_options, out_dir)
+
+    items = task.items[: int(num_items)] if num_items else task.items
+    depth = len(model.layers)
+    rows, wall = search_items(ColaSearch(depth, search_cfg), scorer, items, range(len(items)), task.name, out_dir)
+    return write_search_result(cfg, rows, wall, task, model, search_cfg, source, scorer, out_dir)
+
+
+def write_search_result(
+    cfg: DictConfig,
+    rows: list[dict[str, Any]],
+    wall: float,
+    task: Any,
+    model: Any,
+    search_cfg: ColaConfig,
+    source: str | None,
+    scorer: PathScorer,
+    out_dir: str,
+) -> dict[str, Any]:
+    """cola.json (and its plots) of a search whose per-item results are `rows`."""
+    depth = len(model.layers)
+    evaluations = sum(r["evaluations"] for r in rows)
+    options = OmegaConf.to_container(cfg.cola, resolve=True)
     out: dict[str, Any] = {
         "task": task.name,
         "kind": task.kind,
@@ -118,7 +195,8 @@ def evaluate_search(cfg: DictConfig) -> dict[str, Any]:
         "evaluations": evaluations,
         "wall_seconds": wall,
         "seconds_per_evaluation": wall / max(evaluations, 1),
-        "device": str(device),
+        **reuse_counts(scorer),
+        "device": str(next(model.parameters()).device),
         "items": rows,
     }
     out["layer_edits"] = layer_edit_counts(out)
@@ -159,6 +237,11 @@ def format_search_report(r: dict[str, Any]) -> str:
             (
                 f"search        {r['evaluations']} path evaluations in {r['wall_seconds']:.1f} s "
                 f"({r['seconds_per_evaluation']:.3f} s each)"
+            ),
+            *(
+                [f"prefix reuse  {r['share_of_layer_calls_reused']:.1%} of layer calls reused"]
+                if r.get("share_of_layer_calls_reused") is not None
+                else []
             ),
             f"note          {r['note']}",
         ]

@@ -4,7 +4,8 @@ A task comes from one of (docs/cola.md):
 - a shipped name (`basic_mc`, `arithmetic_qa`: files in sdt/search/tasks/);
 - a local JSONL file, one item a line: `{"question", "choices", "answer": index}` (multiple choice) or
   `{"question", "answer": text}` (short answer); the prompt is "Question: {question}\\nAnswer:";
-- an lm-eval-harness task YAML whose data is a local JSON/JSONL file (the supported subset is in `YAML_KEYS`).
+- an lm-eval-harness task: a YAML file or a task name, built by lm-eval's own task manager (prompts, choices,
+  gold answer; `pip install -e '.[eval]'`), zero-shot.
 
 `PathScorer` answers one item under one layer path: the choice with the highest summed log-likelihood of its tokens
 after the prompt (lm-eval's `acc`), or the greedy continuation up to a stop string, compared after stripping
@@ -13,7 +14,6 @@ whitespace and a final period.
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
 from sdt.data.tokenizer import Tokenizer
@@ -32,15 +31,8 @@ from sdt.models import LanguageModel
 log = logging.getLogger(__name__)
 
 TASK_DIR = os.path.join(os.path.dirname(__file__), "tasks")
+HARNESS_TASK_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "harness_tasks")
 KINDS = ("multiple_choice", "short_answer")
-# lm-eval task YAML keys read here; metadata keys are ignored; any other key is an error rather than silently
-# changing what is evaluated.
-YAML_KEYS = {
-    "task", "dataset_path", "dataset_name", "dataset_kwargs", "test_split", "validation_split", "output_type",
-    "doc_to_text", "doc_to_choice", "doc_to_target", "target_delimiter", "description", "generation_kwargs",
-    "num_fewshot",
-}  # fmt: skip
-YAML_IGNORED = {"tag", "group", "metric_list", "metadata", "should_decontaminate", "doc_to_decontamination_query"}
 OUTPUT_TYPES = {"multiple_choice": "multiple_choice", "generate_until": "short_answer"}
 
 
@@ -97,90 +89,101 @@ def task_from_jsonl(path: str, name: str | None = None) -> Task:
     return Task(name, kind, items)
 
 
-def _render(template: Any, doc: dict[str, Any]) -> Any:
-    """lm-eval's doc_to_*: a field name, a Jinja template over the document's fields, or a literal (list/int)."""
-    if not isinstance(template, str):
-        return template
-    if template in doc:
-        return doc[template]
-    import jinja2
+def _lm_eval_task(spec: str) -> Any:
+    """The lm-eval Task object for a task name or a task YAML path, through lm-eval's own task manager.
 
-    return jinja2.Template(template).render(**doc)
+    Names resolve among lm-eval's tasks and the tasks shipped here (sdt/search/tasks, sdt/harness_tasks). A YAML's
+    `dataset_kwargs.data_files` that name files next to it are resolved against its directory (datasets would
+    resolve them against the working directory).
+    """
+    try:
+        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:
+        raise UserError(f"task={spec}: lm-eval tasks need lm-evaluation-harness: pip install -e '.[eval]'") from None
+    # lm-eval's own few thousand task configs take a while to index: only when the name is not one of ours.
+    manager = TaskManager(include_path=[TASK_DIR, HARNESS_TASK_DIR], include_defaults=False)
+    source: Any = spec
+    if spec.endswith((".yaml", ".yml")):
+        source = load_yaml(spec, resolve_func=True)
+        _resolve_data_files(source, os.path.dirname(os.path.abspath(spec)))
+    elif not manager.match_tasks([spec]):
+        manager = TaskManager(include_path=[TASK_DIR, HARNESS_TASK_DIR])
+        if not manager.match_tasks([spec]):
+            raise UserError(
+                f"unknown task {spec!r}: name a .jsonl or lm-eval .yaml file, a shipped task "
+                f"({', '.join(shipped_tasks())}) or an lm-eval task"
+            )
+    try:
+        tasks = get_task_dict([source], manager)
+    except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many kinds; name the task and keep the reason
+        raise UserError(f"task={spec}: lm-eval could not load it: {type(e).__name__}: {e}") from None
+    leaves = _leaf_tasks(tasks)
+    if len(leaves) != 1:
+        raise UserError(f"task={spec} is a group of {len(leaves)} lm-eval tasks; name one of them")
+    return leaves[0]
 
 
-def _choice_list(value: Any, where: str) -> list[str]:
-    if isinstance(value, str):
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError) as e:
-            raise UserError(f"{where}: doc_to_choice must give a list, got {value!r}") from e
-    if not isinstance(value, list | tuple):
-        raise UserError(f"{where}: doc_to_choice must give a list, got {value!r}")
-    return [str(c) for c in value]
+def _leaf_tasks(tasks: dict) -> list[Any]:
+    out = []
+    for value in tasks.values():
+        out.extend(_leaf_tasks(value) if isinstance(value, dict) else [value])
+    return out
 
 
-def _resolve_data_path(path: str, yaml_dir: str) -> str:
-    for candidate in (path, os.path.join(yaml_dir, path)):
-        if os.path.isfile(candidate):
-            return candidate
-    raise UserError(f"task data file {path!r} not found (looked in the working directory and next to the YAML)")
+def _resolve_data_files(cfg: dict[str, Any], yaml_dir: str) -> None:
+    kwargs = cfg.get("dataset_kwargs") or {}
+    files = kwargs.get("data_files")
+
+    def resolve(f: str) -> str:
+        return f if os.path.isabs(f) or os.path.exists(f) else os.path.join(yaml_dir, f)
+
+    if isinstance(files, str):
+        kwargs["data_files"] = resolve(files)
+    elif isinstance(files, list):
+        kwargs["data_files"] = [resolve(f) for f in files]
+    elif isinstance(files, dict):
+        kwargs["data_files"] = {
+            k: resolve(v) if isinstance(v, str) else [resolve(f) for f in v] for k, v in files.items()
+        }
 
 
-def task_from_yaml(path: str) -> Task:
-    """An lm-eval-harness task YAML over local data (docs/cola.md lists the supported keys)."""
-    with open(path) as f:
-        spec = yaml.safe_load(f) or {}
-    unknown = sorted(set(spec) - YAML_KEYS - YAML_IGNORED)
-    if unknown:
-        raise UserError(f"{path}: unsupported lm-eval task keys {unknown}; supported: {sorted(YAML_KEYS)}")
-    if int(spec.get("num_fewshot") or 0) > 0:
-        raise UserError(f"{path}: num_fewshot > 0 is not supported")
-    output_type = spec.get("output_type", "multiple_choice")
+def task_from_lm_eval(spec: str) -> Task:
+    """A task built by lm-eval from its config: the zero-shot requests lm-eval would send (context and each
+    choice's continuation, or context and stop strings) and the gold answer from `doc_to_target`."""
+    task = _lm_eval_task(spec)
+    output_type = task.OUTPUT_TYPE
     if output_type not in OUTPUT_TYPES:
-        raise UserError(f"{path}: output_type must be one of {sorted(OUTPUT_TYPES)}, got {output_type!r}")
-    split = spec.get("test_split") or spec.get("validation_split") or "test"
-    data_files = (spec.get("dataset_kwargs") or {}).get("data_files")
-    if isinstance(data_files, dict):
-        if split not in data_files:
-            raise UserError(f"{path}: dataset_kwargs.data_files has no {split!r} split")
-        data_files = data_files[split]
-    if isinstance(data_files, list):
-        data_files = data_files[0]
-    source = data_files or spec.get("dataset_path")
-    if not source or not str(source).endswith((".json", ".jsonl")):
         raise UserError(
-            f"{path}: the data must be a local JSON/JSONL file: dataset_path: json with dataset_kwargs.data_files, "
-            f"or dataset_path: <file>.jsonl (hub datasets are not read offline)"
+            f"task={spec}: output_type {output_type!r} is not searchable; use one of {sorted(OUTPUT_TYPES)}"
         )
-    docs = _read_jsonl(_resolve_data_path(str(source), os.path.dirname(os.path.abspath(path))))
-    kind = OUTPUT_TYPES[output_type]
-    description = spec.get("description") or ""
-    items = []
-    for n, doc in enumerate(docs):
-        where = f"{path}, document {n}"
-        prompt = description + str(_render(spec.get("doc_to_text", "question"), doc))
-        target = _render(spec.get("doc_to_target", "answer"), doc)
-        if kind == "multiple_choice":
-            choices = _choice_list(_render(spec.get("doc_to_choice", "choices"), doc), where)
-            if isinstance(target, str) and target.strip().lstrip("-").isdigit():
-                target = int(target)
-            elif isinstance(target, str):
-                if target not in choices:
-                    raise UserError(f"{where}: doc_to_target {target!r} is neither an index nor one of the choices")
-                target = choices.index(target)
-            if not 0 <= int(target) < len(choices):
-                raise UserError(f"{where}: target index {target} out of range for {len(choices)} choices")
-            items.append(TaskItem(prompt, int(target), choices))
+    task.set_config("num_fewshot", 0)  # the search scores each item on its own
+    task.build_all_requests(rank=0, world_size=1)
+    requests: dict[int, list[Any]] = {}
+    for instance in task.instances:
+        requests.setdefault(instance.doc_id, []).append(instance)
+    items, until, max_new = [], ["\n"], 16
+    for doc_id in sorted(requests):
+        group = sorted(requests[doc_id], key=lambda r: r.idx)
+        doc = group[0].doc
+        context = group[0].args[0]
+        target = task.doc_to_target(doc)
+        if output_type == "multiple_choice":
+            choices = [r.args[1] for r in group]  # continuations as lm-eval scores them (delimiter included)
+            gold = target if isinstance(target, int) else task.doc_to_choice(doc).index(target)
+            items.append(TaskItem(context, int(gold), choices))
         else:
-            items.append(TaskItem(prompt, str(target)))
-    gen = spec.get("generation_kwargs") or {}
+            gen = dict(group[0].args[1])
+            until = list(gen.get("until") or ["\n"])
+            max_new = int(gen.get("max_gen_toks", 16))
+            items.append(TaskItem(context, str(target[0] if isinstance(target, list) else target)))
     return Task(
-        name=str(spec.get("task") or os.path.splitext(os.path.basename(path))[0]),
-        kind=kind,
+        name=str(task.config.task),
+        kind=OUTPUT_TYPES[output_type],
         items=items,
-        target_delimiter=str(spec.get("target_delimiter", " ")),
-        until=list(gen.get("until") or ["\n"]),
-        max_new_tokens=int(gen.get("max_gen_toks", 16)),
+        target_delimiter="",
+        until=until,
+        max_new_tokens=max_new,
     )
 
 
@@ -189,17 +192,17 @@ def shipped_tasks() -> list[str]:
 
 
 def load_task(spec: str) -> Task:
-    """A shipped task name, a .jsonl/.json file or an lm-eval .yaml file."""
+    """A shipped task name, a .jsonl/.json file, or an lm-eval task (a .yaml file or a task name)."""
     spec = str(spec)
     if spec.endswith((".yaml", ".yml")):
         if not os.path.isfile(spec):
             raise UserError(f"task YAML {spec!r} does not exist")
-        return task_from_yaml(spec)
+        return task_from_lm_eval(spec)
     if spec.endswith((".jsonl", ".json")):
         return task_from_jsonl(spec)
     if spec in shipped_tasks():
         return task_from_jsonl(os.path.join(TASK_DIR, f"{spec}.jsonl"))
-    raise UserError(f"unknown task {spec!r}: name a .jsonl or lm-eval .yaml file, or one of {shipped_tasks()}")
+    return task_from_lm_eval(spec)
 
 
 def normalise_answer(text: str) -> str:
@@ -249,17 +252,26 @@ class PathScorer:
             mask[i, width - len(r) :] = True
         return ids.to(self.device), mask.to(self.device), conts
 
-    @torch.no_grad()
-    def choice_loglikelihoods(self, item: TaskItem, path: Sequence[int] | None) -> list[float]:
+    def _choice_inputs(self, item: TaskItem) -> tuple[Tensor, Tensor, list[list[int]]]:
         key = id(item)
         if key not in self._prepared:
             self._prepared[key] = self._choice_batch(item)
-        ids, mask, conts = self._prepared[key]
+        return self._prepared[key]
+
+    @torch.no_grad()
+    def choice_loglikelihoods(self, item: TaskItem, path: Sequence[int] | None) -> list[float]:
+        ids, mask, conts = self._choice_inputs(item)
         keep = max(len(c) for c in conts) + 1
         out = self.model(
             ids, pad_mask=mask, layer_path=path, logits_to_keep=keep, routing=self.routing, diagnostics=False
         )
-        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (C, keep, V); position j predicts token j + 1
+        return self._choice_scores(out.logits, conts)
+
+    @staticmethod
+    def _choice_scores(logits: Tensor, conts: list[list[int]]) -> list[float]:
+        """Summed log-likelihood of each choice's tokens, from the logits (C, keep, V) of the rows' last positions."""
+        keep = logits.size(1)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (C, keep, V); position j predicts token j + 1
         scores = []
         for i, cont in enumerate(conts):
             # The choice's tokens are the row's last len(cont); the logits before each of them predict it.

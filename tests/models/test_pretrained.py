@@ -75,6 +75,18 @@ def test_a_gguf_file_loads_like_transformers(tmp_path):
         torch.testing.assert_close(load_ours(path)(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
+def test_a_gguf_file_with_scaled_rope_frequencies_is_refused_in_one_line(tmp_path):
+    pytest.importorskip("gguf")
+    import numpy as np
+
+    hf = save_hf_model(tmp_path, "llama")
+    head_dim = hf.config.hidden_size // hf.config.num_attention_heads
+    path = write_tiny_gguf(tmp_path / "l3.gguf", hf, {"rope_freqs.weight": np.ones(head_dim // 2, dtype=np.float32)})
+    with pytest.raises(UserError, match=r"l3.gguf: the GGUF file scales RoPE frequencies \(a rope_freqs tensor, ") as e:
+        Pretrained(str(path))
+    assert "\n" not in str(e.value) and "Llama-3-style RoPE scaling" in str(e.value)
+
+
 def test_sdt_pairs_take_consecutive_layers_and_stt_mod_keep_their_own(tmp_path):
     hf = save_hf_model(tmp_path, "qwen2")
     layers = hf.model.layers

