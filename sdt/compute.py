@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 from sdt.errors import UserError
 from sdt.models.config import ModelConfig
@@ -89,8 +90,8 @@ def block_flops(cfg: ModelConfig, seq_len: int, n_tokens: int | None = None, ful
     return flops
 
 
-def _routed_block(cfg: ModelConfig, seq_len: int) -> Flops:
-    k = routed_tokens(cfg.capacity, seq_len)
+def _routed_block(cfg: ModelConfig, seq_len: int, executed: float | None = None) -> Flops:
+    k = routed_tokens(cfg.capacity, seq_len) if executed is None else executed
     return block_flops(cfg, seq_len, k, full_context=cfg.routed_attention == "full")
 
 
@@ -124,8 +125,9 @@ def _linear_router(cfg: ModelConfig, seq_len: int) -> Flops:
     return flops
 
 
-def _layer_flops(cfg: ModelConfig, kind: str, seq_len: int, training: bool) -> Flops:
-    """Forward FLOPs of one layer (and the routing machinery attached to it) on one sequence."""
+def _layer_flops(cfg: ModelConfig, kind: str, seq_len: int, training: bool, executed: float | None = None) -> Flops:
+    """Forward FLOPs of one layer (and the routing machinery attached to it) on one sequence; `executed`: the
+    tokens a routed layer ran on (None: the capacity's k)."""
     T = seq_len
     parts: list[Flops]
     if kind in ("block", "decision"):
@@ -133,16 +135,16 @@ def _layer_flops(cfg: ModelConfig, kind: str, seq_len: int, training: bool) -> F
         if kind == "decision":  # the prior predicts the update; surprise and gate run on every token
             parts += [_prior(cfg, T), _surprise(cfg, T)]
     elif kind == "dynamic":
-        parts = [_routed_block(cfg, T), _student_router(cfg, T)]
+        parts = [_routed_block(cfg, T, executed), _student_router(cfg, T)]
     elif kind == "stt":
         router_in = 2 * cfg.d_model if cfg.student_input == "x_prev" else cfg.d_model
-        parts = [_routed_block(cfg, T), _student_router(cfg, T, router_in)]
+        parts = [_routed_block(cfg, T, executed), _student_router(cfg, T, router_in)]
         if training:  # dense teacher pass for the surprise signals, then the sparse re-run above
             # The teacher's output only feeds detached signals: no backward through it, so one forward, not three.
             teacher = {name: value / TRAIN_FLOPS_MULTIPLIER for name, value in block_flops(cfg, T).items()}
             parts += [teacher, _prior(cfg, T), _surprise(cfg, T)]
     elif kind == "mod":
-        parts = [_routed_block(cfg, T), _linear_router(cfg, T), _student_router(cfg, T)]
+        parts = [_routed_block(cfg, T, executed), _linear_router(cfg, T), _student_router(cfg, T)]
     else:
         raise ValueError(f"unknown layer kind {kind!r}")
     total = _zero()
@@ -171,6 +173,44 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int, training: bool = False) -> d
     out = {name: value * scale for name, value in total.items()}
     out["total"] = sum(out.values())
     return out
+
+
+ROUTED_KINDS = ("dynamic", "stt", "mod")  # the layer kinds whose block a routed layer of the model runs
+
+
+def measured_flops(
+    cfg: ModelConfig, seq_len: int, executed: Sequence[float], logits_positions: int | None = None
+) -> dict[str, float]:
+    """Inference FLOPs of one sequence of `seq_len` tokens whose routed layers executed `executed[j]` tokens
+    (routed layers in stack order), with logits at `logits_positions` positions (None: every token; one per
+    generated token when decoding). Returns {"flops", "dense_flops", "flops_ratio_vs_dense"} (totals, not per
+    token); the dense model has the same dimensions and the same logits."""
+    _check_seq_len(seq_len)
+    kinds = layer_kinds(cfg)
+    routed = [i for i, kind in enumerate(kinds) if kind in ROUTED_KINDS]
+    if len(executed) != len(routed):
+        raise ValueError(f"{len(executed)} executed counts for {len(routed)} routed layers")
+    count = dict(zip(routed, executed, strict=True))
+    total = 0.0
+    for i, kind in enumerate(kinds):
+        total += sum(_layer_flops(cfg, kind, seq_len, False, count.get(i)).values())
+    dense = cfg.n_layers * sum(block_flops(cfg, seq_len).values())
+    head = 2 * (seq_len if logits_positions is None else logits_positions) * cfg.d_model * cfg.vocab_size
+    return {"flops": total + head, "dense_flops": dense + head, "flops_ratio_vs_dense": (total + head) / (dense + head)}
+
+
+def measured_kv_entries(cfg: ModelConfig, seq_len: int, executed: Sequence[float]) -> float:
+    """K/V entries one sequence holds when its routed layers executed `executed[j]` tokens (cf. `kv_entries`)."""
+    kinds = layer_kinds(cfg)
+    routed = iter(executed)
+    total = 0.0
+    for kind in kinds:
+        if kind in ROUTED_KINDS:
+            e = next(routed)
+            total += seq_len if cfg.routed_attention == "full" else e
+        else:
+            total += seq_len
+    return total
 
 
 def kv_entries(cfg: ModelConfig, seq_len: int) -> int:

@@ -24,6 +24,7 @@ from sdt.models import LanguageModel, ModelCache, ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
 from sdt.resolvers import register_resolvers
 from sdt.routing.calibration import calibrate_thresholds
+from sdt.usage import RequestUsage, request_usage, usage_distribution
 from sdt.whole_file import read_documents, window_batches
 
 register_resolvers()  # configs may use ${package_file:...}; register before Hydra composes them
@@ -41,8 +42,11 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> LanguageModel:
     cfg = ModelConfig.from_dict(ckpt["hyper_parameters"]["model"])
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(model_state_dict(ckpt), strict=False)
-    # Tied embeddings are stored once; everything else must match exactly.
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    # Tied embeddings are stored once; checkpoints from before the capacity dial lack the quantile grids (they stay
+    # uncalibrated: `recalibrate=true` fills them); everything else must match exactly.
+    missing = [
+        k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight") and not k.endswith(".quantiles")
+    ]
     if missing or unexpected:
         raise UserError(f"checkpoint weights do not match the model: missing {missing}, unexpected {unexpected}")
     return _ready(model, device)
@@ -67,6 +71,7 @@ ROUTING_LABELS = {
     "topk": "topk (non-causal oracle; not the model's perplexity)",
     "threshold": "threshold (causal: execute where the gate score >= a calibrated tau)",
     "student": "student (causal router)",
+    "budget": "budget (causal: threshold held to the capacity per sequence)",
 }
 
 
@@ -102,6 +107,42 @@ def run_split(
         "tokens_per_second": tokens / max(seconds, 1e-9),
         "stats": {name: value / tokens for name, value in stat_sums.items()},
     }
+
+
+def executed_fraction_by_routing(
+    model: LanguageModel, by_mode: dict[str, dict[str, dict[str, Any]]], split: str
+) -> dict[str, float]:
+    """Routing mode -> executed fraction on `split`, the mean over routed layers (1.0 for a dense model)."""
+    from sdt.capacity_sweep import mean_executed_fraction
+
+    if not model.is_routed:
+        return dict.fromkeys(by_mode, 1.0)
+    return {mode: mean_executed_fraction(model, res[split]["stats"]) for mode, res in by_mode.items() if split in res}
+
+
+def run_capacity_sweep(
+    model: LanguageModel,
+    cfg: DictConfig,
+    capacities: list[float],
+    loader_fn,
+    device: torch.device,
+    mode: str,
+    seq_len: int,
+) -> list[dict[str, Any]]:
+    """`inference_capacity=[...]`: the split in the headline causal mode at each capacity (sdt.capacity_sweep)."""
+    from sdt.capacity_sweep import capacity_sweep
+
+    if not model.is_routed:
+        raise UserError("inference_capacity needs a routed model (sdt, stt or mod): a dense model has no capacity")
+    return capacity_sweep(
+        model, capacities, lambda m: run_split(model, loader_fn(), device, cfg.get("max_batches"), m), mode, seq_len
+    )
+
+
+def sweep_plot(sweep: list[dict[str, Any]], out_dir: str, arch: str) -> str:
+    from sdt.capacity_sweep import sweep_plot as plot
+
+    return plot(sweep, out_dir, arch)
 
 
 def unigram_perplexity(datamodule: LMDataModule, split: str, vocab_size: int) -> float:
@@ -247,8 +288,14 @@ def training_metrics_csv(ckpt_path: str, ckpt: dict[str, Any]) -> str | None:
 
 
 def generate_samples(
-    model: LanguageModel, tokenizer: Tokenizer, cfg: DictConfig, device: torch.device, valid_vocab: int
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    cfg: DictConfig,
+    device: torch.device,
+    valid_vocab: int,
+    usages: list[RequestUsage] | None = None,
 ) -> list[dict[str, str]]:
+    """One sampled continuation per prompt of `samples.prompts`; `usages` collects each request's compute."""
     samples = []
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     for prompt in cfg.samples.prompts:
@@ -256,6 +303,7 @@ def generate_samples(
         if not ids:
             ids = [tokenizer.eos_id]
         max_new = min(int(cfg.samples.max_new_tokens), model.config.max_seq_len - len(ids))
+        cache = ModelCache()
         out = model.generate(
             torch.tensor([ids], device=device),
             max_new,
@@ -263,7 +311,10 @@ def generate_samples(
             top_k=cfg.samples.top_k,
             valid_vocab=valid_vocab,
             generator=generator,
+            cache=cache,
         )
+        if usages is not None and max_new > 0:
+            usages.append(request_usage(model, cache, max_new)[0])
         samples.append({"prompt": prompt, "completion": tokenizer.decode(out[0, len(ids) :].tolist())})
     return samples
 
@@ -416,7 +467,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if split != "all"
     }
     # Routed models: every mode, labelled; the headline perplexity is the causal inference mode's.
-    modes = ["topk", "threshold", "student"] if model.is_routed else ["dense"]
+    modes = ["topk", "threshold", "student", "budget"] if model.is_routed else ["dense"]
     headline_mode = model.config.inference_routing if model.is_routed else "dense"
     by_mode: dict[str, dict[str, dict[str, Any]]] = {}
     for mode in modes:
@@ -458,8 +509,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     out_dir = cfg.paths.output_dir
     os.makedirs(out_dir, exist_ok=True)
+    stats_split = next(s for s in ("all", "test", "val") if s in by_mode[headline_mode])
+    result["executed_fraction_by_routing"] = executed_fraction_by_routing(model, by_mode, stats_split)
+    if cfg.get("inference_capacity"):
+        sweep_split = next((s for s in ("test", "val") if s in splits_wanted), None)
+        if sweep_split is None:
+            raise UserError("inference_capacity sweeps a val or test split: add it to splits")
+        loader_fn = datamodule.test_dataloader if sweep_split == "test" else datamodule.val_dataloader
+        result["capacity_sweep"] = run_capacity_sweep(
+            model, cfg, list(cfg.inference_capacity), loader_fn, device, headline_mode, data_cfg.seq_len
+        )
+        if cfg.get("plots", True):
+            result.setdefault("plots", {})["capacity_sweep"] = sweep_plot(
+                result["capacity_sweep"], out_dir, model.config.arch
+            )
     if model.is_routed:
-        stats_split = next(s for s in ("all", "test", "val") if s in by_mode[headline_mode])
         table = routing_table(model, by_mode[headline_mode][stats_split]["stats"])
         oracle = routing_table(model, by_mode["topk"][stats_split]["stats"])
         for entry, top in zip(table, oracle, strict=True):
@@ -474,7 +538,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             for key in ("accuracy", "precision", "recall")
         }
         if cfg.get("plots", True):
-            result["plots"] = routing_plots(
+            plots = routing_plots(
                 model,
                 tokenizer,
                 first_window if first_window is not None else next(iter(datamodule.test_dataloader()))["input_ids"],
@@ -484,13 +548,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 out_dir,
                 device,
             )
+            result.setdefault("plots", {}).update(plots)
     if cfg.generation.max_new_tokens > 0:
         prompt_tokens = first_window[0].tolist() if first_window is not None else datamodule.token_stream("test")
         result["generation"] = generation_stats(
             model, prompt_tokens, device, int(cfg.generation.max_new_tokens), repeats=int(cfg.generation.repeats)
         )
     if cfg.samples.prompts:
-        result["samples"] = generate_samples(model, tokenizer, cfg, device, valid_vocab)
+        usages: list[RequestUsage] = []
+        result["samples"] = generate_samples(model, tokenizer, cfg, device, valid_vocab, usages)
+        result["request_compute"] = {
+            "requests": [u.to_dict() for u in usages],
+            "distribution": usage_distribution(usages),
+        }
 
     print(format_report(result))
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
@@ -547,6 +617,31 @@ def format_report(result: dict[str, Any]) -> str:
                 f"generation   {g['max_new_tokens']} tokens: KV cache {g['kv_bytes'] / 2**20:.2f} MiB "
                 f"({g['kv_bytes_ratio_vs_dense']:.3f} x dense), {g['tokens_per_second']:.0f} tok/s "
                 f"({g['tokens_per_second_ratio_vs_dense']:.2f} x dense)"
+            ),
+        ]
+    if "capacity_sweep" in result:
+        from sdt.capacity_sweep import format_sweep
+
+        lines += [
+            "",
+            f"capacity sweep ({result['routing_mode']} routing, test split):",
+            *format_sweep(result["capacity_sweep"])[1:],
+        ]
+    if "executed_fraction_by_routing" in result and len(result["executed_fraction_by_routing"]) > 1:
+        lines += [
+            "",
+            "executed fraction by routing mode: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in result["executed_fraction_by_routing"].items()),
+        ]
+    if "request_compute" in result:
+        d = result["request_compute"]["distribution"]
+        lines += [
+            "",
+            (
+                f"per request ({len(result['request_compute']['requests'])} prompts): executed "
+                f"{d['mean_executed_fraction']['min']:.3f}-{d['mean_executed_fraction']['max']:.3f}, FLOPs "
+                f"{d['flops_ratio_vs_dense']['min']:.3f}-{d['flops_ratio_vs_dense']['max']:.3f} x dense, KV "
+                f"{d['kv_bytes_ratio_vs_dense']['min']:.3f}-{d['kv_bytes_ratio_vs_dense']['max']:.3f} x dense"
             ),
         ]
     for sample in result.get("samples", []):

@@ -178,3 +178,9 @@ class LitLM(L.LightningModule):
         # checkpoints describe how they were trained. Only a bare module takes the checkpoint's.
         if not self.extra_state:
             self.extra_state = checkpoint.get("sdt", {})
+        # Checkpoints from before the capacity dial have no quantile grids: resume with them uncalibrated (the
+        # next calibration fills them) rather than fail the strict load.
+        state = checkpoint.get("state_dict", {})
+        for name, buf in self.state_dict().items():
+            if name.endswith(".quantiles") and name not in state:
+                state[name] = buf

@@ -13,6 +13,9 @@ from sdt.compute import (
     flops_breakdown,
     kv_entries,
     layer_kinds,
+    measured_flops,
+    measured_kv_entries,
+    routed_tokens,
 )
 from sdt.errors import UserError
 from sdt.models.config import ModelConfig
@@ -201,3 +204,27 @@ def test_tiny_sequences_route_at_least_one_token():
 def test_rejects_bad_seq_len():
     with pytest.raises(UserError, match="seq_len"):
         flops_breakdown(small("dense"), 0)
+
+
+@pytest.mark.parametrize("arch", ["sdt", "stt", "mod"])
+@pytest.mark.parametrize("routed_attention", ["selected", "full"])
+def test_measured_flops_at_the_capacity_equal_the_static_count(arch, routed_attention):
+    cfg = small(arch, capacity=0.25, routed_attention=routed_attention)
+    T = 96
+    n_routed = sum(kind in ("dynamic", "stt", "mod") for kind in layer_kinds(cfg))
+    k = routed_tokens(0.25, T)
+    measured = measured_flops(cfg, T, [k] * n_routed)
+    assert measured["flops"] == pytest.approx(flops_breakdown(cfg, T)["total"] * T)
+    assert measured["flops_ratio_vs_dense"] == pytest.approx(compute_report(cfg, T)["flops_ratio_vs_dense"])
+    assert measured_kv_entries(cfg, T, [k] * n_routed) == kv_entries(cfg, T)
+
+
+def test_measured_flops_follow_what_each_layer_executed():
+    cfg = small("mod", capacity=0.5)
+    low, high = measured_flops(cfg, 64, [8, 8]), measured_flops(cfg, 64, [8, 60])
+    assert low["flops"] < high["flops"] and low["dense_flops"] == high["dense_flops"]
+    # Logits only where tokens were generated: the head's cost shrinks in both models alike.
+    decode = measured_flops(cfg, 64, [8, 8], logits_positions=1)
+    assert decode["flops"] < low["flops"] and decode["dense_flops"] < low["dense_flops"]
+    with pytest.raises(ValueError, match="routed layers"):
+        measured_flops(cfg, 64, [8])

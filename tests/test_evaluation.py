@@ -89,7 +89,13 @@ def routed_eval(request, tmp_path_factory, corpus_files, cache_dir):
     out = tmp_path_factory.mktemp(f"eval_{arch}")
     cfg = compose_cfg(
         "eval",
-        [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "samples.prompts=[]", "generation.max_new_tokens=40"],
+        [
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+            "samples.prompts=[ROMEO,KING]",
+            "samples.max_new_tokens=8",
+            "generation.max_new_tokens=40",
+            "inference_capacity=[0.125,0.5,1.0]",
+        ],
         out,
         cache_dir,
     )
@@ -99,7 +105,11 @@ def routed_eval(request, tmp_path_factory, corpus_files, cache_dir):
 def test_routed_eval_reports_every_mode_and_quotes_the_causal_one(routed_eval):
     arch, _, result = routed_eval
     modes = result["perplexity_by_routing"]
-    assert set(modes) == {"topk", "threshold", "student"}
+    assert set(modes) == {"topk", "threshold", "student", "budget"}
+    assert set(result["executed_fraction_by_routing"]) == set(modes)
+    # Budget: within the band of 1.25 tokens of 32 (sequences this short are under the 64 of the 2-point bound).
+    assert result["executed_fraction_by_routing"]["budget"] == pytest.approx(0.25, abs=1.25 / 32 + 1e-9)
+    assert result["executed_fraction_by_routing"]["topk"] == pytest.approx(0.25, abs=1 / 32)
     assert "oracle" in modes["topk"]["label"]
     assert result["routing_mode"] == ("threshold" if arch == "sdt" else "student")
     assert result["perplexity"] == pytest.approx(modes[result["routing_mode"]]["test"])
@@ -122,3 +132,29 @@ def test_routed_eval_writes_routing_compute_generation_and_plots(routed_eval):
     assert gen["kv_bytes_ratio_vs_dense"] <= 1.0  # routed layers cache only the tokens they executed
     for name in ("heatmap", "executed_fraction", "gate_contributions") if arch != "mod" else ("heatmap",):
         assert Path(data["plots"][name]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_routed_eval_sweeps_capacities_and_charges_each_request(routed_eval):
+    _, out, _ = routed_eval
+    data = json.loads((out / "eval.json").read_text())
+    sweep = data["capacity_sweep"]
+    assert [e["capacity"] for e in sweep] == [0.125, 0.5, 1.0]
+    for e in sweep:
+        assert {
+            "capacity",
+            "perplexity",
+            "executed_fraction",
+            "flops_ratio_vs_dense",
+            "kv_bytes_ratio_vs_dense",
+        } <= set(e)
+        assert e["perplexity"] > 1 and e["routing"] == data["routing_mode"]
+    # More capacity executes more and costs more; capacity 1 is every token at exactly dense cost plus the routers.
+    assert sweep[0]["executed_fraction"] < sweep[1]["executed_fraction"] < sweep[2]["executed_fraction"] == 1.0
+    assert sweep[0]["flops_ratio_vs_dense"] < sweep[1]["flops_ratio_vs_dense"] < sweep[2]["flops_ratio_vs_dense"]
+    assert sweep[2]["kv_bytes_ratio_vs_dense"] == 1.0
+    assert Path(data["plots"]["capacity_sweep"]).name == "capacity_sweep.png"
+    assert Path(data["plots"]["capacity_sweep"]).read_bytes()[:4] == b"\x89PNG"
+    requests = data["request_compute"]["requests"]
+    assert len(requests) == 2 and all(0 < r["flops_ratio_vs_dense"] < 1.2 for r in requests)
+    dist = data["request_compute"]["distribution"]
+    assert dist["kv_bytes"]["min"] <= dist["kv_bytes"]["median"] <= dist["kv_bytes"]["max"]

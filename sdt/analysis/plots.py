@@ -203,3 +203,27 @@ def plot_gate_contributions(metrics_csv: str, path: str) -> str | None:
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("training step")
     return _save(fig, path)
+
+
+def plot_capacity_sweep(sweep: list[dict], path: str, title: str = "Quality against compute") -> str:
+    """Perplexity against the FLOP ratio to dense, one point per inference capacity (each labelled with it and
+    the executed fraction it measured)."""
+    if not sweep:
+        raise ValueError("the capacity sweep is empty")
+    fig = _new_figure(width=5.5, height=3.6)
+    ax = fig.add_subplot()
+    x = [e["flops_ratio_vs_dense"] for e in sweep]
+    y = [e["perplexity"] for e in sweep]
+    ax.plot(x, y, marker="o", color="tab:blue")
+    for e, xi, yi in zip(sweep, x, y, strict=True):
+        ax.annotate(
+            f"γ={e['capacity']:g} (ran {e['executed_fraction']:.2f})",
+            (xi, yi),
+            textcoords="offset points",
+            xytext=(4, 6),
+            fontsize=7,
+        )
+    ax.set_xlabel("FLOPs per token / dense")
+    ax.set_ylabel("test perplexity")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)

@@ -20,7 +20,7 @@ GATE_MODES = ("ste", "soft")
 CHANGE_SURPRISE = ("mse", "kl")
 BETA_MODES = ("learnable", "linear", "cosine")
 ROUTED_ATTENTION = ("selected", "full")
-ROUTING_MODES = ("topk", "threshold", "student")
+ROUTING_MODES = ("topk", "threshold", "student", "budget")
 # "full" runs every backbone block on every token with no gate: the routed model's dense function (the
 # self-distillation teacher, and an upper bound at evaluation). Not a routing of the model's own.
 FORWARD_ROUTING_MODES = (*ROUTING_MODES, "full")
@@ -89,7 +89,8 @@ class ModelConfig:
     dense_last: int = 0  # layers kept dense at the top of the stack
     prior_loss_weight: float = 0.05  # prior (SDT) / transition (STT) loss
     router_loss_weight: float = 0.01  # causal student router BCE
-    # Causal mode used for validation, the evaluation headline and generation: threshold | student.
+    # Causal mode used for validation, the evaluation headline and generation: threshold | student | budget (the
+    # architecture's own score against a threshold that holds each sequence's executed share at the capacity).
     # None picks the architecture's own: threshold for SDT (its gate is causal), student for STT and MoD.
     inference_routing: str | None = None
     student_input: str = "x"  # causal router input: x | x_prev ([x_t ; x_{t-1}], STT option)
@@ -184,11 +185,12 @@ class ModelConfig:
                 f"model={self.arch} routes every other layer: model.n_layers - dense_first - dense_last must be >= 2, "
                 f"got {routed}",
             )
-        _check(self.inference_routing != "topk", "model.inference_routing must be causal: threshold or student")
+        _check(self.inference_routing != "topk", "model.inference_routing must be causal: threshold, student or budget")
         if self.arch == "stt":
             _check(
-                self.inference_routing == "student",
-                "model=stt infers with model.inference_routing=student (threshold needs the teacher's dense pass)",
+                self.inference_routing in ("student", "budget"),
+                "model=stt infers with model.inference_routing=student or budget (threshold needs the teacher's "
+                "dense pass)",
             )
         if self.arch == "sdt":
             _check(

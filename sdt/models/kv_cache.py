@@ -45,6 +45,14 @@ class KVCache:
             return 0
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
+    def nbytes_per_sequence(self) -> Tensor | None:
+        """(B,) bytes of each sequence's valid entries: what the sequence needs held, without padding and the
+        fillers of rows packed to a common length."""
+        if self.k is None:
+            return None
+        per_entry = self.k.shape[1] * self.k.shape[3] * (self.k.element_size() + self.v.element_size())
+        return self.valid.sum(dim=1) * per_entry
+
 
 class ModelCache:
     """All KV caches of one model for one batch of sequences, keyed by call site."""
@@ -54,6 +62,18 @@ class ModelCache:
         # Other per-layer decoding state that is not K/V (e.g. the surprise moving-average history).
         self.state: dict[Hashable, object] = {}
         self.next_pos: Tensor | None = None  # (B, 1) absolute position of the next token to feed
+        # Compute accounting per sequence, by routed layer index: real tokens that reached the layer, and how
+        # many of them it executed (a layer visited twice on a layer path counts both visits).
+        self.routed_tokens: dict[int, Tensor] = {}  # (B,) int64
+        self.routed_executed: dict[int, Tensor] = {}  # (B,) int64
+
+    def record_routed(self, layer: int, decisions_BT: Tensor, pad_mask_BT: Tensor | None) -> None:
+        """Add one forward's decisions (B, T) of routed layer `layer` to the per-sequence counts."""
+        real = decisions_BT.shape[1] if pad_mask_BT is None else pad_mask_BT.sum(dim=1)
+        seen = torch.zeros(decisions_BT.shape[0], dtype=torch.long, device=decisions_BT.device) + real
+        done = decisions_BT.sum(dim=1)
+        self.routed_tokens[layer] = self.routed_tokens.get(layer, 0) + seen
+        self.routed_executed[layer] = self.routed_executed.get(layer, 0) + done
 
     def get(self, key: Hashable) -> KVCache:
         if key not in self.layers:
@@ -62,6 +82,11 @@ class ModelCache:
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers.values())
+
+    def nbytes_per_sequence(self) -> Tensor | None:
+        """(B,) bytes of valid K/V entries each sequence holds, over every call site; None before any forward."""
+        parts = [b for b in (c.nbytes_per_sequence() for c in self.layers.values()) if b is not None]
+        return torch.stack(parts).sum(dim=0) if parts else None
 
     def num_entries(self) -> int:
         return sum(c.length for c in self.layers.values())

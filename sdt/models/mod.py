@@ -19,6 +19,7 @@ from sdt.models.transformer import ForwardContext, LayerOutput
 from sdt.routing import (
     CausalRouter,
     all_tokens,
+    budget_decide,
     classification_stats,
     execute_tokens,
     router_bce,
@@ -46,6 +47,9 @@ class MoDLayer(nn.Module):
     def thresholds(self) -> dict[str, Tensor]:
         return {"router": self.router.threshold, "student": self.student.threshold}
 
+    def score_quantiles(self) -> dict[str, Tensor]:
+        return {"router": self.router.quantiles, "student": self.student.quantiles}
+
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
         if ctx.routing == "full":  # the block on every token, no router weight: the layer's dense function
             out = self.block(x, ctx.positions, ctx.rope, cache=ctx.kv(0), pad_mask=ctx.pad_mask)
@@ -57,12 +61,19 @@ class MoDLayer(nn.Module):
         topk_mask = None
         if ctx.cache is None and (ctx.routing == "topk" or ctx.diagnostics):
             _, topk_mask = topk_membership(r.detach(), self.capacity, ctx.positions, self.always_first)
+        causal_decide = {"threshold": r >= self.router.threshold, "student": student_prob >= self.student.threshold}
+        if ctx.routing == "budget":  # the student, as MoD's default causal mode, against a budget-held threshold
+            causal_decide["budget"] = budget_decide(
+                student_prob, self.student, capacity=self.capacity, positions_BT=ctx.positions,
+                pad_mask_BT=ctx.pad_mask, always_first=self.always_first, cache_state=ctx.cache_state,
+                key=(ctx.cache_key, "budget"),
+            )  # fmt: skip
         idx, valid = select_tokens(
             ctx.routing,
             capacity=self.capacity,
             positions_BT=ctx.positions,
             topk_score_BT=r.detach() if ctx.cache is None else None,
-            causal_decide={"threshold": r >= self.router.threshold, "student": student_prob >= self.student.threshold},
+            causal_decide=causal_decide,
             pad_mask_BT=ctx.pad_mask,
             always_first=self.always_first,
             full_context=self.full_context,

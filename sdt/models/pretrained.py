@@ -296,7 +296,9 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], where: str) -> li
     loaded_routing: list[str] = []
     if routing:
         ours_routing = set(routing_state_names(model))
-        if set(routing) == ours_routing and all(routing[k].shape == state[k].shape for k in routing):
+        # Exports from before the capacity dial have no quantile grids: those stay uncalibrated.
+        required = {name for name in ours_routing if not name.endswith(".quantiles")}
+        if required <= set(routing) <= ours_routing and all(routing[k].shape == state[k].shape for k in routing):
             new_state.update({k: v.to(state[k].dtype) for k, v in routing.items()})
             loaded_routing = sorted(routing)
         else:

@@ -27,6 +27,7 @@ from sdt.routing import (
     PriorFFN,
     SurpriseGate,
     all_tokens,
+    budget_decide,
     classification_stats,
     execute_tokens,
     router_bce,
@@ -56,6 +57,10 @@ class SDTPair(nn.Module):
         """Calibrated thresholds by score name (see `scores` in LayerOutput)."""
         return {"gate": self.surprise.threshold, "student": self.student.threshold}
 
+    def score_quantiles(self) -> dict[str, Tensor]:
+        """Calibrated quantile grids by score name (the run-time capacity dial, sdt.routing.quantiles)."""
+        return {"gate": self.surprise.quantiles, "student": self.student.quantiles}
+
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
         post = self.decision(x, ctx.positions, ctx.rope, cache=ctx.kv(0), pad_mask=ctx.pad_mask)  # (B, T, D)
         if ctx.routing == "full":  # both blocks on every token, no gate: the pair's dense function
@@ -74,15 +79,21 @@ class SDTPair(nn.Module):
         topk_mask = None
         if ctx.cache is None and (ctx.routing == "topk" or ctx.diagnostics):
             _, topk_mask = topk_membership(sig.g.detach(), self.capacity, ctx.positions, self.always_first)
+        causal_decide = {
+            "threshold": sig.g >= self.surprise.threshold,
+            "student": student_prob >= self.student.threshold,
+        }
+        if ctx.routing == "budget":  # the gate, against a threshold that holds each sequence's budget
+            causal_decide["budget"] = budget_decide(
+                sig.g, self.surprise, capacity=self.capacity, positions_BT=ctx.positions, pad_mask_BT=ctx.pad_mask,
+                always_first=self.always_first, cache_state=ctx.cache_state, key=(ctx.cache_key, "budget"),
+            )  # fmt: skip
         idx, valid = select_tokens(
             ctx.routing,
             capacity=self.capacity,
             positions_BT=ctx.positions,
             topk_score_BT=sig.g.detach() if ctx.cache is None else None,
-            causal_decide={
-                "threshold": sig.g >= self.surprise.threshold,
-                "student": student_prob >= self.student.threshold,
-            },
+            causal_decide=causal_decide,
             pad_mask_BT=ctx.pad_mask,
             always_first=self.always_first,
             full_context=self.full_context,

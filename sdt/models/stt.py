@@ -28,6 +28,7 @@ from sdt.routing import (
     PriorFFN,
     SurpriseGate,
     all_tokens,
+    budget_decide,
     classification_stats,
     execute_tokens,
     router_bce,
@@ -68,6 +69,9 @@ class STTLayer(nn.Module):
     def thresholds(self) -> dict[str, Tensor]:
         return {"gate": self.surprise.threshold, "student": self.student.threshold}
 
+    def score_quantiles(self) -> dict[str, Tensor]:
+        return {"gate": self.surprise.quantiles, "student": self.student.quantiles}
+
     def _student_logits(self, x: Tensor, ctx: ForwardContext) -> Tensor:
         if not self.use_prev:
             return self.student(x)
@@ -85,10 +89,12 @@ class STTLayer(nn.Module):
             return LayerOutput(hidden=out, decisions=all_tokens(x, ctx.pad_mask))
         student_logits = self._student_logits(x, ctx)
         student_prob = torch.sigmoid(student_logits)
-        if ctx.routing == "student":
+        if ctx.routing in ("student", "budget"):
             return self._student_forward(x, ctx, student_prob)
         if ctx.cache is not None:
-            raise UserError("STT decodes with routing=student: the teacher needs a dense pass over the whole sequence")
+            raise UserError(
+                "STT decodes with routing=student or budget: the teacher needs a dense pass over the whole sequence"
+            )
 
         # Teacher: dense pass for the surprise signals. Only read detached, so no graph: no activations kept for a
         # backward that never reaches it (and its FLOPs count once in training, see sdt.compute).
@@ -129,12 +135,21 @@ class STTLayer(nn.Module):
         return LayerOutput(hidden=out, aux_losses=aux, stats=stats, decisions=executed, scores=scores)
 
     def _student_forward(self, x: Tensor, ctx: ForwardContext, student_prob: Tensor) -> LayerOutput:
-        """Inference: run the block only where the student says so; no teacher pass, no K/V for skipped tokens."""
+        """Inference: run the block only where the student says so (against its calibrated threshold, or one that
+        holds each sequence's budget); no teacher pass, no K/V for skipped tokens."""
+        if ctx.routing == "budget":
+            decide = budget_decide(
+                student_prob, self.student, capacity=self.capacity, positions_BT=ctx.positions,
+                pad_mask_BT=ctx.pad_mask, always_first=self.always_first, cache_state=ctx.cache_state,
+                key=(ctx.cache_key, "budget"),
+            )  # fmt: skip
+        else:
+            decide = student_prob >= self.student.threshold
         idx, valid = select_tokens(
-            "student",
+            ctx.routing,
             capacity=self.capacity,
             positions_BT=ctx.positions,
-            causal_decide={"student": student_prob >= self.student.threshold},
+            causal_decide={ctx.routing: decide},
             pad_mask_BT=ctx.pad_mask,
             always_first=self.always_first,
             full_context=self.full_context,

@@ -9,7 +9,7 @@ how they are combined, and the training loop logs each one separately.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,6 +20,7 @@ from sdt.errors import UserError
 from sdt.models.config import ModelConfig
 from sdt.models.kv_cache import KVCache, ModelCache
 from sdt.models.layers import Block, RMSNorm, RotaryEmbedding
+from sdt.routing.quantiles import is_calibrated, threshold_at
 from sdt.routing.stats import position_consensus
 
 
@@ -36,6 +37,11 @@ class ForwardContext:
     # Causal modes also compute the Top-K oracle to score themselves against it (student accuracy etc.); turned
     # off where only the output matters (calibration, generation, benchmarks).
     diagnostics: bool = True
+
+    @property
+    def cache_state(self) -> dict[Hashable, object] | None:
+        """Per-layer decoding state that is not K/V (surprise history, budget counts), or None when not decoding."""
+        return None if self.cache is None else self.cache.state
 
     def kv(self, sub: int = 0) -> KVCache | None:
         """The KV cache of the `sub`-th block of the current layer, or None when not decoding."""
@@ -150,6 +156,37 @@ class LanguageModel(nn.Module):
         for _, layer in self.routed_layers():
             layer.capacity = capacity
 
+    def set_inference_capacity(self, capacity: float) -> None:
+        """Run every routed layer at `capacity` from now on, without retraining: each causal threshold is read
+        from its score's calibrated quantile grid (sdt.routing.quantiles), and Top-K and the budget mode keep that
+        share too. Raises UserError for a capacity outside (0, 1] or a model calibrated before grids existed."""
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not 0 < capacity <= 1:
+            raise UserError(f"capacity must be a number in (0, 1], got {capacity!r}")
+        for i, layer in self.routed_layers():
+            grids = layer.score_quantiles()
+            for name, threshold in layer.thresholds().items():
+                if not is_calibrated(grids[name]):
+                    raise UserError(
+                        f"routed layer {i} has no calibrated quantile grid for its {name} score, so its capacity "
+                        "cannot be changed at run time: recalibrate (evaluate.py recalibrate=true)"
+                    )
+                threshold.copy_(threshold_at(grids[name], float(capacity)))
+        self.set_capacity(float(capacity))
+
+    def routing_state(self) -> tuple[float, dict[str, Tensor]]:
+        """(capacity in force, every threshold): what `set_inference_capacity` changes, to restore afterwards."""
+        thresholds = {
+            f"{i}.{name}": t.clone() for i, layer in self.routed_layers() for name, t in layer.thresholds().items()
+        }
+        return self.capacity_in_force, thresholds
+
+    def restore_routing_state(self, saved: tuple[float, dict[str, Tensor]]) -> None:
+        capacity, thresholds = saved
+        for i, layer in self.routed_layers():
+            for name, t in layer.thresholds().items():
+                t.copy_(thresholds[f"{i}.{name}"])
+        self.set_capacity(capacity)
+
     @property
     def capacity_in_force(self) -> float:
         """The routed layers' current capacity: `config.capacity` unless a schedule has moved it."""
@@ -180,7 +217,7 @@ class LanguageModel(nn.Module):
         The data pipeline shifts labels; the loss here compares position t's logits with targets[t] directly.
         `logits_to_keep > 0` computes logits only for the last that many positions (prefill during generation).
         `routing` picks how routed layers choose tokens: "topk" (training; the default without a cache), or a causal
-        mode, "threshold" or "student" (the default with a cache is the config's `inference_routing`); "full" runs
+        mode, "threshold", "student" or "budget" (the default with a cache is the config's `inference_routing`); "full" runs
         every block on every token without gates (the routed model's dense function, a distillation teacher).
         `layer_path` runs these layers of the stack in this order instead of all of them once (test-time depth
         adaptation, docs/cola.md); each position in the path has its own cache slots, so a repeated layer keeps one
@@ -221,6 +258,8 @@ class LanguageModel(nn.Module):
                 stats[f"layers.{i}.{name}"] = value
             if out.decisions is not None:
                 decisions[i] = out.decisions
+                if cache is not None and hasattr(self.layers[i], "thresholds"):
+                    cache.record_routed(i, out.decisions, pad_mask)
                 if diagnostics and cache is None:  # a batch-level statistic: not per decoding step
                     stats[f"layers.{i}.position_consensus"] = position_consensus(out.decisions, pad_mask)
             if out.scores:
@@ -288,17 +327,35 @@ class LanguageModel(nn.Module):
         generator: torch.Generator | None = None,
         cache: ModelCache | None = None,
         layer_path: Sequence[int] | None = None,
+        capacity: float | None = None,
+        on_token: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
         """Sample a continuation with a KV cache. input_ids (B, T0), left-padded when `pad_mask` is given.
 
         temperature 0 is greedy decoding. Rows that produced `eos_id` keep emitting it. `valid_vocab` masks the
-        padded tail of the vocabulary that no real token maps to. `layer_path` is as in `forward`.
+        padded tail of the vocabulary that no real token maps to. `layer_path` is as in `forward`. `capacity`
+        runs the routed layers at that capacity for this call only (`set_inference_capacity`). `on_token` is
+        called with each new (B,) token batch as it is sampled (streaming). The compute each sequence spent is
+        recorded in `cache` (pass one to read it: `sdt.usage.request_usage`).
         Returns (B, T0 + max_new_tokens).
         """
+        if capacity is not None and self.is_routed:
+            saved = self.routing_state()
+            self.set_inference_capacity(capacity)
+            try:
+                return self.generate(
+                    input_ids, max_new_tokens, temperature=temperature, top_k=top_k, pad_mask=pad_mask,
+                    eos_id=eos_id, routing=routing, valid_vocab=valid_vocab, generator=generator, cache=cache,
+                    layer_path=layer_path, on_token=on_token,
+                )  # fmt: skip
+            finally:
+                self.restore_routing_state(saved)
         B, T0 = input_ids.shape
         routing = routing or self.config.inference_routing
         if routing == "topk" and self.is_routed:
-            raise UserError("generation needs a causal routing mode (threshold or student), not the topk oracle")
+            raise UserError(
+                "generation needs a causal routing mode (threshold, student or budget), not the topk oracle"
+            )
         if T0 + max_new_tokens > self.config.max_seq_len:
             raise UserError(
                 f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len="
@@ -332,6 +389,8 @@ class LanguageModel(nn.Module):
                 nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
                 finished |= nxt == eos_id
             new_tokens.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
             if step + 1 < max_new_tokens:
                 logits = self(
                     nxt[:, None], positions=next_pos, cache=cache, routing=routing, layer_path=layer_path

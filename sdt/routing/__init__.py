@@ -9,7 +9,14 @@ from sdt.routing.execution import (
 )
 from sdt.routing.gates import apply_gate
 from sdt.routing.priors import PriorFFN
-from sdt.routing.selection import all_tokens, leading_positions, select_tokens, topk_membership
+from sdt.routing.selection import (
+    all_tokens,
+    budget_decide,
+    budget_decisions,
+    leading_positions,
+    select_tokens,
+    topk_membership,
+)
 from sdt.routing.students import CausalRouter, classification_stats, router_bce
 from sdt.routing.surprise import SurpriseGate, SurpriseSignals, causal_moving_average, combine_gates
 from sdt.routing.topk import capacity_k, indices_to_mask, pack_decisions, topk_indices
@@ -21,6 +28,8 @@ __all__ = [
     "SurpriseSignals",
     "all_tokens",
     "apply_gate",
+    "budget_decide",
+    "budget_decisions",
     "capacity_k",
     "causal_moving_average",
     "causal_selection",

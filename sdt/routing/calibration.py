@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from sdt.models.transformer import LanguageModel
+from sdt.routing.quantiles import quantile_grid
 
 
 def quantile(x: Tensor, q: float) -> Tensor:
@@ -38,6 +39,9 @@ def calibrate_thresholds(
     `capacity` defaults to the one in force (a capacity schedule moves it during training). Positions the model
     always executes (`model.always_execute_first`) count inside the capacity: they take part in the quantile as
     certain winners, so the threshold admits correspondingly fewer of the other tokens.
+    Each score's quantile grid is stored beside its threshold (`layer.score_quantiles()`), so that
+    `model.set_inference_capacity(c)` later sets the thresholds of any capacity without another pass; a deeper
+    layer's grid is collected under the capacity calibrated here, the one the dial is most exact around.
     """
     capacity = model.capacity_in_force if capacity is None else capacity
     forced = model.config.always_execute_first
@@ -61,15 +65,17 @@ def calibrate_thresholds(
             scores = []
             for ids in batches:
                 # Layers above i do not change its scores: run the stack up to i, and logits for one position only.
-                out = model(
-                    ids.to(device), routing=mode, diagnostics=False, layer_path=range(i + 1), logits_to_keep=1
-                )
+                out = model(ids.to(device), routing=mode, diagnostics=False, layer_path=range(i + 1), logits_to_keep=1)
                 score = out.scores[i][name].float()  # (B, T)
                 if forced:
                     score[:, :forced] = float("inf")
                 scores.append(score.flatten().cpu())
-            tau = quantile(torch.cat(scores), 1.0 - capacity)
+            collected = torch.cat(scores)
+            tau = quantile(collected, 1.0 - capacity)
             buf.fill_(tau.to(buf.device))
+            grid = layer.score_quantiles().get(name) if hasattr(layer, "score_quantiles") else None
+            if grid is not None:
+                grid.copy_(quantile_grid(collected, grid.numel()).to(grid.device))
             result[i][name] = float(tau)
     model.train(was_training)
     return result

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sdt.routing.quantiles import empty_grid
+
 
 class LinearRouter(nn.Module):
     """Mixture-of-Depths router: r = w . x, one scalar per token (no bias).
@@ -19,6 +21,7 @@ class LinearRouter(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d_model, 1, bias=False)
         self.register_buffer("threshold", torch.zeros(()))  # on r, calibrated to the capacity
+        self.register_buffer("quantiles", empty_grid())  # r's quantile grid: the run-time capacity dial
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         return self.proj(x_BTD).squeeze(-1).float()  # (B, T)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdt.routing.quantiles import empty_grid
+
 
 class CausalRouter(nn.Module):
     """MLP(D_in -> D/2 -> 1, SiLU) -> one logit per token."""
@@ -23,6 +25,7 @@ class CausalRouter(nn.Module):
         self.fc1 = nn.Linear(d_in, max(1, d_hidden))
         self.fc2 = nn.Linear(max(1, d_hidden), 1)
         self.register_buffer("threshold", torch.full((), 0.5))  # on sigmoid(logit), calibrated to the capacity
+        self.register_buffer("quantiles", empty_grid())  # the score's quantile grid: the run-time capacity dial
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         x = x_BTD.detach()

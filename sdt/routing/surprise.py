@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdt.models.config import ModelConfig
+from sdt.routing.quantiles import empty_grid
 
 LOGVAR_CLAMP = 8.0  # the KL form's predicted log-variance is clamped to [-8, 8] so exp() stays finite
 
@@ -122,6 +123,7 @@ class SurpriseGate(nn.Module):
             self.beta_raw = nn.Parameter(torch.full((2,), _inverse_softplus(cfg.beta_init)))  # (beta_ce, beta_cu)
         self.register_buffer("progress", torch.zeros(()))  # training progress in [0, 1] for scheduled beta
         self.register_buffer("threshold", torch.full((), 0.5))  # on g, calibrated to the capacity
+        self.register_buffer("quantiles", empty_grid())  # g's quantile grid: the run-time capacity dial
 
     def betas(self) -> Tensor:
         """(2,) = (beta_ce, beta_cu)."""

@@ -55,7 +55,7 @@ def test_capacity_one_computes_every_token_scaled_by_the_router():
     torch.testing.assert_close(out.hidden, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("routing", ["threshold", "student"])
+@pytest.mark.parametrize("routing", ["threshold", "student", "budget"])
 def test_causal_modes_are_causal_and_decode_like_the_full_forward(routing):
     model = mod()
     ids = torch.randint(0, 61, (2, 20))

@@ -201,7 +201,7 @@ def test_prior_predicts_zero_at_init_and_its_loss_has_a_stopgrad_target():
 # --- Causal modes ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("routing", ["threshold", "student"])
+@pytest.mark.parametrize("routing", ["threshold", "student", "budget"])
 @pytest.mark.parametrize("attention", ["selected", "full"])
 def test_causal_modes_are_causal(routing, attention):
     model = calibrated(routed_attention=attention)
@@ -226,7 +226,7 @@ def test_full_context_attention_differs_from_selected():
     assert (full.logits - selected.logits).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("routing", ["threshold", "student"])
+@pytest.mark.parametrize("routing", ["threshold", "student", "budget"])
 @pytest.mark.parametrize("attention", ["selected", "full"])
 def test_cached_decoding_equals_full_forward(routing, attention):
     model = calibrated(routed_attention=attention)
@@ -247,7 +247,7 @@ def test_cached_decoding_equals_full_forward(routing, attention):
             assert dynamic == 2 * 20
 
 
-@pytest.mark.parametrize("routing", ["threshold", "student"])
+@pytest.mark.parametrize("routing", ["threshold", "student", "budget"])
 def test_greedy_generation_equals_repeated_full_forwards(routing):
     model = calibrated()
     prompt = ids_like(2, 6)
@@ -257,7 +257,7 @@ def test_greedy_generation_equals_repeated_full_forwards(routing):
     assert torch.equal(logits[:, 5:].argmax(-1), out[:, 6:])
 
 
-@pytest.mark.parametrize("routing", ["threshold", "student"])
+@pytest.mark.parametrize("routing", ["threshold", "student", "budget"])
 def test_left_padded_batch_generates_like_unpadded(routing):
     model = calibrated()
     ids = ids_like(2, 8)

@@ -84,15 +84,16 @@ def test_student_mode_is_causal(student_input):
     torch.testing.assert_close(a[:, :12], b[:, :12])
 
 
+@pytest.mark.parametrize("routing", ["student", "budget"])
 @pytest.mark.parametrize("student_input", ["x", "x_prev"])
-def test_cached_generation_equals_student_full_forward_and_caches_only_executed_tokens(student_input):
+def test_cached_generation_equals_student_full_forward_and_caches_only_executed_tokens(student_input, routing):
     model = stt(student_input=student_input)
     ids = torch.randint(0, 61, (1, 24))
-    full = model(ids, routing="student")
+    full = model(ids, routing=routing)
     cache = ModelCache()
-    logits = [model(ids[:, :6], cache=cache, routing="student").logits]
+    logits = [model(ids[:, :6], cache=cache, routing=routing).logits]
     for t in range(6, 24):
-        logits.append(model(ids[:, t : t + 1], positions=torch.tensor([[t]]), cache=cache, routing="student").logits)
+        logits.append(model(ids[:, t : t + 1], positions=torch.tensor([[t]]), cache=cache, routing=routing).logits)
     torch.testing.assert_close(torch.cat(logits, dim=1), full.logits, atol=1e-5, rtol=1e-4)
     for i, layer in enumerate(model.layers):
         kv = cache.layers.get((i, 0))

@@ -101,3 +101,74 @@ def test_thresholds_are_checkpointed():
         for i in a.decisions:
             assert torch.equal(a.decisions[i], b.decisions[i])
         torch.testing.assert_close(a.logits, b.logits)
+
+
+# --- The run-time capacity dial -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["sdt", "mod"])
+def test_inference_capacity_dial_executes_each_capacity_without_recalibration(arch):
+    # Calibrated once at the default capacity; the grids in the checkpoint give every other capacity at once.
+    model = sdt_model(arch=arch, n_layers=4 if arch == "mod" else 2)
+    data = batches(8)
+    calibrate_thresholds(model, data)
+    modes = ("threshold", "student")
+    for capacity in (0.125, 0.25, 0.75, 1.0):
+        model.set_inference_capacity(capacity)
+        assert model.capacity_in_force == capacity
+        for mode in modes:
+            first = min(executed_fraction(model, data, mode).items())[1]  # the first routed layer's inputs are fixed
+            assert abs(first - capacity) <= 2 / (8 * 4 * 32)
+
+
+def test_dial_matches_a_calibration_at_that_capacity_and_survives_the_checkpoint():
+    model = sdt_model()
+    data = batches()
+    calibrate_thresholds(model, data, capacity=0.5)
+    state = model.state_dict()
+    fresh = sdt_model()
+    fresh.load_state_dict(state)
+    fresh.set_inference_capacity(0.25)
+    reference = sdt_model()
+    reference.load_state_dict(state)
+    calibrate_thresholds(reference, data, capacity=0.25)
+    # The first pair's scores do not depend on the capacity: the dial equals a recalibration there.
+    assert fresh.layers[0].surprise.threshold.item() == pytest.approx(reference.layers[0].surprise.threshold.item())
+    assert fresh.layers[0].student.threshold.item() == pytest.approx(reference.layers[0].student.threshold.item())
+
+
+def test_dial_refuses_bad_capacities_and_uncalibrated_models():
+    from sdt.errors import UserError
+
+    model = sdt_model()
+    with pytest.raises(UserError, match="quantile grid"):
+        model.set_inference_capacity(0.5)
+    calibrate_thresholds(model, batches())
+    for bad in (0.0, 1.5, -0.2, True, "0.5"):
+        with pytest.raises(UserError, match=r"capacity must be a number in \(0, 1\]"):
+            model.set_inference_capacity(bad)
+
+
+def test_generate_at_a_capacity_restores_the_model_afterwards():
+    model = sdt_model().eval()
+    calibrate_thresholds(model, batches())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = batches(1)[0][:1, :8]
+    low = model.generate(prompt, 20, temperature=0.0, capacity=0.125)
+    assert model.capacity_in_force == 0.5
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    model.set_inference_capacity(0.125)
+    assert torch.equal(model.generate(prompt, 20, temperature=0.0), low)
+
+
+def test_forced_leading_positions_are_counted_in_the_dial():
+    model = sdt_model(always_execute_first=4)
+    data = batches(8)
+    calibrate_thresholds(model, data)
+    model.set_inference_capacity(0.25)
+    for mode in ("threshold", "student", "budget"):
+        out = model(data[0], routing=mode)
+        assert out.decisions[0][:, :4].all()
+    first = executed_fraction(model, data, "threshold")[0]
+    assert abs(first - 0.25) <= 2 / (8 * 4 * 32)

@@ -31,7 +31,7 @@ def test_without_forcing_topk_is_plain_topk():
     assert torch.equal(idx, scores.topk(3, dim=1).indices.sort(dim=1).values)
 
 
-@pytest.mark.parametrize("mode", ["threshold", "student"])
+@pytest.mark.parametrize("mode", ["threshold", "student", "budget"])
 def test_causal_modes_execute_the_leading_positions_and_their_decisions(mode):
     decide = torch.zeros(2, 8, dtype=torch.bool)
     decide[0, 5] = True
