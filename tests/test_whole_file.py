@@ -96,7 +96,9 @@ def test_whole_file_errors(trained_run, two_files, cache_dir, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     base = [f"ckpt_path={ckpt}", "samples.prompts=[]", "generation.max_new_tokens=0"]
     with pytest.raises(UserError, match=r"splits=\[all\] scores whole files: pass data=text_files"):
-        evaluate(compose_cfg("eval", [*base, "data=shakespeare", "splits=[all]"], tmp_path, cache_dir))
+        evaluate(
+            compose_cfg("eval", [*base, "data=shakespeare", "data.seq_len=32", "splits=[all]"], tmp_path, cache_dir)
+        )
     with pytest.raises(UserError, match="stride applies to whole-file perplexity"):
         evaluate(compose_cfg("eval", [*base, "stride=4"], tmp_path, cache_dir))
     files = ["data=text_files", f"data.paths=[{two_files[0]}]", "data.seq_len=16", "splits=[all]"]
