@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from sdt.errors import UserError
+from sdt.models.transformer import left_pad
 
 try:
     from lm_eval.api import registry
@@ -128,12 +129,7 @@ class SDTLM(TemplateLM):
     def _continuation_logprobs(self, rows: list[list[int]], keep: int) -> torch.Tensor:
         """Left-padded rows -> fp32 log-probabilities (B, keep, V) of the last `keep` positions only (the
         continuations end every row, so the full-vocabulary softmax runs over them alone)."""
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = True
+        ids, mask = left_pad(rows)
         padded = not bool(mask.all())
         out = self.model(
             ids.to(self._device),
@@ -240,12 +236,7 @@ class SDTLM(TemplateLM):
 
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], max_new: int, temperature: float) -> list[str]:
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = True
+        ids, mask = left_pad(prompts)
         out = self.model.generate(
             ids.to(self._device),
             max_new,
@@ -256,7 +247,7 @@ class SDTLM(TemplateLM):
             valid_vocab=self.valid_vocab,
         )
         texts = []
-        for row in out[:, width:].tolist():
+        for row in out[:, ids.shape[1] :].tolist():
             if self.eot_token_id in row:
                 row = row[: row.index(self.eot_token_id)]
             texts.append(self.tok_decode(row))

@@ -98,6 +98,18 @@ def check_layer_path(layer_path: Sequence[int], n_layers: int) -> list[int]:
     return path
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Token rows of different lengths -> (ids (B, T), pad_mask (B, T)), right-aligned: every row ends at the last
+    position, so the next token of each is predicted at the same place. Padding slots hold `pad_id`."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pad_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        pad_mask[i, width - len(r) :] = True
+    return ids, pad_mask
+
+
 def positions_from_pad_mask(pad_mask: Tensor) -> Tensor:
     """Left-padded batch (B, T) -> positions counting only real tokens (padding slots get 0)."""
     return (pad_mask.long().cumsum(dim=1) - 1).clamp(min=0)

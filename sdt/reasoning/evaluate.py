@@ -31,6 +31,7 @@ from sdt.data.reasoning import REASONING_CORPORA, ReasoningDataConfig, Reasoning
 from sdt.data.tokenizer import Tokenizer
 from sdt.errors import UserError
 from sdt.models import LanguageModel
+from sdt.models.transformer import left_pad
 from sdt.reasoning.answers import answer_checker, extract_answer
 from sdt.reasoning.metrics import THINK_CLOSE, TraceError, split_steps, split_trace, steps_metrics
 from sdt.reasoning.plot import VARIANT_LABELS, plot_accuracy_vs_tokens
@@ -96,12 +97,7 @@ def generate_batch(
     device: torch.device,
 ) -> list[tuple[list[int], bool]]:
     """(new token ids up to the end-of-text token, whether it was emitted) for each prompt; left-padded batch."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), eos_id, dtype=torch.long)
-    pad_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        pad_mask[i, width - len(p) :] = True
+    ids, pad_mask = left_pad(prompts, pad_id=eos_id)
     out = model.generate(
         ids.to(device),
         max_new_tokens,
@@ -110,7 +106,7 @@ def generate_batch(
         eos_id=eos_id,
         valid_vocab=valid_vocab,
         generator=generator,
-    )[:, width:].tolist()
+    )[:, ids.shape[1] :].tolist()
     results = []
     for row in out:
         stopped = eos_id in row

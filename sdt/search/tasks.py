@@ -27,6 +27,7 @@ from torch import Tensor
 from sdt.data.tokenizer import Tokenizer
 from sdt.errors import UserError
 from sdt.models import LanguageModel
+from sdt.models.transformer import left_pad
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +246,7 @@ class PathScorer:
             raise UserError(
                 f"an item of {width} tokens is longer than model.max_seq_len={self.model.config.max_seq_len}"
             )
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = True
+        ids, mask = left_pad(rows)
         return ids.to(self.device), mask.to(self.device), conts
 
     def _choice_inputs(self, item: TaskItem) -> tuple[Tensor, Tensor, list[list[int]]]:

@@ -138,3 +138,12 @@ def test_bad_config_is_a_clear_error(kw, match):
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(UserError, match="unknown model option"):
         ModelConfig.from_dict({"d_modl": 32})
+
+
+def test_left_pad_right_aligns_rows_and_masks_the_padding():
+    from sdt.models.transformer import left_pad, positions_from_pad_mask
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=2)
+    assert ids.tolist() == [[5, 6, 7], [2, 2, 8]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+    assert positions_from_pad_mask(mask)[1, -1] == 0  # the real token of the short row starts at position 0
