@@ -45,7 +45,7 @@ from sdt.evaluation import load_model, run_split
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
 from sdt.resolvers import register_resolvers
-from sdt.routing.calibration import calibrate_thresholds
+from sdt.routing.calibration import calibrate_thresholds, mode_of_score
 from sdt.training import resolve_model_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,8 +130,9 @@ def step0_row(setting: str, arch: str, capacity: float, extra: list[str], max_ba
     start = time.perf_counter()
     if model.is_routed:
         calibration = datamodule.calibration_dataloader()
-        headline = "gate" if model_cfg.inference_routing == "threshold" and arch != "mod" else None
-        names = {headline or ("router" if model_cfg.inference_routing == "threshold" else "student")}
+        # Only the thresholds of the headline causal mode: the others are not evaluated here.
+        names = {n for _, layer in model.routed_layers() for n in layer.thresholds()}
+        names = {n for n in names if mode_of_score(n) == model_cfg.inference_routing}
         calibrate_thresholds(model, (b["input_ids"] for b in calibration), model_cfg.capacity, scores=names)
     row = {"name": f"{arch}@{capacity}" if arch != "dense" else "dense", "arch": arch, "steps": 0}
     row.update(capacity=model_cfg.capacity if arch != "dense" else 1.0)

@@ -84,8 +84,6 @@ def test_mod_sigmoid_gate_at_capacity_one_changes_the_function():
 @pytest.mark.parametrize("arch", ROUTED)
 @pytest.mark.parametrize("mode", ["topk", "threshold", "student"])
 def test_leading_positions_execute_in_every_mode(arch, mode):
-    if arch == "stt" and mode == "threshold":
-        mode = "threshold"  # the teacher's threshold mode, full forwards only
     model = build(arch, always_execute_first=3, capacity=0.25)
     for _, layer in model.routed_layers():
         for buf in layer.thresholds().values():
