@@ -59,7 +59,7 @@ class ModelConfig:
     # dimensions, weights and tokenizer replace the ones configured here (sdt.models.pretrained, docs/pretrained.md).
     init_from: str | None = None
 
-    # --- routing (sdt / stt / mod; ignored by dense). See ../shared/spec and docs/models.md.
+    # --- routing (sdt / stt / mod; ignored by dense). See docs/models.md.
     capacity: float = 0.5  # gamma: share of tokens a routed block runs on; k = max(1, floor(gamma * T))
     # Capacity schedule: training starts routed layers at `capacity_start` (None: no schedule) and moves them to
     # `capacity` over the first `capacity_warmup` share of training, in `capacity_levels` steps (few distinct k, so
