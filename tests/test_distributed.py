@@ -9,6 +9,7 @@ guards, sharding-safe math, does not depend on which FSDP wraps it."""
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 
@@ -113,6 +114,11 @@ def worker(rank: int, world: int, init_file: str, arch: str, wrapper: str, resul
             torch.save(out, result_file)
     finally:
         dist.destroy_process_group()
+    # Gloo's process group joins its worker threads in its destructor, holding the GIL, while a worker thread may
+    # still be releasing a Python-owned tensor of the last all-reduce and waiting for that GIL: a deadlock at exit in
+    # about one run in ten (the DDP reducer owns the group, so it dies with `module`). The result is saved and
+    # nothing is left to clean up, so the process leaves without running destructors.
+    os._exit(0)
 
 
 def single_process(arch: str) -> dict:

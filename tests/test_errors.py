@@ -117,6 +117,7 @@ def test_cli_bad_input_is_one_line_and_overwrites_nothing(tmp_path, cache_dir, t
     assert last.read_bytes() == before
 
 
+@pytest.mark.slow  # real train.py/evaluate.py subprocesses: the default suite stays within its time budget
 def test_cli_unknown_model_and_missing_ckpt(tmp_path, cache_dir):
     proc = _cli(["train.py", "model=nope", f"hydra.run.dir={tmp_path}"], cache_dir)
     assert proc.returncode != 0 and "model/nope" in proc.stderr and "Traceback" not in proc.stderr
@@ -143,6 +144,7 @@ def test_evaluate_says_a_training_option_takes_no_part_in_evaluation(override, c
     reject_training_overrides(["model.init_from=x.gguf", "data=shakespeare", "hydra.run.dir=out", "--cfg", "job"])
 
 
+@pytest.mark.slow  # real evaluate.py subprocesses: the default suite stays within its time budget
 def test_evaluate_py_refuses_model_name_before_hydra(tmp_path, cache_dir):
     proc = _cli(["evaluate.py", "model=dense", "model.init_from=some/model.gguf"], cache_dir)
     assert proc.returncode == EXIT_USER_ERROR and "HYDRA_FULL_ERROR" not in proc.stderr

@@ -79,6 +79,7 @@ def test_dense_export_is_a_plain_transformers_model(qkv_bias, tmp_path):
     assert json.loads((tmp_path / "export" / "config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
 
 
+@pytest.mark.slow  # the export CLI in subprocesses: the default suite stays within its time budget
 def test_export_cli_and_its_errors(tmp_path, capsys):
     write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="dense"))
     env = cli_env(tmp_path / "cache")

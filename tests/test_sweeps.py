@@ -55,6 +55,7 @@ def report(sweep_dir: Path, cache_dir: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a real two-job multirun in subprocesses: the default suite stays within its time budget
 def test_two_job_multirun_produces_two_runs_and_a_report(tmp_path, cache_dir, corpus_files):
     sweep = tmp_path / "sweep"
     jobs = multirun(sweep, cache_dir, corpus_files, "model=dense,mod", "model.capacity=0.5")

@@ -40,6 +40,7 @@ def test_shipped_task_set_is_large_enough_and_its_answers_are_right():
     assert all(item.answer == str(_value(item.prompt[10:-8])) for item in qa.items)
 
 
+@pytest.mark.slow  # lm-eval's task manager indexes its task set: the default suite stays within its time budget
 def test_bad_task_specs(tmp_path):
     with pytest.raises(UserError, match="unknown task 'nope'"):
         load_task("nope")
