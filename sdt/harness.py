@@ -1,6 +1,6 @@
-"""An lm-evaluation-harness model for `sdt` checkpoints and pretrained models: `lm_eval --model sdt ...`.
+"""An lm-evaluation-harness model for `sdt` checkpoints and pretrained models: `sdt-lm-eval --model sdt ...`.
 
-    lm_eval --model sdt --model_args ckpt_path=<run>/checkpoints/last.ckpt --tasks shakespeare_next_line \\
+    sdt-lm-eval --model sdt --model_args ckpt_path=<run>/checkpoints/last.ckpt --tasks shakespeare_next_line \\
         --include_path sdt/harness_tasks
 
 Model arguments: `ckpt_path=<.ckpt>` or `init_from=<HF dir | .gguf | hub id>` (as for evaluate.py), `routing=`
@@ -12,9 +12,10 @@ Routed models always run a causal routing mode here: the Top-K oracle chooses to
 sequence, so a continuation's score would depend on tokens after it. Every row of a batch is scored as if alone:
 causal routing decides per token, and padding neither executes nor is attended to.
 
-lm-eval finds the model by the name `sdt` through the `lm_eval.models` entry point (pyproject.toml) in releases
-that load plugins; importing this module registers it too, and `python -m sdt.harness <lm_eval arguments>` runs
-lm-eval's own command line with it registered, for releases without plugin loading.
+`sdt-lm-eval <lm_eval arguments>` (the console script; or `python -m sdt.harness`) runs lm-eval's own command line
+with the model registered, which works with every lm-eval release; importing this module registers it too. lm-eval
+releases that load model plugins also find it by the name `sdt` through the `lm_eval.models` entry point
+(pyproject.toml), so plain `lm_eval --model sdt` works there (not in 0.4.13, which reads only its own registry).
 """
 
 from __future__ import annotations

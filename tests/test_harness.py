@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,8 +142,11 @@ def test_lm_eval_cli_scores_a_checkpoint_on_the_shipped_tasks(tmp_path):
     path = tmp_path / "last.ckpt"
     write_checkpoint(path, ModelConfig(**TINY, arch="sdt"))
     out = tmp_path / "results"
+    # The console script README documents, where the package is installed (CI); else the module it runs.
+    script = Path(sys.executable).parent / "sdt-lm-eval"
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "sdt.harness"]
     cmd = [
-        sys.executable, "-m", "sdt.harness", "--model", "sdt",
+        *launcher, "--model", "sdt",
         "--model_args", f"ckpt_path={path}", "--device", "cpu", "--batch_size", "8",
         "--tasks", "shakespeare_next_line,tempest_perplexity", "--include_path", str(TASKS_DIR),
         "--limit", "3", "--output_path", str(out),
