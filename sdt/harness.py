@@ -4,8 +4,9 @@
         --include_path sdt/harness_tasks
 
 Model arguments: `ckpt_path=<.ckpt>` or `init_from=<HF dir | .gguf | hub id>` (as for evaluate.py), `routing=`
-(routed models: the causal mode, `threshold` or `student`; default the model's `inference_routing`), `batch_size`,
-`device` (auto | cpu | cuda) and `max_length` (the longest window scored; default the sequence length the model was
+(routed models: a causal mode, `threshold`, `student` or `budget`; default the model's `inference_routing`),
+`capacity=` (routed models: the run-time capacity in (0, 1], thresholds read from the calibrated quantile grids as
+`set_inference_capacity` does; default the trained capacity), `batch_size`, `device` (auto | cpu | cuda) and `max_length` (the longest window scored; default the sequence length the model was
 trained on, else `model.max_seq_len`).
 
 Routed models always run a causal routing mode here: the Top-K oracle chooses tokens by looking at the whole
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from sdt.errors import UserError
 from sdt.models.transformer import left_pad
+from sdt.routing.selection import CAUSAL_MODES
 
 try:
     from lm_eval.api import registry
@@ -40,7 +42,6 @@ except ImportError as e:  # pragma: no cover - the message is what a user withou
     raise UserError("the lm-eval model needs lm-evaluation-harness: pip install -e '.[eval]'") from e
 
 MODEL_NAME = "sdt"
-CAUSAL_MODES = ("threshold", "student")
 
 
 def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -58,6 +59,7 @@ class SDTLM(TemplateLM):
         ckpt_path: str | None = None,
         init_from: str | None = None,
         routing: str | None = None,
+        capacity: float | str | None = None,
         batch_size: int | str = 8,
         device: str | None = "auto",
         max_length: int | None = None,
@@ -69,8 +71,8 @@ class SDTLM(TemplateLM):
         unknown = sorted(k for k in kwargs if k not in ("max_batch_size",))  # lm-eval passes max_batch_size
         if unknown:
             raise UserError(
-                f"unknown sdt model argument(s) {unknown}; valid: ckpt_path, init_from, routing, batch_size, device, "
-                "max_length"
+                f"unknown sdt model argument(s) {unknown}; valid: ckpt_path, init_from, routing, capacity, batch_size, "
+                "device, max_length"
             )
         if not ckpt_path and not init_from:
             raise UserError("the sdt model needs ckpt_path=<.ckpt> or init_from=<pretrained checkpoint>")
@@ -78,6 +80,8 @@ class SDTLM(TemplateLM):
         cfg = OmegaConf.create({"ckpt_path": ckpt_path, "model": {"init_from": init_from}})
         self.model, self.tokenizer, self.valid_vocab, ckpt = load_model_and_tokenizer(cfg, self._device)
         self.routing = self._routing(routing)
+        if capacity is not None:
+            self._set_capacity(capacity)
         self.batch_size = self._batch_size(batch_size)
         trained_len = None
         if ckpt is not None:
@@ -97,9 +101,21 @@ class SDTLM(TemplateLM):
                 f"routing={routing!r}: lm-eval scores routed models in a causal routing mode, one of "
                 f"{', '.join(CAUSAL_MODES)} (topk looks at the tokens after the one it routes)"
             )
-        if self.model.config.arch == "stt" and routing != "student":
-            raise UserError("routing=threshold needs STT's teacher pass over the whole sequence; use routing=student")
+        if self.model.config.arch == "stt" and routing == "threshold":
+            raise UserError(
+                "routing=threshold needs STT's teacher pass over the whole sequence; use routing=student or budget"
+            )
         return routing
+
+    def _set_capacity(self, capacity: float | str) -> None:
+        """The run-time capacity dial (docs/inference.md): thresholds from the calibrated quantile grids."""
+        if not self.model.is_routed:
+            raise UserError("capacity= applies to routed models (sdt, stt, mod); this one is dense")
+        try:
+            value = float(capacity)
+        except ValueError:
+            raise UserError(f"capacity must be a number in (0, 1], got {capacity!r}") from None
+        self.model.set_inference_capacity(value)
 
     @staticmethod
     def _batch_size(batch_size: int | str) -> int:

@@ -126,6 +126,32 @@ def test_bad_model_arguments(tmp_path):
         SDTLM(ckpt_path=str(path), device="cpu", max_length=100)
 
 
+def test_capacity_argument_is_the_run_time_dial(tmp_path):
+    path = tmp_path / "last.ckpt"
+    write_checkpoint(path, ModelConfig(**TINY, arch="sdt", capacity=0.5), calibrate=True)
+    reference = SDTLM(ckpt_path=str(path), device="cpu", max_length=16)
+    reference.model.set_inference_capacity(0.25)
+    dialled = SDTLM(ckpt_path=str(path), device="cpu", max_length=16, capacity="0.25")
+    assert dialled.model.capacity_in_force == 0.25
+    for (_, ref_layer), (_, layer) in zip(reference.model.routed_layers(), dialled.model.routed_layers(), strict=True):
+        for name, threshold in layer.thresholds().items():
+            torch.testing.assert_close(threshold, ref_layer.thresholds()[name], rtol=0, atol=0)
+    full = SDTLM(ckpt_path=str(path), device="cpu", max_length=16, capacity=1.0)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fewer = dialled.model(ids, routing=dialled.routing).decisions
+        more = full.model(ids, routing=full.routing).decisions
+    assert sum(d.sum() for d in fewer.values()) < sum(d.sum() for d in more.values())
+    with pytest.raises(UserError, match="capacity must be a number in"):
+        SDTLM(ckpt_path=str(path), device="cpu", capacity="half")
+    with pytest.raises(UserError, match="capacity must be a number in"):
+        SDTLM(ckpt_path=str(path), device="cpu", capacity=1.5)
+    dense = tmp_path / "dense.ckpt"
+    write_checkpoint(dense, ModelConfig(**TINY, arch="dense"))
+    with pytest.raises(UserError, match="capacity= applies to routed models"):
+        SDTLM(ckpt_path=str(dense), device="cpu", capacity=0.5)
+
+
 def test_registered_under_its_name_and_as_an_entry_point():
     from importlib.metadata import entry_points
 
