@@ -24,7 +24,7 @@ from sdt.checkpoint import load_checkpoint
 from sdt.cli import EXIT_USER_ERROR
 from sdt.data import Tokenizer
 from sdt.errors import UserError
-from sdt.evaluation import load_model
+from sdt.evaluation.loading import load_model
 from sdt.models.pretrained import ROUTED_MODEL_TYPE, export_state_dict, hf_config
 from sdt.transformers_code import MODELING_FILE
 

@@ -2,7 +2,7 @@
 
 from sdt.data.config import DataConfig, TokenizerConfig
 from sdt.data.corpora import Corpus, HFHubCorpus, ShakespeareCorpus, TextFilesCorpus, build_corpus
-from sdt.data.datamodule import LMDataModule, PackedDataset, build_datamodule
+from sdt.data.datamodule import LMDataModule, PackedDataset
 from sdt.data.tokenizer import Tokenizer, get_tokenizer, train_bpe
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "Tokenizer",
     "TokenizerConfig",
     "build_corpus",
-    "build_datamodule",
     "get_tokenizer",
     "train_bpe",
 ]
