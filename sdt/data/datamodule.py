@@ -30,7 +30,8 @@ from sdt.data.cache import (
     write_record,
 )
 from sdt.data.config import DataConfig
-from sdt.data.corpora import SPLITS, Corpus, build_corpus
+from sdt.data.corpora import build_corpus
+from sdt.data.corpus import SPLITS, Corpus
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
 from sdt.errors import UserError
 

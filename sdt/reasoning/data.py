@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sdt.data.cache import cache_key
 from sdt.data.config import TokenizerConfig, check_batching, check_choice, check_int, check_str, strict_kwargs
-from sdt.data.corpora import SPLITS, Corpus
+from sdt.data.corpus import SPLITS, Corpus
 from sdt.data.datamodule import ResumableDataModule
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
 from sdt.errors import UserError
