@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from sdt.evaluation import load_model_and_tokenizer
+from sdt.evaluation.loading import load_model_and_tokenizer
 from sdt.resolvers import package_file
 from sdt.search.cola import ColaConfig, ColaSearch
 from sdt.search.evaluate import make_scorer

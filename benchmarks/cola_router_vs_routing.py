@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
+from sdt.blocks.layers import Block
 from sdt.checkpoint import load_checkpoint
 from sdt.data import Tokenizer
-from sdt.evaluation import load_model
-from sdt.models.layers import Block
+from sdt.evaluation.loading import load_model
 from sdt.search.router import choose
 from sdt.search.tasks import PathScorer, load_task
 

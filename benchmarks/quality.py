@@ -39,13 +39,15 @@ from omegaconf import OmegaConf
 
 from sdt.checkpoint import load_checkpoint
 from sdt.compute import compute_report
-from sdt.data import Tokenizer, build_datamodule
+from sdt.data import Tokenizer
+from sdt.datamodules import build_datamodule
 from sdt.distill import DistillConfig
-from sdt.evaluation import load_model, run_split
+from sdt.evaluation.lm import run_split
+from sdt.evaluation.loading import load_model
 from sdt.models import LanguageModel, ModelConfig, build_model
+from sdt.models.calibration import calibrate_thresholds, mode_of_score
 from sdt.models.pretrained import Pretrained
 from sdt.resolvers import register_resolvers
-from sdt.routing.calibration import calibrate_thresholds, mode_of_score
 from sdt.training import resolve_model_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

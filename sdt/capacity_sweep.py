@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sdt.analysis import plot_capacity_sweep
 from sdt.compute import measured_flops, measured_kv_entries
 from sdt.errors import UserError
 from sdt.models import LanguageModel
@@ -84,8 +85,6 @@ def capacity_sweep(
 
 
 def sweep_plot(sweep: list[dict[str, Any]], out_dir: str, arch: str) -> str:
-    from sdt.analysis import plot_capacity_sweep
-
     return plot_capacity_sweep(
         sweep,
         os.path.join(out_dir, "capacity_sweep.png"),

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 from sdt.errors import UserError
+from sdt.validation import validate_eval_config, validate_train_config
 
 EXIT_USER_ERROR = 2
 
@@ -35,8 +36,6 @@ def fail(message: str) -> NoReturn:
 
 
 def validator_for(cfg: DictConfig) -> Callable[[DictConfig], None] | None:
-    from sdt.validation import validate_eval_config, validate_train_config
-
     return {"train": validate_train_config, "eval": validate_eval_config}.get(str(cfg.get("task_name")))
 
 

@@ -4,7 +4,8 @@ Writes `model.safetensors`, `config.json` and the tokenizer (`tokenizer.json`, `
 - the backbone under Hugging Face Llama names (Qwen2 when the model has q/k/v biases), so a dense export is a plain
   Llama/Qwen2 checkpoint that `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads;
 - for routed models (SDT, STT, MoD) also the routing tensors (priors, transition networks, routers, gate scalars,
-  calibrated thresholds) under `sdt.`-prefixed names, and `modeling_sdt.py` (sdt/transformers_code/, standalone),
+  calibrated thresholds) under `sdt.`-prefixed names, and `modeling_sdt.py` with the `layers_sdt.py` it imports
+  (sdt/transformers_code/, standalone),
   registered in `config.json` (`model_type: sdt`, `auto_map`) so that
   `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads the routed model in its causal mode.
 Every export stores the full model config under the `sdt` key of `config.json`. `model.init_from=<dir>` reads any
@@ -24,9 +25,9 @@ from sdt.checkpoint import load_checkpoint
 from sdt.cli import EXIT_USER_ERROR
 from sdt.data import Tokenizer
 from sdt.errors import UserError
-from sdt.evaluation import load_model
+from sdt.evaluation.loading import load_model
 from sdt.models.pretrained import ROUTED_MODEL_TYPE, export_state_dict, hf_config
-from sdt.transformers_code import MODELING_FILE
+from sdt.transformers_code import MODELING_FILE, SHIPPED_FILES
 
 USAGE = "usage: python -m sdt.export ckpt_path=<path to .ckpt> out=<output directory>"
 WEIGHTS_FILE = "model.safetensors"
@@ -44,7 +45,8 @@ def export(ckpt_path: str, out: str) -> str:
     config = hf_config(model.config, eos_token_id=tokenizer.eos_id)
     if model.is_routed:
         config.update(routed_config_keys())
-        shutil.copyfile(MODELING_FILE, os.path.join(out, os.path.basename(MODELING_FILE)))
+        for path in SHIPPED_FILES:
+            shutil.copyfile(path, os.path.join(out, os.path.basename(path)))
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     tokenizer.save(out)

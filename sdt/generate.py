@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdt.cli import run_task
 from sdt.errors import UserError
-from sdt.evaluation import load_model_and_tokenizer, pick_device
+from sdt.evaluation.loading import load_model_and_tokenizer, pick_device
 from sdt.models import ModelCache
 from sdt.models.config import ROUTING_MODES
 from sdt.usage import RequestUsage, request_usage

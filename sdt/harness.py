@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from sdt.errors import UserError
+from sdt.evaluation.loading import load_model_and_tokenizer, pick_device
 from sdt.models.transformer import left_pad
 from sdt.routing.selection import CAUSAL_MODES
 
@@ -66,8 +67,6 @@ class SDTLM(TemplateLM):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        from sdt.evaluation import load_model_and_tokenizer, pick_device
-
         unknown = sorted(k for k in kwargs if k not in ("max_batch_size",))  # lm-eval passes max_batch_size
         if unknown:
             raise UserError(

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from sdt.distill import DistillConfig, distillation_loss, load_teacher, teacher_logits
 from sdt.models import LanguageModel, ModelConfig, build_model
+from sdt.models.calibration import calibrate_thresholds
 from sdt.optim import OptimConfig, build_optimizer, clip_grad_norm_by_role, parameter_role, warmup_cosine
-from sdt.routing.calibration import calibrate_thresholds
 
 
 class LitLM(L.LightningModule):

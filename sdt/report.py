@@ -20,7 +20,9 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from sdt.analysis.sweep_plots import plot_kv_ratio, plot_loss_curves, plot_pareto
 from sdt.errors import UserError
+from sdt.evaluation.dispatch import evaluate
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -50,11 +52,10 @@ def find_runs(sweep_dir: str) -> list[Path]:
 
 
 def evaluate_run(run_dir: Path, cache_dir: str | None, max_batches: int | None, force: bool) -> dict[str, Any]:
-    """eval.json of a run, computed with `sdt.evaluation.evaluate` unless it is already there."""
+    """eval.json of a run, computed with `sdt.evaluation.dispatch.evaluate` unless it is already there."""
     out = run_dir / "eval"
     if (out / "eval.json").is_file() and not force:
         return json.loads((out / "eval.json").read_text())
-    from sdt.evaluation import evaluate
 
     overrides = [
         f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
@@ -135,8 +136,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def write_report(rows: list[dict[str, Any]], runs: dict[str, Path], sweep_dir: str) -> dict[str, str]:
-    from sdt.analysis.sweep_plots import plot_kv_ratio, plot_loss_curves, plot_pareto
-
     rows = sorted(rows, key=lambda r: (FAMILY_ORDER.index(r["arch"]), r["capacity"] or 0.0))
     with open(os.path.join(sweep_dir, "report.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

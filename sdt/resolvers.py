@@ -1,4 +1,4 @@
-"""OmegaConf resolvers that configs may use; `sdt.training` and `sdt.evaluation` register them on import, before
+"""OmegaConf resolvers that configs may use; `sdt.training` and `sdt.evaluation.dispatch` register them on import, before
 Hydra composes a config."""
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from sdt.callbacks import CheckpointOnSignal, ValidateAtEnd
 from sdt.checkpoint import AtomicCheckpointIO, load_checkpoint, resolve_resume_path
 from sdt.compute import compute_report
-from sdt.data import Tokenizer, build_datamodule
+from sdt.data import Tokenizer
+from sdt.datamodules import build_datamodule
 from sdt.errors import UserError
 from sdt.fit_loop import install_finishing_fit_loop
 from sdt.lit_module import LitLM

@@ -23,7 +23,12 @@ from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, OmegaConf
 
+from sdt.data.config import TokenizerConfig
+from sdt.datamodules import data_config_class
+from sdt.distill import DistillConfig
 from sdt.errors import UserError
+from sdt.models import ModelConfig
+from sdt.optim import OptimConfig
 
 SEED_RANGE = (0, 2**32 - 1)  # what NumPy's generator accepts, and so what Lightning's seed_everything keeps
 
@@ -286,22 +291,16 @@ def validate_callbacks(callbacks: dict[str, Any] | None) -> None:
 
 
 def validate_optim(optim: dict[str, Any]) -> None:
-    from sdt.optim import OptimConfig
-
     check_fields(OptimConfig, optim, "optim")
     OptimConfig.from_dict(optim)
 
 
 def validate_distill(distill: dict[str, Any] | None) -> None:
-    from sdt.distill import DistillConfig
-
     check_fields(DistillConfig, distill or {}, "distill")
     DistillConfig.from_dict(distill)
 
 
 def validate_model(model: dict[str, Any], tokenizer_vocab: Any = None) -> None:
-    from sdt.models import ModelConfig
-
     if model.get("vocab_size") is None:  # decided by the tokenizer later; any valid size checks the rest now
         model = {**model, "vocab_size": tokenizer_vocab if isinstance(tokenizer_vocab, int) else ModelConfig.vocab_size}
     check_fields(ModelConfig, model, "model")
@@ -310,10 +309,7 @@ def validate_model(model: dict[str, Any], tokenizer_vocab: Any = None) -> None:
 
 def validate_data(data: dict[str, Any]) -> None:
     """`data.*` against the data config of its corpus (language modelling or reasoning)."""
-    from sdt.data.config import DataConfig, TokenizerConfig
-    from sdt.data.reasoning import REASONING_CORPORA, ReasoningDataConfig
-
-    cls = ReasoningDataConfig if data.get("corpus") in REASONING_CORPORA else DataConfig
+    cls = data_config_class(data)
     if isinstance(data.get("paths"), str):  # data.paths=notes.txt: the config's shorthand for a list of one
         data = {**data, "paths": [data["paths"]]}
     check_fields(cls, data, "data")

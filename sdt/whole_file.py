@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sdt.data.corpora import build_corpus
 from sdt.errors import UserError
 
 
@@ -65,8 +66,6 @@ def window_batches(
 
 def read_documents(data_cfg: Any, tokenizer: Any) -> list[dict[str, Any]]:
     """Per file of `data.paths`: its name, UTF-8 bytes and tokenised documents (data=text_files only)."""
-    from sdt.data.corpora import build_corpus
-
     if data_cfg.corpus != "text_files":
         raise UserError(
             f"splits=[all] scores whole files: pass data=text_files 'data.paths=[...]' (got data.corpus="

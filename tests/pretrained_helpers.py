@@ -45,7 +45,7 @@ def write_checkpoint(path, cfg, seed: int = 0, calibrate: bool = False) -> torch
     """A checkpoint as `train.py` writes it, for a randomly initialised model with non-default buffers; with
     `calibrate`, routed thresholds calibrated to the capacity on random tokens (so causal modes skip tokens)."""
     from sdt.models import build_model
-    from sdt.routing.calibration import calibrate_thresholds
+    from sdt.models.calibration import calibrate_thresholds
 
     torch.manual_seed(seed)
     model = build_model(cfg).eval()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdt.blocks.layers import RotaryEmbedding
 from sdt.models import ForwardContext, ModelConfig
-from sdt.models.layers import RotaryEmbedding
 from sdt.models.mod import MoDLayer
 from sdt.models.sdt import SDTPair
 from sdt.models.stt import STTLayer

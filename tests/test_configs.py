@@ -9,9 +9,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sdt.data import DataConfig
-from sdt.data.reasoning import ReasoningDataConfig
 from sdt.models import ModelConfig
 from sdt.optim import OptimConfig
+from sdt.reasoning.data import ReasoningDataConfig
 from tests.conftest import CONF_DIR, compose_cfg
 
 

@@ -10,7 +10,7 @@ import torch
 from hydra.errors import MissingConfigException
 
 from sdt.cli import EXIT_USER_ERROR, run_task
-from sdt.evaluation import evaluate
+from sdt.evaluation.dispatch import evaluate
 from sdt.training import train
 from tests.conftest import ROOT, TINY_MODEL, TINY_TRAINER, cli_env, compose_cfg, tiny_data
 

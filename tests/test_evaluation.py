@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdt.evaluation import evaluate
+from sdt.evaluation.dispatch import evaluate
 from tests.conftest import compose_cfg
 
 

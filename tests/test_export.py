@@ -150,8 +150,9 @@ def test_routed_export_loads_in_transformers_with_our_logits_generation_and_kv_s
 def test_routed_export_loads_where_sdt_is_not_installed(tmp_path):
     write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="sdt"))
     out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
-    code = (tmp_path / "export" / "modeling_sdt.py").read_text()
-    assert "import sdt" not in code and "from sdt" not in code
+    for shipped in ("modeling_sdt.py", "layers_sdt.py"):
+        code = (tmp_path / "export" / shipped).read_text()
+        assert "import sdt" not in code and "from sdt" not in code, shipped
     script = (
         "import sys, torch; sys.modules['sdt'] = None\n"  # any `import sdt` now fails
         "from transformers import AutoModelForCausalLM\n"

@@ -11,7 +11,7 @@ import torch
 from sdt.checkpoint import load_checkpoint
 from sdt.generate import main
 from sdt.models import ModelConfig, build_model
-from sdt.routing.calibration import calibrate_thresholds
+from sdt.models.calibration import calibrate_thresholds
 from tests.conftest import ROOT, cli_env
 
 

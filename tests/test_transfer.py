@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sdt.checkpoint import load_checkpoint
 from sdt.data import DataConfig, LMDataModule, Tokenizer
 from sdt.errors import UserError
-from sdt.evaluation import evaluate
+from sdt.evaluation.dispatch import evaluate
 from sdt.training import train
 from tests.conftest import TINY_TRAINER, compose_cfg, tiny_data
 from tests.pretrained_helpers import save_hf_model

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sdt.models import ModelCache, ModelConfig, build_model
-from sdt.routing.calibration import calibrate_thresholds
+from sdt.models.calibration import calibrate_thresholds
 from sdt.usage import request_usage, usage_distribution
 
 V = 97

@@ -10,7 +10,8 @@ import torch
 from sdt.checkpoint import load_checkpoint
 from sdt.data import Tokenizer
 from sdt.errors import UserError
-from sdt.evaluation import evaluate, load_model
+from sdt.evaluation.dispatch import evaluate
+from sdt.evaluation.loading import load_model
 from sdt.whole_file import sliding_windows
 from tests.conftest import compose_cfg
 

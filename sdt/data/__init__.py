@@ -1,8 +1,12 @@
 """Data pipeline: corpora, tokenizers and the LightningDataModule that packs token streams into training blocks."""
 
 from sdt.data.config import DataConfig, TokenizerConfig
-from sdt.data.corpora import Corpus, HFHubCorpus, ShakespeareCorpus, TextFilesCorpus, build_corpus
-from sdt.data.datamodule import LMDataModule, PackedDataset, build_datamodule
+from sdt.data.corpora import build_corpus
+from sdt.data.corpus import Corpus
+from sdt.data.datamodule import LMDataModule, PackedDataset
+from sdt.data.hf_hub import HFHubCorpus
+from sdt.data.shakespeare import ShakespeareCorpus
+from sdt.data.text_files import TextFilesCorpus
 from sdt.data.tokenizer import Tokenizer, get_tokenizer, train_bpe
 
 __all__ = [
@@ -16,7 +20,6 @@ __all__ = [
     "Tokenizer",
     "TokenizerConfig",
     "build_corpus",
-    "build_datamodule",
     "get_tokenizer",
     "train_bpe",
 ]

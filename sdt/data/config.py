@@ -19,7 +19,7 @@ EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN,)
 
 
-def _check_int(key: str, value: Any, minimum: int | None = None, allow_none: bool = False) -> None:
+def check_int(key: str, value: Any, minimum: int | None = None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     # bool is a subclass of int, but `seq_len: true` is surely a mistake.
@@ -29,24 +29,24 @@ def _check_int(key: str, value: Any, minimum: int | None = None, allow_none: boo
         raise UserError(f"{key} must be >= {minimum}, got {value}")
 
 
-def _check_str(key: str, value: Any, allow_none: bool = False) -> None:
+def check_str(key: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, str) or not value:
         raise UserError(f"{key} must be a non-empty string{' or null' if allow_none else ''}, got {value!r}")
 
 
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_fraction(key: str, value: Any) -> None:
+def check_fraction(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 0.5:
         raise UserError(f"{key} must be a number in [0, 0.5), got {value!r}")
 
 
-def _from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def strict_kwargs(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """Check `d` has only fields of `cls` and return it as a plain dict."""
     if not isinstance(d, Mapping):
         raise UserError(f"{prefix} must be a mapping, got {type(d).__name__}")
@@ -60,12 +60,12 @@ def _from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 def check_batching(cfg: Any, p: str) -> None:
     """Validate the batching keys every data config has (seq_len, batch_size, eval_batch_size, num_workers) and
     default eval_batch_size to batch_size."""
-    _check_int(f"{p}.seq_len", cfg.seq_len, minimum=2)
-    _check_int(f"{p}.batch_size", cfg.batch_size, minimum=1)
-    _check_int(f"{p}.eval_batch_size", cfg.eval_batch_size, minimum=1, allow_none=True)
+    check_int(f"{p}.seq_len", cfg.seq_len, minimum=2)
+    check_int(f"{p}.batch_size", cfg.batch_size, minimum=1)
+    check_int(f"{p}.eval_batch_size", cfg.eval_batch_size, minimum=1, allow_none=True)
     if cfg.eval_batch_size is None:
         cfg.eval_batch_size = cfg.batch_size
-    _check_int(f"{p}.num_workers", cfg.num_workers, minimum=0)
+    check_int(f"{p}.num_workers", cfg.num_workers, minimum=0)
 
 
 @dataclass
@@ -84,23 +84,23 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         p = "data.tokenizer"
-        _check_choice(f"{p}.kind", self.kind, TOKENIZER_KINDS)
-        _check_int(f"{p}.vocab_size", self.vocab_size)
+        check_choice(f"{p}.kind", self.kind, TOKENIZER_KINDS)
+        check_int(f"{p}.vocab_size", self.vocab_size)
         if self.kind == "bpe" and self.vocab_size < 256 + len(SPECIAL_TOKENS):
             # Byte-level BPE starts from all 256 bytes plus the special tokens; anything smaller cannot be trained.
             raise UserError(
                 f"{p}.vocab_size must be >= {256 + len(SPECIAL_TOKENS)} for kind=bpe "
                 f"(256 bytes + {len(SPECIAL_TOKENS)} special token), got {self.vocab_size}"
             )
-        _check_int(f"{p}.min_frequency", self.min_frequency, minimum=0)
-        _check_str(f"{p}.path", self.path, allow_none=True)
+        check_int(f"{p}.min_frequency", self.min_frequency, minimum=0)
+        check_str(f"{p}.path", self.path, allow_none=True)
         if self.kind == "pretrained" and self.path is None:
             raise UserError(f"{p}.path is required when {p}.kind=pretrained (a local directory or a hub id)")
-        _check_int(f"{p}.max_train_chars", self.max_train_chars, minimum=1, allow_none=True)
+        check_int(f"{p}.max_train_chars", self.max_train_chars, minimum=1, allow_none=True)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TokenizerConfig:
-        return cls(**_from_dict(cls, d, "data.tokenizer"))
+        return cls(**strict_kwargs(cls, d, "data.tokenizer"))
 
 
 @dataclass
@@ -142,10 +142,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         p = "data"
-        _check_choice(f"{p}.corpus", self.corpus, CORPORA)
+        check_choice(f"{p}.corpus", self.corpus, CORPORA)
         check_batching(self, p)
-        _check_int(f"{p}.calibration_blocks", self.calibration_blocks, minimum=0)
-        _check_str(f"{p}.cache_dir", self.cache_dir)
+        check_int(f"{p}.calibration_blocks", self.calibration_blocks, minimum=0)
+        check_str(f"{p}.cache_dir", self.cache_dir)
 
         # A single path is a common CLI shorthand (data.paths=corpus.txt); OmegaConf lists arrive as ListConfig.
         if isinstance(self.paths, str):
@@ -154,21 +154,21 @@ class DataConfig:
             self.paths = [str(x) for x in self.paths]
         except TypeError:
             raise UserError(f"{p}.paths must be a list of paths or globs, got {self.paths!r}") from None
-        _check_str(f"{p}.text_column", self.text_column)
+        check_str(f"{p}.text_column", self.text_column)
 
-        _check_str(f"{p}.name", self.name, allow_none=True)
-        _check_str(f"{p}.config_name", self.config_name, allow_none=True)
-        _check_str(f"{p}.train_split", self.train_split)
-        _check_str(f"{p}.val_split", self.val_split, allow_none=True)
-        _check_str(f"{p}.test_split", self.test_split, allow_none=True)
+        check_str(f"{p}.name", self.name, allow_none=True)
+        check_str(f"{p}.config_name", self.config_name, allow_none=True)
+        check_str(f"{p}.train_split", self.train_split)
+        check_str(f"{p}.val_split", self.val_split, allow_none=True)
+        check_str(f"{p}.test_split", self.test_split, allow_none=True)
         if not isinstance(self.streaming, bool):
             raise UserError(f"{p}.streaming must be true or false, got {self.streaming!r}")
-        _check_int(f"{p}.max_train_docs", self.max_train_docs, minimum=1, allow_none=True)
-        _check_int(f"{p}.max_eval_docs", self.max_eval_docs, minimum=1)
+        check_int(f"{p}.max_train_docs", self.max_train_docs, minimum=1, allow_none=True)
+        check_int(f"{p}.max_eval_docs", self.max_eval_docs, minimum=1)
 
-        _check_fraction(f"{p}.val_fraction", self.val_fraction)
-        _check_fraction(f"{p}.test_fraction", self.test_fraction)
-        _check_int(f"{p}.seed", self.seed)
+        check_fraction(f"{p}.val_fraction", self.val_fraction)
+        check_fraction(f"{p}.test_fraction", self.test_fraction)
+        check_int(f"{p}.seed", self.seed)
 
         if isinstance(self.tokenizer, Mapping):
             self.tokenizer = TokenizerConfig.from_dict(self.tokenizer)
@@ -183,4 +183,4 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
         """Build from a plain (or OmegaConf) mapping; the nested `tokenizer` mapping becomes a TokenizerConfig."""
-        return cls(**_from_dict(cls, d, "data"))
+        return cls(**strict_kwargs(cls, d, "data"))

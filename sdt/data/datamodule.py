@@ -30,7 +30,8 @@ from sdt.data.cache import (
     write_record,
 )
 from sdt.data.config import DataConfig
-from sdt.data.corpora import SPLITS, Corpus, build_corpus
+from sdt.data.corpora import build_corpus
+from sdt.data.corpus import SPLITS, Corpus
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
 from sdt.errors import UserError
 
@@ -404,15 +405,3 @@ def streams_problem(out_dir: Path) -> str | None:
                 f"meta.json says {record['num_tokens']} {meta['dtype']} in 1"
             )
     return None
-
-
-def build_datamodule(data: dict[str, Any], tokenizer: Tokenizer | None = None) -> tuple[Any, L.LightningDataModule]:
-    """(config, data module) for a `data` config: reasoning SFT data for the reasoning corpora, packed LM blocks
-    otherwise."""
-    from sdt.data.reasoning import REASONING_CORPORA, ReasoningDataConfig, ReasoningDataModule
-
-    if data.get("corpus") in REASONING_CORPORA:
-        reasoning_cfg = ReasoningDataConfig.from_dict(data)
-        return reasoning_cfg, ReasoningDataModule(reasoning_cfg, tokenizer=tokenizer)
-    cfg = DataConfig.from_dict(data)
-    return cfg, LMDataModule(cfg, tokenizer=tokenizer)

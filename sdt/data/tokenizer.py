@@ -26,7 +26,7 @@ from sdt.data.cache import (
     write_record,
 )
 from sdt.data.config import EOS_TOKEN, TokenizerConfig
-from sdt.data.corpora import Corpus
+from sdt.data.corpus import Corpus
 from sdt.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -1,26 +1,21 @@
-"""Model code: plain PyTorch, no Lightning or Hydra."""
+"""Model assemblies over the routing layers: plain PyTorch, no Lightning or Hydra (see docs/architecture.md)."""
 
+from sdt.blocks.kv_cache import KVCache, ModelCache
 from sdt.errors import UserError
 from sdt.models.config import ARCHS, ModelConfig
-from sdt.models.kv_cache import KVCache, ModelCache
+from sdt.models.mod import MoDLayer
+from sdt.models.sdt import SDTPair
+from sdt.models.stt import STTLayer
 from sdt.models.transformer import DenseLayer, ForwardContext, LanguageModel, LayerOutput, ModelOutput
 
 
 def layer_classes() -> tuple[type, ...]:
     """Every layer type a model stack can hold (FSDP wraps each one as a unit)."""
-    from sdt.models.mod import MoDLayer
-    from sdt.models.sdt import SDTPair
-    from sdt.models.stt import STTLayer
-
     return (DenseLayer, SDTPair, STTLayer, MoDLayer)
 
 
 def build_layers(cfg: ModelConfig) -> list:
     """The stack for `cfg.arch`: `dense_first` plain blocks, the routed region, then `dense_last` plain blocks."""
-    from sdt.models.mod import MoDLayer
-    from sdt.models.sdt import SDTPair
-    from sdt.models.stt import STTLayer
-
     first = [DenseLayer(cfg) for _ in range(cfg.dense_first)]
     last = [DenseLayer(cfg) for _ in range(cfg.dense_last)]
     n = cfg.routed_layer_count
@@ -57,9 +52,12 @@ __all__ = [
     "KVCache",
     "LanguageModel",
     "LayerOutput",
+    "MoDLayer",
     "ModelCache",
     "ModelConfig",
     "ModelOutput",
+    "SDTPair",
+    "STTLayer",
     "build_layers",
     "build_model",
     "layer_classes",

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sdt.blocks.layers import Block
 from sdt.models.config import ModelConfig
-from sdt.models.layers import Block
 from sdt.models.transformer import ForwardContext, LayerOutput
 from sdt.routing import (
     CausalRouter,

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdt.blocks.layers import Block
 from sdt.errors import UserError
 from sdt.models.config import ModelConfig
-from sdt.models.layers import Block
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@
 
 Routing modes: "topk" (training; non-causal oracle at evaluation), "threshold" (execute where g >= tau, causal
 because g is), "student" (a causal router predicts Top-K membership). Tau and the student threshold are calibrated
-to the capacity on held-out training data (sdt.routing.calibration) and stored as buffers in the checkpoint.
+to the capacity on held-out training data (sdt.models.calibration) and stored as buffers in the checkpoint.
 Design choice: the surprise signals read delta detached and the prior reads x detached, so the backbone is trained by
 the LM loss alone and is not pushed to reshape its states to open or close gates or to suit the prior; the gate
 scalars and the prior learn through their own losses and through g.
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sdt.blocks.layers import Block
 from sdt.models.config import ModelConfig
-from sdt.models.layers import Block
 from sdt.models.transformer import ForwardContext, LayerOutput
 from sdt.routing import (
     CausalRouter,

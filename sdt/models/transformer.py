@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdt.blocks.kv_cache import KVCache, ModelCache
+from sdt.blocks.layers import Block, RMSNorm, RotaryEmbedding
 from sdt.errors import UserError
 from sdt.models.config import ModelConfig
-from sdt.models.kv_cache import KVCache, ModelCache
-from sdt.models.layers import Block, RMSNorm, RotaryEmbedding
 from sdt.routing.quantiles import is_calibrated, threshold_at
 from sdt.routing.stats import position_consensus
 

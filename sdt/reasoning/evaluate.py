@@ -27,12 +27,13 @@ import torch
 from omegaconf import DictConfig
 
 from sdt.checkpoint import load_checkpoint
-from sdt.data.reasoning import REASONING_CORPORA, ReasoningDataConfig, ReasoningDataModule
 from sdt.data.tokenizer import Tokenizer
 from sdt.errors import UserError
+from sdt.evaluation.loading import data_dict_for_eval, load_model, pick_device
 from sdt.models import LanguageModel
 from sdt.models.transformer import left_pad
 from sdt.reasoning.answers import answer_checker, extract_answer
+from sdt.reasoning.data import REASONING_CORPORA, ReasoningDataConfig, ReasoningDataModule
 from sdt.reasoning.metrics import THINK_CLOSE, TraceError, split_steps, split_trace, steps_metrics
 from sdt.reasoning.plot import VARIANT_LABELS, plot_accuracy_vs_tokens
 
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 
 def reasoning_data_config(cfg: DictConfig, ckpt: dict[str, Any]) -> ReasoningDataConfig:
     """The reasoning data to evaluate on: `data=...` from the command line, else the checkpoint's."""
-    from sdt.evaluation import data_dict_for_eval
-
     data = data_dict_for_eval(cfg, ckpt)
     if data.get("corpus") not in REASONING_CORPORA:
         raise UserError(
@@ -115,8 +114,6 @@ def generate_batch(
 
 
 def evaluate_reasoning(cfg: DictConfig) -> dict[str, Any]:
-    from sdt.evaluation import load_model, pick_device  # evaluation dispatches here: import it lazily
-
     rcfg = cfg.reasoning
     ckpt = load_checkpoint(cfg.ckpt_path)
     device = pick_device(cfg.get("device", "auto"))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sdt.models.kv_cache import KVCache
-from sdt.models.layers import Block, RotaryEmbedding
+from sdt.blocks.kv_cache import KVCache
+from sdt.blocks.layers import Block, RotaryEmbedding
 from sdt.routing.gates import apply_gate
 from sdt.routing.topk import indices_to_mask, pack_decisions
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sdt.models.layers import RMSNorm
+from sdt.blocks.layers import RMSNorm
 
 
 class PriorFFN(nn.Module):

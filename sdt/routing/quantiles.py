@@ -25,7 +25,7 @@ def is_calibrated(grid: Tensor) -> bool:
 
 def quantile_grid(scores: Tensor, size: int = GRID_SIZE) -> Tensor:
     """(size,) quantiles of a 1-D tensor at levels j / (size - 1), by the lower-rank rule of
-    `sdt.routing.calibration.quantile` (so the grid at 1 - c is exactly the threshold calibrated at capacity c)."""
+    `sdt.models.calibration.quantile` (so the grid at 1 - c is exactly the threshold calibrated at capacity c)."""
     x = scores.float().flatten().sort().values
     n = x.numel()
     levels = torch.linspace(0.0, 1.0, size, dtype=torch.float64)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdt.models.config import ModelConfig
 from sdt.routing.quantiles import empty_grid
 
 LOGVAR_CLAMP = 8.0  # the KL form's predicted log-variance is clamped to [-8, 8] so exp() stays finite
@@ -94,6 +94,22 @@ class SurpriseSignals:
     g: Tensor  # (B, T) gate in [0, 1]
 
 
+class SurpriseConfig(Protocol):
+    """The fields the surprise gate reads from its config (`sdt.models.ModelConfig` has them all)."""
+
+    gate_rule: str
+    beta_mode: str
+    ma_window: int
+    beta_start: float
+    beta_end: float
+    beta_init: float
+    change_surprise: str
+    o_ce_init: float
+    m_cu_init: float
+    learn_o_ce: bool
+    learn_m_cu: bool
+
+
 class SurpriseGate(nn.Module):
     """The learnable (or scheduled) scalars of the surprise math, and the calibrated threshold on g.
 
@@ -104,7 +120,7 @@ class SurpriseGate(nn.Module):
 
     param_role = "surprise"
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: SurpriseConfig) -> None:
         super().__init__()
         self.rule, self.beta_mode, self.ma_window = cfg.gate_rule, cfg.beta_mode, cfg.ma_window
         self.beta_start, self.beta_end = cfg.beta_start, cfg.beta_end

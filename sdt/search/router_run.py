@@ -30,6 +30,7 @@ from sdt.models import LanguageModel
 from sdt.models.transformer import positions_from_pad_mask
 from sdt.search.cola import ColaConfig, ColaSearch
 from sdt.search.prefix_cache import PrefixReusingScorer
+from sdt.search.results import reuse_counts, search_items, summarise, write_search_result
 from sdt.search.router import PathRouter, RouterConfig, fit_router, select_candidates, split_items
 from sdt.search.tasks import PathScorer, Task, TaskItem
 
@@ -103,8 +104,6 @@ def evaluate_router(
     run_options: dict[str, Any],
     out_dir: str,
 ) -> dict[str, Any]:
-    from sdt.search.evaluate import reuse_counts, search_items, summarise, write_search_result
-
     rcfg = RouterConfig.from_dict(OmegaConf.to_container(cfg.cola_router, resolve=True))
     depth = len(model.layers)
     original = tuple(range(depth))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sdt.data import LMDataModule
-from sdt.data.corpora import SPLITS
+from sdt.data.corpus import SPLITS
 from sdt.data.tokenizer import bpe_cache_path
 from tests.data.test_datamodule import make_cfg
 

@@ -8,8 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdt.data import build_datamodule
-from sdt.data.reasoning import (
+from sdt.data.tokenizer import Tokenizer, train_bpe
+from sdt.datamodules import build_datamodule
+from sdt.errors import UserError
+from sdt.models import ModelConfig, build_model
+from sdt.reasoning.answers import answer_checker
+from sdt.reasoning.braking import BrakingConfig, build_braking_segments
+from sdt.reasoning.data import (
     IGNORE_INDEX,
     PLAIN_PROMPT,
     PromptFormatter,
@@ -18,11 +23,6 @@ from sdt.data.reasoning import (
     collate_trimmed,
     shift_with_mask,
 )
-from sdt.data.tokenizer import Tokenizer, train_bpe
-from sdt.errors import UserError
-from sdt.models import ModelConfig, build_model
-from sdt.reasoning.answers import answer_checker
-from sdt.reasoning.braking import BrakingConfig, build_braking_segments
 from tests.reasoning.test_braking import CHECK, TRACE
 
 

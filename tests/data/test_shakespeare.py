@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from sdt.data.corpora import SHAKESPEARE_TEST_PLAYS, SHAKESPEARE_VAL_PLAYS, ShakespeareCorpus, play_to_text
+from sdt.data.shakespeare import SHAKESPEARE_TEST_PLAYS, SHAKESPEARE_VAL_PLAYS, ShakespeareCorpus, play_to_text
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import pytest
 
 from sdt.data import Tokenizer, TokenizerConfig, train_bpe
 from sdt.data import tokenizer as tokenizer_module
-from sdt.data.corpora import Corpus
+from sdt.data.corpus import Corpus
 from sdt.data.tokenizer import get_tokenizer
 from tests.data.data_helpers import make_text
 

@@ -5,8 +5,8 @@ import torch
 
 from sdt.errors import UserError
 from sdt.models import ModelCache, build_model
+from sdt.models.calibration import calibrate_thresholds
 from sdt.models.transformer import MAX_PATH_FACTOR
-from sdt.routing.calibration import calibrate_thresholds
 from tests.models.test_transformer import tiny
 
 V = 97  # the vocabulary of tests.models.test_transformer.tiny

@@ -7,7 +7,7 @@ import torch
 
 from sdt.errors import UserError
 from sdt.models import ModelCache, ModelConfig, build_model
-from sdt.routing.calibration import calibrate_thresholds
+from sdt.models.calibration import calibrate_thresholds
 from sdt.routing.topk import capacity_k
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdt.models import ModelCache, ModelConfig, build_model
-from sdt.routing.calibration import calibrate_thresholds
+from sdt.models.calibration import calibrate_thresholds
 
 V = 97
 ROUTED = ["sdt", "stt", "mod"]

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from sdt.errors import UserError
 from sdt.models import DenseLayer, ModelCache, ModelConfig, build_model
+from sdt.models.calibration import calibrate_thresholds
 from sdt.models.sdt import SDTPair
 from sdt.routing import capacity_k
-from sdt.routing.calibration import calibrate_thresholds
 
 V = 97
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from sdt.blocks.layers import attention_mask
 from sdt.errors import UserError
 from sdt.models import ModelCache, ModelConfig, build_model
-from sdt.models.layers import attention_mask
 
 
 def tiny(**kw) -> ModelConfig:

@@ -8,7 +8,7 @@ import pytest
 
 from sdt.data.tokenizer import train_bpe
 from sdt.errors import UserError
-from sdt.evaluation import evaluate
+from sdt.evaluation.dispatch import evaluate
 from sdt.reasoning.evaluate import count_thinking_tokens, score_generation
 from sdt.reasoning.metrics import DEFAULT_MARKERS
 from sdt.reasoning.plot import main as plot_main

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sdt.models import ModelConfig, build_model
-from sdt.routing.calibration import calibrate_thresholds, quantile
+from sdt.models.calibration import calibrate_thresholds, quantile
 
 
 def sdt_model(spread: bool = True, **kw):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from sdt.blocks.layers import Block, RotaryEmbedding
 from sdt.models import ModelConfig
-from sdt.models.layers import Block, RotaryEmbedding
 from sdt.routing import apply_gate, gather_tokens, indices_to_mask, run_routed_block, scatter_tokens, topk_indices
 
 B, T, D = 3, 10, 32

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdt.routing.calibration import quantile
+from sdt.models.calibration import quantile
 from sdt.routing.quantiles import GRID_SIZE, empty_grid, is_calibrated, quantile_grid, threshold_at
 
 

@@ -57,7 +57,7 @@ def router_run(tmp_path_factory, dense_run, cache_dir):
     import contextlib
     import io
 
-    from sdt.evaluation import evaluate
+    from sdt.evaluation.dispatch import evaluate
 
     out = tmp_path_factory.mktemp("router_run")
     overrides = ["search=cola_router", "task=basic_mc", f"ckpt_path={dense_run}", "device=cpu"]

@@ -11,7 +11,7 @@ import torch
 
 from sdt.checkpoint import load_checkpoint
 from sdt.data import Tokenizer
-from sdt.evaluation import load_model
+from sdt.evaluation.loading import load_model
 from sdt.search.tasks import PathScorer, load_task
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sdt.errors import UserError
-from sdt.evaluation import evaluate, load_model_and_tokenizer
+from sdt.evaluation.dispatch import evaluate
+from sdt.evaluation.loading import load_model_and_tokenizer
 from sdt.search.tasks import PathScorer, load_task
 from tests.conftest import compose_cfg
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdt.errors import UserError
-from sdt.evaluation import evaluate
+from sdt.evaluation.dispatch import evaluate
 from sdt.search.router import PathRouter, RouterConfig, fit_router, select_candidates, split_items
 from tests.conftest import compose_cfg
 

@@ -35,8 +35,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sdt.data.cache import cache_key
-from sdt.data.config import TokenizerConfig, _check_choice, _check_int, _check_str, _from_dict, check_batching
-from sdt.data.corpora import SPLITS, Corpus
+from sdt.data.config import TokenizerConfig, check_batching, check_choice, check_int, check_str, strict_kwargs
+from sdt.data.corpus import SPLITS, Corpus
 from sdt.data.datamodule import ResumableDataModule
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
 from sdt.errors import UserError
@@ -100,25 +100,25 @@ class ReasoningDataConfig:
 
     def __post_init__(self) -> None:
         p = "data"
-        _check_choice(f"{p}.corpus", self.corpus, REASONING_CORPORA)
-        _check_choice(f"{p}.braking", self.braking, VARIANTS)
-        _check_choice(f"{p}.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        check_choice(f"{p}.corpus", self.corpus, REASONING_CORPORA)
+        check_choice(f"{p}.braking", self.braking, VARIANTS)
+        check_choice(f"{p}.prompt_format", self.prompt_format, PROMPT_FORMATS)
         check_batching(self, p)
-        _check_str(f"{p}.cache_dir", self.cache_dir)
-        _check_int(f"{p}.seed", self.seed)
-        _check_int(f"{p}.calibration_examples", self.calibration_examples, minimum=0)
+        check_str(f"{p}.cache_dir", self.cache_dir)
+        check_int(f"{p}.seed", self.seed)
+        check_int(f"{p}.calibration_examples", self.calibration_examples, minimum=0)
         for key in ("num_train", "num_val", "num_test"):
-            _check_int(f"{p}.{key}", getattr(self, key), minimum=1)
-        _check_int(f"{p}.min_rechecks", self.min_rechecks, minimum=0)
-        _check_int(f"{p}.max_rechecks", self.max_rechecks, minimum=self.min_rechecks)
-        _check_int(f"{p}.task_seed", self.task_seed)
-        _check_str(f"{p}.name", self.name, allow_none=True)
-        _check_str(f"{p}.config_name", self.config_name, allow_none=True)
+            check_int(f"{p}.{key}", getattr(self, key), minimum=1)
+        check_int(f"{p}.min_rechecks", self.min_rechecks, minimum=0)
+        check_int(f"{p}.max_rechecks", self.max_rechecks, minimum=self.min_rechecks)
+        check_int(f"{p}.task_seed", self.task_seed)
+        check_str(f"{p}.name", self.name, allow_none=True)
+        check_str(f"{p}.config_name", self.config_name, allow_none=True)
         for key in ("train_split", "question_column", "trace_column", "answer_column"):
-            _check_str(f"{p}.{key}", getattr(self, key))
-        _check_str(f"{p}.correct_column", self.correct_column, allow_none=True)
-        _check_int(f"{p}.max_train_docs", self.max_train_docs, minimum=1, allow_none=True)
-        _check_int(f"{p}.max_eval_docs", self.max_eval_docs, minimum=1)
+            check_str(f"{p}.{key}", getattr(self, key))
+        check_str(f"{p}.correct_column", self.correct_column, allow_none=True)
+        check_int(f"{p}.max_train_docs", self.max_train_docs, minimum=1, allow_none=True)
+        check_int(f"{p}.max_eval_docs", self.max_eval_docs, minimum=1)
         if not isinstance(self.streaming, bool):
             raise UserError(f"{p}.streaming must be true or false, got {self.streaming!r}")
         if isinstance(self.markers, str):
@@ -144,7 +144,7 @@ class ReasoningDataConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ReasoningDataConfig:
-        return cls(**_from_dict(cls, d, "data"))
+        return cls(**strict_kwargs(cls, d, "data"))
 
 
 @dataclass(frozen=True)

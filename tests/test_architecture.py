@@ -1,0 +1,255 @@
+"""The layering of docs/architecture.md, checked on the source: which packages may import which, no import cycle
+(imports inside functions included), and every module importable first, in a fresh interpreter, in any order."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "sdt"
+
+# Layers, bottom up, as prefixes of module names, and what each may import of `sdt` besides its own layer.
+LEAF = "sdt.blocks"
+ROUTING = "sdt.routing"
+MODELS = "sdt.models"
+DATA = "sdt.data"
+STANDALONE = "sdt.transformers_code"  # exported next to checkpoints: torch + transformers only
+FOUNDATION = {"sdt.errors"}  # imports nothing of sdt; any layer above the leaf may raise its UserError
+
+# Old paths kept only because benchmarks/compute.py imports them; each re-exports from its new home.
+COMPAT_SHIMS = {"sdt.models.layers": {"sdt.blocks.layers"}, "sdt.routing.calibration": {"sdt.models.calibration"}}
+
+
+@dataclass(frozen=True)
+class Import:
+    importer: str
+    target: str  # the module named by the statement (for `from a.b import c`: a.b, or a.b.c where that is a module)
+    line: int
+    in_function: bool
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def sdt_imports(name: str, path: Path, modules: dict[str, Path]) -> list[Import]:
+    """Every import of an `sdt` module in `path`, resolved to module names, marked when it sits inside a function."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: list[Import] = []
+
+    def resolve(node: ast.ImportFrom) -> str:
+        if not node.level:
+            return node.module or ""
+        base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+        return ".".join(base + ([node.module] if node.module else []))
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                continue  # annotations only: never executed
+            inside = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    if alias.name == "sdt" or alias.name.startswith("sdt."):
+                        found.append(Import(name, alias.name, child.lineno, inside))
+            elif isinstance(child, ast.ImportFrom):
+                target = resolve(child)
+                if target == "sdt" or target.startswith("sdt."):
+                    for alias in child.names:
+                        sub = f"{target}.{alias.name}"
+                        found.append(Import(name, sub if sub in modules else target, child.lineno, inside))
+            visit(child, inside)
+
+    visit(ast.parse(path.read_text(), filename=str(path)), False)
+    return found
+
+
+@pytest.fixture(scope="module")
+def imports() -> list[Import]:
+    modules = all_modules()
+    return [imp for name, path in modules.items() for imp in sdt_imports(name, path, modules)]
+
+
+def in_layer(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def ancestors(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def import_graph(imports: list[Import]) -> dict[str, set[str]]:
+    """importer -> modules executed by its imports. Importing a.b.c runs a and a.b first, so those count too,
+    except a package a submodule lives in (already being imported when the submodule runs)."""
+    graph: dict[str, set[str]] = {name: set() for name in all_modules()}
+    for imp in imports:
+        implied = [a for a in ancestors(imp.target) if not in_layer(imp.importer, a)]
+        for target in [*implied, imp.target]:
+            if target in graph and target != imp.importer:
+                graph[imp.importer].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := dfs(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := dfs(node)):
+            return cycle
+    return None
+
+
+def describe(bad: list[Import]) -> str:
+    return "\n".join(sorted({f"{imp.importer} (line {imp.line}) imports {imp.target}" for imp in bad}))
+
+
+def test_the_scan_sees_the_imports_it_must_judge(imports, tmp_path):
+    """Guards the checks below against passing because the scan found nothing."""
+    source = tmp_path / "probe.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\nfrom . import config\nif TYPE_CHECKING:\n    from sdt.data import DataConfig\n"
+        "def f():\n    import sdt.training\n    from sdt.routing import topk\n"
+    )
+    found = sdt_imports("sdt.models.probe", source, {"sdt.models.config": source, "sdt.routing.topk": source})
+    assert [(i.target, i.in_function) for i in found] == [
+        ("sdt.models.config", False),
+        ("sdt.training", True),
+        ("sdt.routing.topk", True),
+    ]
+    graph = import_graph(imports)
+    assert {"sdt.routing", "sdt.blocks.layers"} <= graph["sdt.models.sdt"]
+    assert "sdt.blocks.layers" in graph["sdt.routing.execution"]
+    assert "sdt.models.transformer" in graph["sdt.models.calibration"]
+    assert "sdt.models" in graph["sdt.training"]  # implied by importing a submodule of another package
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_in_the_package(imports):
+    cycle = find_cycle(import_graph(imports))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_function_level_imports_of_the_package(imports):
+    """Imports inside functions are for optional third-party dependencies only, never to dodge a cycle."""
+    bad = [imp for imp in imports if imp.in_function]
+    assert not bad, describe(bad)
+
+
+def test_the_leaf_imports_nothing_of_the_package(imports):
+    bad = [imp for imp in imports if in_layer(imp.importer, LEAF) and not in_layer(imp.target, LEAF)]
+    assert not bad, describe(bad)
+    assert any(in_layer(imp.importer, LEAF) for imp in imports)  # the leaf exists and its own imports are seen
+
+
+def test_routing_imports_only_the_leaf(imports):
+    def allowed(imp: Import) -> bool:
+        return (
+            in_layer(imp.target, LEAF)
+            or in_layer(imp.target, ROUTING)
+            or imp.target in COMPAT_SHIMS.get(imp.importer, ())
+        )
+
+    bad = [imp for imp in imports if in_layer(imp.importer, ROUTING) and not allowed(imp)]
+    assert not bad, describe(bad)
+
+
+def test_models_import_only_routing_and_the_leaf(imports):
+    """Models are plain PyTorch over routing and blocks: no training, evaluation, data or entry points."""
+    below = (LEAF, ROUTING, MODELS)
+    bad = [
+        imp
+        for imp in imports
+        if in_layer(imp.importer, MODELS)
+        and not any(in_layer(imp.target, layer) for layer in below)
+        and imp.target not in FOUNDATION
+    ]
+    assert not bad, describe(bad)
+
+
+def test_data_imports_nothing_of_models_tasks_or_training(imports):
+    """`sdt.data` is corpora, tokenizer and the LM data module; reasoning data builds on it, not the other way."""
+    bad = [
+        imp
+        for imp in imports
+        if in_layer(imp.importer, DATA) and not in_layer(imp.target, DATA) and imp.target not in FOUNDATION
+    ]
+    assert not bad, describe(bad)
+
+
+def test_the_exported_modeling_code_imports_nothing_of_the_package(imports):
+    bad = [imp for imp in imports if in_layer(imp.importer, STANDALONE) and not in_layer(imp.target, STANDALONE)]
+    assert not bad, describe(bad)
+
+
+def test_compat_shims_only_reexport():
+    modules = all_modules()
+    for shim, homes in COMPAT_SHIMS.items():
+        targets = {imp.target for imp in sdt_imports(shim, modules[shim], modules)}
+        assert targets == homes, shim
+
+
+def _import_in_fresh_interpreter(names: list[str]) -> subprocess.CompletedProcess:
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", code, *names],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("order", ["sorted", pytest.param("reversed", marks=pytest.mark.slow)])
+def test_every_module_imports_in_a_fresh_interpreter(order):
+    names = sorted(all_modules())
+    if order == "reversed":
+        names.reverse()
+    result = _import_in_fresh_interpreter(names)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(all_modules()))
+def test_each_module_imports_first(name):
+    """The module is the first of the package to be imported: a cycle through it would fail here."""
+    result = _import_in_fresh_interpreter([name])
+    assert result.returncode == 0, result.stderr[-3000:]
