@@ -44,6 +44,11 @@ class MoDLayer(nn.Module):
         self.router = LinearRouter(cfg.d_model)
         self.student = CausalRouter(cfg.d_model, cfg.d_model // 2, normalize=cfg.student_norm)
 
+    @property
+    def kv_share(self) -> float:
+        """Share of tokens the routed block writes to its KV cache (every token with full-context attention)."""
+        return 1.0 if self.full_context else self.capacity
+
     def thresholds(self) -> dict[str, Tensor]:
         return {"router": self.router.threshold, "student": self.student.threshold}
 
@@ -82,7 +87,7 @@ class MoDLayer(nn.Module):
         # scaled by the router weight.
         out, executed = execute_tokens(
             self.block, x, ctx.positions, ctx.rope, idx, valid, gate, "ste" if self.gate_kind == "ste" else "soft",
-            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0), full_context=self.full_context,
+            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0, self.kv_share), full_context=self.full_context,
         )  # fmt: skip
 
         aux = {"zloss": masked_mean(r.pow(2), ctx.pad_mask)}
