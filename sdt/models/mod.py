@@ -90,6 +90,9 @@ class MoDLayer(nn.Module):
             pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0, self.kv_share), full_context=self.full_context,
         )  # fmt: skip
 
+        scores = {"router": r.detach(), "student": student_prob.detach()}
+        if ctx.cache is not None and not ctx.diagnostics:  # a decoding step: no losses or statistics to log
+            return LayerOutput(hidden=out, decisions=executed, scores=scores)
         aux = {"zloss": masked_mean(r.pow(2), ctx.pad_mask)}
         stats = {
             "executed_fraction": masked_mean(executed, ctx.pad_mask),
@@ -106,5 +109,4 @@ class MoDLayer(nn.Module):
                 ("student", student_prob >= self.student.threshold),
             ):
                 stats.update({f"{name}_{k}": v for k, v in classification_stats(pred, topk_mask).items()})
-        scores = {"router": r.detach(), "student": student_prob.detach()}
         return LayerOutput(hidden=out, aux_losses=aux, stats=stats, decisions=executed, scores=scores)

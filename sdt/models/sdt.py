@@ -108,6 +108,9 @@ class SDTPair(nn.Module):
             pad_mask_BT=ctx.pad_mask, cache=ctx.kv(1, self.kv_share), full_context=self.full_context,
         )  # fmt: skip
 
+        scores = {"gate": sig.g.detach(), "student": student_prob.detach()}
+        if ctx.cache is not None and not ctx.diagnostics:  # a decoding step: no losses or statistics to log
+            return LayerOutput(hidden=out, decisions=executed, scores=scores)
         aux = {"prior": masked_mean(sig.d_ch, ctx.pad_mask)}
         stats = {"executed_fraction": masked_mean(executed, ctx.pad_mask)}
         stats.update(surprise_stats(sig, executed, ctx.pad_mask))
@@ -117,5 +120,4 @@ class SDTPair(nn.Module):
             aux["router"] = router_bce(student_logits, topk_mask, ctx.pad_mask)
             student_pred = student_prob >= self.student.threshold
             stats.update({f"student_{k}": v for k, v in classification_stats(student_pred, topk_mask).items()})
-        scores = {"gate": sig.g.detach(), "student": student_prob.detach()}
         return LayerOutput(hidden=out, aux_losses=aux, stats=stats, decisions=executed, scores=scores)

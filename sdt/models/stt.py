@@ -163,5 +163,8 @@ class STTLayer(nn.Module):
             self.block, x, ctx.positions, ctx.rope, idx, valid, None, self.gate_mode,
             pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0, self.kv_share), full_context=self.full_context,
         )  # fmt: skip
+        scores = {"student": student_prob.detach()}
+        if ctx.cache is not None and not ctx.diagnostics:  # a decoding step: no statistics to log
+            return LayerOutput(hidden=out, decisions=executed, scores=scores)
         stats = {"executed_fraction": masked_mean(executed, ctx.pad_mask), "student_threshold": self.student.threshold}
-        return LayerOutput(hidden=out, stats=stats, decisions=executed, scores={"student": student_prob.detach()})
+        return LayerOutput(hidden=out, stats=stats, decisions=executed, scores=scores)

@@ -395,6 +395,7 @@ class LanguageModel(nn.Module):
             routing=routing,
             logits_to_keep=1,
             layer_path=layer_path,
+            diagnostics=False,
         ).logits[:, -1]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new_tokens = []
@@ -408,8 +409,9 @@ class LanguageModel(nn.Module):
                 on_token(nxt)
             if step + 1 < max_new_tokens:
                 logits = self(
-                    nxt[:, None], positions=next_pos, cache=cache, routing=routing, layer_path=layer_path
-                ).logits[:, -1]
+                    nxt[:, None], positions=next_pos, cache=cache, routing=routing, layer_path=layer_path,
+                    diagnostics=False,
+                ).logits[:, -1]  # fmt: skip
                 next_pos = next_pos + 1
         cache.next_pos = next_pos
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
