@@ -147,8 +147,10 @@ class ModelCache:
         if cache is None:
             reserve = 0
             if self.max_tokens is not None:
-                reserve = self.max_tokens if share >= 1 else min(
-                    self.max_tokens, math.ceil(share * self.max_tokens) + RESERVE_SLACK
+                reserve = (
+                    self.max_tokens
+                    if share >= 1
+                    else min(self.max_tokens, math.ceil(share * self.max_tokens) + RESERVE_SLACK)
                 )
             cache = self.layers[key] = KVCache(reserve)
         return cache
