@@ -23,9 +23,6 @@ DATA = "sdt.data"
 STANDALONE = "sdt.transformers_code"  # exported next to checkpoints: torch + transformers only
 FOUNDATION = {"sdt.errors"}  # imports nothing of sdt; any layer above the leaf may raise its UserError
 
-# Old paths kept only because benchmarks/compute.py imports them; each re-exports from its new home.
-COMPAT_SHIMS = {"sdt.models.layers": {"sdt.blocks.layers"}, "sdt.routing.calibration": {"sdt.models.calibration"}}
-
 
 @dataclass(frozen=True)
 class Import:
@@ -179,11 +176,7 @@ def test_the_leaf_imports_nothing_of_the_package(imports):
 
 def test_routing_imports_only_the_leaf(imports):
     def allowed(imp: Import) -> bool:
-        return (
-            in_layer(imp.target, LEAF)
-            or in_layer(imp.target, ROUTING)
-            or imp.target in COMPAT_SHIMS.get(imp.importer, ())
-        )
+        return in_layer(imp.target, LEAF) or in_layer(imp.target, ROUTING)
 
     bad = [imp for imp in imports if in_layer(imp.importer, ROUTING) and not allowed(imp)]
     assert not bad, describe(bad)
@@ -215,13 +208,6 @@ def test_data_imports_nothing_of_models_tasks_or_training(imports):
 def test_the_exported_modeling_code_imports_nothing_of_the_package(imports):
     bad = [imp for imp in imports if in_layer(imp.importer, STANDALONE) and not in_layer(imp.target, STANDALONE)]
     assert not bad, describe(bad)
-
-
-def test_compat_shims_only_reexport():
-    modules = all_modules()
-    for shim, homes in COMPAT_SHIMS.items():
-        targets = {imp.target for imp in sdt_imports(shim, modules[shim], modules)}
-        assert targets == homes, shim
 
 
 def _import_in_fresh_interpreter(names: list[str]) -> subprocess.CompletedProcess:

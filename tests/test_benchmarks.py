@@ -28,6 +28,8 @@ CONTRACT_KEYS = {
     "forward_ratio",
     "prefill_ratio",
     "decode_ratio",
+    "decode_flop_ratio",
+    "kv_reserved_bytes",
     "kv_bytes_ratio",
     "peak_memory_ratio",
     "train_step_s",
@@ -41,7 +43,7 @@ CONTRACT_KEYS = {
 
 
 def load_benchmark():
-    """benchmarks/ is scripts, not a package: load compute.py by path."""
+    """benchmarks/ is scripts, not a package: load compute.py by path (it puts its sibling modules on sys.path)."""
     spec = importlib.util.spec_from_file_location("benchmarks_compute", ROOT / "benchmarks" / "compute.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class body runs
@@ -91,6 +93,8 @@ def test_transformers_twin_computes_the_same_logits(tiny_run):
     """Target (d) compares timings of one computation: the Qwen2 twin must get our weights under the right names."""
     hf = tiny_run[0]["transformers"]
     assert hf["max_abs_logit_diff"] < 1e-4
+    assert hf["same_tokens"]  # greedy decoding of the same weights: the same continuation from both generates
+    assert hf["sdt_decode_tokens_per_s"] > 0 and hf["transformers_decode_tokens_per_s"] > 0
     assert hf["sdt_forward_s"] > 0 and hf["transformers_forward_s"] > 0
     assert hf["forward_ratio"] == pytest.approx(hf["sdt_forward_s"] / hf["transformers_forward_s"])
     assert "Against `transformers`" in (tiny_run[1] / "performance.md").read_text()
@@ -99,14 +103,41 @@ def test_transformers_twin_computes_the_same_logits(tiny_run):
 def test_target_checks_cover_every_target_and_follow_the_ratios(tiny_run):
     result = tiny_run[0]
     rows = result["targets"]
-    assert {r["target"] for r in rows} == {"a", "b", "c", "d"}
+    assert {r["target"] for r in rows} == {"a", "b", "c", "d", "g"}  # e and f are set at the small and large sizes
     for r in rows:
-        assert r["ok"] == (r["value"] <= r["bound"])
+        # g is a floor (our tokens/s at least transformers'), every other target a ceiling
+        assert r["ok"] == (r["value"] >= r["bound"] if r["target"] == "g" else r["value"] <= r["bound"])
     d = next(r for r in rows if r["target"] == "d")
     assert d["value"] == pytest.approx(result["transformers"]["forward_ratio"])
+    g = next(r for r in rows if r["target"] == "g")
+    assert g["value"] == pytest.approx(result["transformers"]["decode_tokens_per_s_ratio"])
     b = [r for r in rows if r["target"] == "b"]
     assert len(b) == 2 * sum(r["model"] != "dense" for r in result["records"])  # train step and forward per record
     assert "| (a) |" in (tiny_run[1] / "performance.md").read_text()
+
+
+def test_decode_targets_are_checked_at_their_sizes():
+    """(e) decode time ratio <= 1 for every routed record at the small size; (f) decode time / decode FLOP ratio
+    <= 1.25 at the large size; neither at other sizes."""
+    bench = load_benchmark()
+
+    def record(model: str, decode_ratio: float, decode_flop_ratio: float) -> dict:
+        return {"model": model, "capacity": 0.25, "train_step_ratio": None, "train_flop_ratio": 0.7,
+                "forward_ratio": 0.8, "forward_flop_ratio": 0.7, "kv_bytes_ratio": 0.6, "executed_kv_ratio": 0.6,
+                "analytic_kv_ratio": 0.6, "decode_ratio": decode_ratio, "decode_flop_ratio": decode_flop_ratio}  # fmt: skip
+
+    records = [record("dense", 1.0, 1.0), record("sdt", 0.9, 0.7), record("stt", 1.1, 0.7)]
+    by_size = {}
+    for size in ("tiny", "small", "large"):
+        rows = bench.target_checks({"meta": {"size": size}, "records": records})
+        by_size[size] = {(r["target"], r["what"].split(":")[0]): (r["value"], r["ok"]) for r in rows}
+    assert not any(t in ("e", "f") for t, _ in by_size["tiny"])
+    assert by_size["small"][("e", "sdt @ 0.25")] == (0.9, True)
+    assert by_size["small"][("e", "stt @ 0.25")] == (1.1, False)
+    assert by_size["large"][("f", "sdt @ 0.25")] == (pytest.approx(0.9 / 0.7), False)
+    assert by_size["large"][("f", "stt @ 0.25")][1] is False
+    assert ("b", "sdt @ 0.25") in by_size["small"]  # the forward check; the skipped train step gives no row
+    assert sum(t == "b" for t, _ in by_size["small"]) == 2
 
 
 def test_dense_ratios_are_one_and_routing_saves_kv(tiny_run):

@@ -106,8 +106,9 @@ class Attention(nn.Module):
         S = kv_x.shape[1]
         k = self.k_proj(kv_x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, S, hd)
         v = self.v_proj(kv_x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, S, hd)
-        q = apply_rope(q, *rope(positions))
-        k = apply_rope(k, *rope(kv_pos))
+        cos_sin = rope(positions)
+        q = apply_rope(q, *cos_sin)
+        k = apply_rope(k, *(cos_sin if kv_input is None else rope(kv_pos)))  # one table lookup for self-attention
         gqa = self.n_kv_heads != self.n_heads
         if cache is None and pad_mask is None and kv_input is None:
             # Training fast path: tokens are in causal order (routed subsets are sorted by position), so the plain

@@ -44,6 +44,11 @@ class MoDLayer(nn.Module):
         self.router = LinearRouter(cfg.d_model)
         self.student = CausalRouter(cfg.d_model, cfg.d_model // 2, normalize=cfg.student_norm)
 
+    @property
+    def kv_share(self) -> float:
+        """Share of tokens the routed block writes to its KV cache (every token with full-context attention)."""
+        return 1.0 if self.full_context else self.capacity
+
     def thresholds(self) -> dict[str, Tensor]:
         return {"router": self.router.threshold, "student": self.student.threshold}
 
@@ -82,9 +87,12 @@ class MoDLayer(nn.Module):
         # scaled by the router weight.
         out, executed = execute_tokens(
             self.block, x, ctx.positions, ctx.rope, idx, valid, gate, "ste" if self.gate_kind == "ste" else "soft",
-            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0), full_context=self.full_context,
+            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0, self.kv_share), full_context=self.full_context,
         )  # fmt: skip
 
+        scores = {"router": r.detach(), "student": student_prob.detach()}
+        if ctx.cache is not None and not ctx.diagnostics:  # a decoding step: no losses or statistics to log
+            return LayerOutput(hidden=out, decisions=executed, scores=scores)
         aux = {"zloss": masked_mean(r.pow(2), ctx.pad_mask)}
         stats = {
             "executed_fraction": masked_mean(executed, ctx.pad_mask),
@@ -101,5 +109,4 @@ class MoDLayer(nn.Module):
                 ("student", student_prob >= self.student.threshold),
             ):
                 stats.update({f"{name}_{k}": v for k, v in classification_stats(pred, topk_mask).items()})
-        scores = {"router": r.detach(), "student": student_prob.detach()}
         return LayerOutput(hidden=out, aux_losses=aux, stats=stats, decisions=executed, scores=scores)

@@ -53,6 +53,11 @@ class SDTPair(nn.Module):
         self.surprise = SurpriseGate(cfg)
         self.student = CausalRouter(cfg.d_model, cfg.d_model // 2, normalize=cfg.student_norm)
 
+    @property
+    def kv_share(self) -> float:
+        """Share of tokens the routed block writes to its KV cache (every token with full-context attention)."""
+        return 1.0 if self.full_context else self.capacity
+
     def thresholds(self) -> dict[str, Tensor]:
         """Calibrated thresholds by score name (see `scores` in LayerOutput)."""
         return {"gate": self.surprise.threshold, "student": self.student.threshold}
@@ -100,9 +105,12 @@ class SDTPair(nn.Module):
         )
         out, executed = execute_tokens(
             self.dynamic, post, ctx.positions, ctx.rope, idx, valid, sig.g, self.gate_mode,
-            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(1), full_context=self.full_context,
+            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(1, self.kv_share), full_context=self.full_context,
         )  # fmt: skip
 
+        scores = {"gate": sig.g.detach(), "student": student_prob.detach()}
+        if ctx.cache is not None and not ctx.diagnostics:  # a decoding step: no losses or statistics to log
+            return LayerOutput(hidden=out, decisions=executed, scores=scores)
         aux = {"prior": masked_mean(sig.d_ch, ctx.pad_mask)}
         stats = {"executed_fraction": masked_mean(executed, ctx.pad_mask)}
         stats.update(surprise_stats(sig, executed, ctx.pad_mask))
@@ -112,5 +120,4 @@ class SDTPair(nn.Module):
             aux["router"] = router_bce(student_logits, topk_mask, ctx.pad_mask)
             student_pred = student_prob >= self.student.threshold
             stats.update({f"student_{k}": v for k, v in classification_stats(student_pred, topk_mask).items()})
-        scores = {"gate": sig.g.detach(), "student": student_prob.detach()}
         return LayerOutput(hidden=out, aux_losses=aux, stats=stats, decisions=executed, scores=scores)

@@ -66,6 +66,11 @@ class STTLayer(nn.Module):
         d_in = 2 * cfg.d_model if self.use_prev else cfg.d_model
         self.student = CausalRouter(d_in, cfg.d_model // 2, normalize=cfg.student_norm)
 
+    @property
+    def kv_share(self) -> float:
+        """Share of tokens the routed block writes to its KV cache (every token with full-context attention)."""
+        return 1.0 if self.full_context else self.capacity
+
     def thresholds(self) -> dict[str, Tensor]:
         return {"gate": self.surprise.threshold, "student": self.student.threshold}
 
@@ -156,7 +161,10 @@ class STTLayer(nn.Module):
         )
         out, executed = execute_tokens(
             self.block, x, ctx.positions, ctx.rope, idx, valid, None, self.gate_mode,
-            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0), full_context=self.full_context,
+            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0, self.kv_share), full_context=self.full_context,
         )  # fmt: skip
+        scores = {"student": student_prob.detach()}
+        if ctx.cache is not None and not ctx.diagnostics:  # a decoding step: no statistics to log
+            return LayerOutput(hidden=out, decisions=executed, scores=scores)
         stats = {"executed_fraction": masked_mean(executed, ctx.pad_mask), "student_threshold": self.student.threshold}
-        return LayerOutput(hidden=out, stats=stats, decisions=executed, scores={"student": student_prob.detach()})
+        return LayerOutput(hidden=out, stats=stats, decisions=executed, scores=scores)

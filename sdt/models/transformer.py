@@ -43,9 +43,10 @@ class ForwardContext:
         """Per-layer decoding state that is not K/V (surprise history, budget counts), or None when not decoding."""
         return None if self.cache is None else self.cache.state
 
-    def kv(self, sub: int = 0) -> KVCache | None:
-        """The KV cache of the `sub`-th block of the current layer, or None when not decoding."""
-        return None if self.cache is None else self.cache.get((self.cache_key, sub))
+    def kv(self, sub: int = 0, share: float = 1.0) -> KVCache | None:
+        """The KV cache of the `sub`-th block of the current layer, or None when not decoding; `share`: the fraction
+        of tokens the block stores (a routed block's capacity), which sizes its buffers."""
+        return None if self.cache is None else self.cache.get((self.cache_key, sub), share)
 
 
 @dataclass
@@ -378,6 +379,8 @@ class LanguageModel(nn.Module):
         if max_new_tokens <= 0:
             return input_ids
         cache = ModelCache() if cache is None else cache
+        if cache.max_tokens is None:  # size the KV buffers once: no copies of the cache while decoding
+            cache.max_tokens = T0 + max_new_tokens
         if pad_mask is not None:
             positions = positions_from_pad_mask(pad_mask)
             next_pos = pad_mask.long().sum(dim=1, keepdim=True)  # (B, 1)
@@ -392,6 +395,7 @@ class LanguageModel(nn.Module):
             routing=routing,
             logits_to_keep=1,
             layer_path=layer_path,
+            diagnostics=False,
         ).logits[:, -1]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new_tokens = []
@@ -405,8 +409,9 @@ class LanguageModel(nn.Module):
                 on_token(nxt)
             if step + 1 < max_new_tokens:
                 logits = self(
-                    nxt[:, None], positions=next_pos, cache=cache, routing=routing, layer_path=layer_path
-                ).logits[:, -1]
+                    nxt[:, None], positions=next_pos, cache=cache, routing=routing, layer_path=layer_path,
+                    diagnostics=False,
+                ).logits[:, -1]  # fmt: skip
                 next_pos = next_pos + 1
         cache.next_pos = next_pos
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

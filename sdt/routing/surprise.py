@@ -58,13 +58,17 @@ def causal_moving_average(
         x_full, v_full = x_BT, valid
     T, H = x_BT.shape[1], x_full.shape[1] - x_BT.shape[1]
     w = v_full.to(x_full.dtype)
+    first = max(x_full.shape[1] - (window - 1), 0)
+    if T == 1:  # one decoding step: the window is the history and this token, summed directly
+        window_x, window_w = (x_full * w)[:, -window:], w[:, -window:]
+        mean = window_x.sum(dim=1, keepdim=True) / window_w.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return mean, (x_full[:, first:], v_full[:, first:])
     sums = F.pad(torch.cumsum(x_full * w, dim=1), (1, 0))  # (B, H+T+1): sums[:, i] = sum of the first i values
     counts = F.pad(torch.cumsum(w, dim=1), (1, 0))
     end = torch.arange(H + 1, H + T + 1, device=x_BT.device)  # one past each new token
     start = (end - window).clamp(min=0)
     mean = (sums[:, end] - sums[:, start]) / (counts[:, end] - counts[:, start]).clamp(min=1.0)
-    # Clamp at 0: with fewer than window - 1 values so far, a negative start would wrap around and drop the oldest.
-    first = max(x_full.shape[1] - (window - 1), 0)
+    # first (clamped at 0): with fewer than window - 1 values so far, a negative start would wrap around.
     new_history = (x_full[:, first:], v_full[:, first:])
     return mean, new_history
 

@@ -42,6 +42,8 @@ def pack_decisions(decide_BT: Tensor, min_k: int = 0) -> tuple[Tensor, Tensor] |
     k = max(int(decide_BT.sum(dim=1).max()), min_k)
     if k == 0:
         return None
+    if decide_BT.shape[1] == 1:  # one token per row (a decoding step): nothing to rank
+        return torch.zeros_like(decide_BT, dtype=torch.long), decide_BT
     # Executed tokens score 1 and win; ties among the fillers are broken arbitrarily, which is harmless.
     idx_BK = topk_indices(decide_BT.float(), k)
     return idx_BK, torch.gather(decide_BT, 1, idx_BK)

@@ -49,7 +49,7 @@ class SDTConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-# --- backbone (mirrors sdt/models/layers.py)
+# --- backbone (mirrors sdt/blocks/layers.py)
 
 
 class PriorFFN(nn.Module):
