@@ -1,4 +1,4 @@
-"""The SDT model (spec section 1): routed execution in the stack, gates, causal modes, generation, options."""
+"""The SDT model (docs/algorithms.md, section 7): routed execution in the stack, gates, causal modes, generation, options."""
 
 import pytest
 import torch

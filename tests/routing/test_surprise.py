@@ -1,4 +1,4 @@
-"""Surprise math (spec section 0): static/change surprise, CE, CU, S_CE, S_CU, g, the causal moving average, beta."""
+"""Surprise math (docs/algorithms.md, section 2): static/change surprise, CE, CU, S_CE, S_CU, g, the causal moving average, beta."""
 
 import math
 
