@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from sdt.errors import UserError
 from sdt.models import ModelConfig
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, run_cli
 from tests.pretrained_helpers import write_checkpoint
 
 pytest.importorskip("lm_eval")
@@ -142,13 +140,12 @@ def test_lm_eval_cli_scores_a_checkpoint_on_the_shipped_tasks(tmp_path):
     write_checkpoint(path, ModelConfig(**TINY, arch="sdt"))
     out = tmp_path / "results"
     cmd = [
-        sys.executable, "-m", "sdt.harness", "--model", "sdt",
+        "-m", "sdt.harness", "--model", "sdt",
         "--model_args", f"ckpt_path={path}", "--device", "cpu", "--batch_size", "8",
         "--tasks", "shakespeare_next_line,tempest_perplexity", "--include_path", str(TASKS_DIR),
         "--limit", "3", "--output_path", str(out),
     ]  # fmt: skip
-    env = cli_env(tmp_path / "cache")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = run_cli(cmd, tmp_path / "cache", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results_file,) = out.rglob("results_*.json")
     results = json.loads(results_file.read_text())["results"]
