@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from omegaconf import OmegaConf
 
 from sdt.data import build_datamodule
