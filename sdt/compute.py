@@ -1,10 +1,10 @@
-"""Analytic compute accounting for dense, SDT, STT and MoD models (spec section 6).
+"""Analytic compute accounting for dense, SDT, STT and MoD models (docs/algorithms.md, section 13).
 
 Everything here is arithmetic on a `ModelConfig`; no model is built. Conventions, chosen so the numbers are easy to
 check by hand and comparable across architectures:
 
 - A matmul of an (n, a) by an (a, b) matrix costs 2 * n * a * b FLOPs (one multiply and one add per MAC).
-- Only matmuls are counted, plus the surprise/gate math, which the spec asks us to count even though it is small
+- Only matmuls are counted, plus the surprise/gate math, which we count even though it is small
   (`SURPRISE_FLOPS_PER_ELEMENT` per element of D per token). Norms, activations, softmax, RoPE, residual adds and
   biases are left out: they are O(T * D) and the same for every architecture, so they barely move any ratio.
 - Embedding lookups are free (a gather, not a matmul). The LM head (D x vocab) is counted on every token, tied or not.
@@ -47,7 +47,7 @@ def _add(into: Flops, other: Flops) -> None:
 
 
 def routed_tokens(capacity: float, seq_len: int) -> int:
-    """k = max(1, floor(capacity * T)): how many tokens a routed block runs on (spec section 0).
+    """k = max(1, floor(capacity * T)): how many tokens a routed block runs on (docs/algorithms.md, section 1).
 
     Same rule as sdt.routing.topk, epsilon included, so 0.29 * 100 = 28.999999999999996 counts as 29.
     """

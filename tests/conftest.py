@@ -107,6 +107,17 @@ def cli_env(cache_dir: Path) -> dict[str, str]:
     return env
 
 
+def run_cli(
+    args: list[str], cache_dir: Path, *, cwd: Path = ROOT, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python <args>` as a user runs it (a script such as train.py, `-m module` or `-c code`), in its own process
+    with one torch thread, the cache dir pinned and W&B off; output captured, never raises on a non-zero exit."""
+    full_env = cli_env(cache_dir) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} | (env or {})
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
 def launch_train(args: list[str], cache_dir: Path, **popen: Any) -> subprocess.Popen:
     """A real `python train.py` in its own process (one torch thread), for tests that signal or kill it."""
     env = cli_env(cache_dir) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

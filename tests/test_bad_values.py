@@ -18,7 +18,7 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 
 from sdt.cli import EXIT_USER_ERROR
-from tests.conftest import ROOT, TINY_MODEL, TINY_TRAINER, cli_env, tiny_data
+from tests.conftest import ROOT, TINY_MODEL, TINY_TRAINER, run_cli, tiny_data
 
 # (override, what the error line must name). Values Lightning accepts at construction and fails on mid-run, or
 # silently misuses, are in here as much as those it rejects at once.
@@ -152,15 +152,7 @@ def test_good_values_pass_validation_and_train(entry, tmp_path, corpus_files):
 
 
 def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT,
-        env=cli_env(tmp_path / "cache"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "cache")
 
 
 def test_cli_bad_value_reaching_lightning_is_one_line(tmp_path):

@@ -1,4 +1,4 @@
-"""Analytic compute accounting: hand-checked dense totals and the spec's section 6 claims."""
+"""Analytic compute accounting: hand-checked dense totals and the claims of docs/algorithms.md, section 13."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def test_sdt_full_capacity_is_dense_plus_overhead(change_surprise):
 
 @pytest.mark.parametrize("T", [16, 64, 256, 1024])
 def test_headline_routed_layer_at_half_capacity(T):
-    # Spec section 6: at capacity 0.5 a routed layer with selected attention spends ~25% of the dense attention
+    # docs/algorithms.md, section 13: at capacity 0.5 a routed layer with selected attention spends ~25% of the dense attention
     # score/value FLOPs and stores 50% of the KV entries. Exactly (T+2) / (4(T+1)) with the (n+1)/2 convention.
     cfg = small("mod", capacity=0.5)
     k = T // 2

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import lightning as L
 import pytest
@@ -12,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sdt.lit_module import LitLM
-from tests.conftest import ROOT, TINY_MODEL, TINY_TRAINER, cli_env, tiny_data
+from tests.conftest import TINY_MODEL, TINY_TRAINER, run_cli, tiny_data
 
 MODEL = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32}
 OPTIM = {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.1}
@@ -79,10 +77,7 @@ def test_train_py_with_two_cpu_processes_trains_a_routed_model(tmp_path, corpus_
     every rank, checkpoint written once. Top-K shapes are static, so no rank can wait on another."""
     trainer = [o if o != "trainer=cpu" else "trainer=ddp_cpu" for o in TINY_TRAINER]
     overrides = [*TINY_MODEL, "model=sdt", *trainer, *tiny_data(corpus_files)]
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}", *overrides]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600, check=False
-    )
+    proc = run_cli(["train.py", f"hydra.run.dir={tmp_path}", *overrides], cache_dir, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "train_result.json").read_text())
     assert result["world_size"] == 2 and result["global_step"] == 6

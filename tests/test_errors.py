@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from hydra.errors import MissingConfigException
 from sdt.cli import EXIT_USER_ERROR, run_task
 from sdt.evaluation.dispatch import evaluate
 from sdt.training import train
-from tests.conftest import ROOT, TINY_MODEL, TINY_TRAINER, cli_env, compose_cfg, tiny_data
+from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, run_cli, tiny_data
 
 
 def run_expecting_user_error(task, cfg, capsys) -> str:
@@ -94,15 +93,7 @@ def test_unknown_config_option_lists_the_choices(tmp_path, cache_dir, group, nam
 
 
 def _cli(args: list[str], cache_dir) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=cli_env(cache_dir),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_cli(args, cache_dir)
 
 
 def test_cli_bad_input_is_one_line_and_overwrites_nothing(tmp_path, cache_dir, trained_run, corpus_files):

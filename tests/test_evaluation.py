@@ -8,9 +8,11 @@ import math
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from sdt.datamodules import build_datamodule
 from sdt.evaluation.dispatch import evaluate
-from tests.conftest import compose_cfg
+from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, tiny_data
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +34,22 @@ def test_eval_json_has_the_contract_keys(eval_result):
     assert len(data["samples"]) == 3 and all(isinstance(s["completion"], str) for s in data["samples"])
 
 
-def test_eval_perplexity_and_bits_per_byte_are_consistent(eval_result, trained_run):
+def test_eval_perplexity_and_bits_per_byte_are_consistent(eval_result, corpus_files, cache_dir, tmp_path):
     _, result = eval_result
     test = result["splits"]["test"]
     assert result["perplexity"] == pytest.approx(math.exp(test["nll"]))
     assert 1 < result["perplexity"] < 320  # a trained model beats a uniform guess over the vocabulary
-    ckpt_stats = json.loads(json.dumps(result))  # plain numbers
-    assert ckpt_stats["bits_per_byte"] > 0
+    # Bits per byte from the loss (nats per token), the test split's token count and its byte count (its documents
+    # in UTF-8, one separator byte each), counted here from the same data the run was trained on.
+    cfg = compose_cfg("train", [*TINY_MODEL, *TINY_TRAINER, *tiny_data(corpus_files)], tmp_path, cache_dir)
+    _, datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
+    datamodule.setup()
+    stats = datamodule.split_stats["test"]
+    assert stats["num_tokens"] == len(datamodule.token_stream("test"))
+    assert stats["num_tokens"] < stats["num_bytes"] < 20 * stats["num_tokens"]  # BPE tokens span a few bytes
+    expected = test["nll"] / math.log(2) * stats["num_tokens"] / stats["num_bytes"]
+    assert result["bits_per_byte"] == pytest.approx(expected, rel=1e-9)
+    assert test["bits_per_byte"] == result["bits_per_byte"]
 
 
 def test_eval_val_loss_matches_the_training_validation(trained_run, cache_dir, tmp_path):

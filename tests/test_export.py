@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from sdt.errors import UserError
 from sdt.export import export, main, parse_args
 from sdt.models import ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
-from tests.conftest import ROOT, cli_env
+from tests.conftest import run_cli
 from tests.pretrained_helpers import write_checkpoint
 
 pytest.importorskip("transformers")
@@ -82,13 +80,12 @@ def test_dense_export_is_a_plain_transformers_model(qkv_bias, tmp_path):
 @pytest.mark.slow  # the export CLI in subprocesses: the default suite stays within its time budget
 def test_export_cli_and_its_errors(tmp_path, capsys):
     write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="dense"))
-    env = cli_env(tmp_path / "cache")
-    cmd = [sys.executable, "-m", "sdt.export", f"ckpt_path={tmp_path / 'last.ckpt'}", f"out={tmp_path / 'x'}"]
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    cmd = ["-m", "sdt.export", f"ckpt_path={tmp_path / 'last.ckpt'}", f"out={tmp_path / 'x'}"]
+    proc = run_cli(cmd, tmp_path / "cache", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "x" / "model.safetensors").is_file()
     with pytest.raises(SystemExit) as e:
-        main(cmd[3:4])
+        main(cmd[2:3])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: out is required")
     with pytest.raises(UserError, match="unexpected argument 'outdir=x'"):
         parse_args(["ckpt_path=a.ckpt", "outdir=x"])
@@ -159,10 +156,8 @@ def test_routed_export_loads_where_sdt_is_not_installed(tmp_path):
         f"m = AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True)\n"
         "print(m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape[1])\n"
     )
-    env = cli_env(tmp_path / "cache")
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    proc = run_cli(
+        ["-c", script], tmp_path / "cache", cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "7"

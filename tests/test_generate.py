@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -12,7 +9,7 @@ from sdt.checkpoint import load_checkpoint
 from sdt.generate import main
 from sdt.models import ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds
-from tests.conftest import ROOT, cli_env
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +83,7 @@ def test_a_prompt_too_long_for_the_model_is_refused(routed_ckpt, capsys):
 
 
 def test_module_entry_point(routed_ckpt, cache_dir):
-    proc = subprocess.run(
-        [sys.executable, "-m", "sdt.generate", f"ckpt_path={routed_ckpt}", "prompt=KING:", "max_new_tokens=4"],
-        cwd=ROOT,
-        check=False,
-        env=cli_env(cache_dir) | {"OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli(["-m", "sdt.generate", f"ckpt_path={routed_ckpt}", "prompt=KING:", "max_new_tokens=4"], cache_dir)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("KING:") and "[compute]" in proc.stdout
 

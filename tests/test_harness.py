@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 
 from sdt.errors import UserError
 from sdt.models import ModelConfig
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, run_cli
 from tests.pretrained_helpers import write_checkpoint
 
 pytest.importorskip("lm_eval")
@@ -170,15 +169,14 @@ def test_lm_eval_cli_scores_a_checkpoint_on_the_shipped_tasks(tmp_path):
     out = tmp_path / "results"
     # The console script README documents, where the package is installed (CI); else the module it runs.
     script = Path(sys.executable).parent / "sdt-lm-eval"
-    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "sdt.harness"]
+    launcher = [str(script)] if script.exists() else ["-m", "sdt.harness"]
     cmd = [
         *launcher, "--model", "sdt",
         "--model_args", f"ckpt_path={path}", "--device", "cpu", "--batch_size", "8",
         "--tasks", "shakespeare_next_line,tempest_perplexity", "--include_path", str(TASKS_DIR),
         "--limit", "3", "--output_path", str(out),
     ]  # fmt: skip
-    env = cli_env(tmp_path / "cache")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = run_cli(cmd, tmp_path / "cache", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results_file,) = out.rglob("results_*.json")
     results = json.loads(results_file.read_text())["results"]

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, cli_env, tiny_data
+from tests.conftest import run_cli, tiny_data
 
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.max_seq_len=64",
@@ -20,13 +18,11 @@ TINY = [
 @pytest.mark.slow  # three tiny training runs in subprocesses
 def test_equal_flops_setting_gives_routed_runs_the_steps_their_training_flops_buy(tmp_path, corpus_files, cache_dir):
     out = tmp_path / "q"
-    args = [sys.executable, "benchmarks/quality.py", "--setting", "flops", "--archs", "sdt,mod"]
+    args = ["benchmarks/quality.py", "--setting", "flops", "--archs", "sdt,mod"]
     args += ["--capacities", "0.5", "--max-batches", "2", "--out", str(out)]
     for o in [*TINY, *tiny_data(corpus_files)]:
         args += ["--override", o]
-    proc = subprocess.run(
-        args, check=False, cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=900
-    )
+    proc = run_cli(args, cache_dir, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "quality.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
@@ -41,7 +37,5 @@ def test_equal_flops_setting_gives_routed_runs_the_steps_their_training_flops_bu
         assert 0.2 < r["val_executed_fraction"] < 0.8 and r["routing"] in ("threshold", "student")
     assert "| sdt | 0.500 |" in (out / "quality.md").read_text()
     # A second invocation reuses the finished runs instead of training again.
-    again = subprocess.run(
-        args, check=False, cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300
-    )
+    again = run_cli(args, cache_dir)
     assert again.returncode == 0 and "+ " not in again.stdout

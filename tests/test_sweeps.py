@@ -6,12 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_MODEL, cli_env, tiny_data
+from tests.conftest import TINY_MODEL, run_cli, tiny_data
 
 TINY_RUN = [
     *TINY_MODEL,
@@ -28,7 +27,6 @@ TINY_RUN = [
 
 def multirun(sweep_dir: Path, cache_dir: Path, corpus_files: list[str], *overrides: str) -> list[Path]:
     cmd = [
-        sys.executable,
         "train.py",
         "-m",
         f"hydra.sweep.dir={sweep_dir}",
@@ -36,22 +34,16 @@ def multirun(sweep_dir: Path, cache_dir: Path, corpus_files: list[str], *overrid
         *tiny_data(corpus_files),
         *overrides,
     ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=900, check=False
-    )
+    proc = run_cli(cmd, cache_dir, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def report(sweep_dir: Path, cache_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sdt.report", str(sweep_dir), "--max-batches", "2", "--cache-dir", str(cache_dir)],
-        cwd=ROOT,
-        env=cli_env(cache_dir),
-        capture_output=True,
-        text=True,
+    return run_cli(
+        ["-m", "sdt.report", str(sweep_dir), "--max-batches", "2", "--cache-dir", str(cache_dir)],
+        cache_dir,
         timeout=600,
-        check=False,
     )
 
 

@@ -1,4 +1,4 @@
-"""Mixture-of-Depths (Raposo et al., 2024; spec section 3): a linear router picks the top-k tokens that run a block.
+"""Mixture-of-Depths (Raposo et al., 2024; docs/algorithms.md, section 9): a linear router picks the top-k tokens that run a block.
 
 Selected tokens get x_i + gate_i * f_i with gate = sigmoid(r_i) (or raw r_i), so the router learns through the LM
 loss; the rest pass through on the residual. An auxiliary BCE of r against the Top-K mask (and a small z-loss on r)

@@ -1,4 +1,4 @@
-"""Transfer from pretrained Llama / Qwen2 checkpoints (spec section 5), and the name mapping exports write back.
+"""Transfer from pretrained Llama / Qwen2 checkpoints (docs/algorithms.md, section 14; docs/pretrained.md), and the name mapping exports write back.
 
 `model.init_from` names a checkpoint in one of three forms:
 - a local Hugging Face model directory: `config.json` and `*.safetensors` (or `pytorch_model*.bin`) weights;

@@ -1,4 +1,4 @@
-"""Subjective Depth Transformer (spec section 1): a decision layer and a dynamic layer as one unit of the stack.
+"""Subjective Depth Transformer (docs/algorithms.md, section 7): a decision layer and a dynamic layer as one unit of the stack.
 
 1. Decision layer, on every token: post = Block_a(x), delta = post - x.
 2. Prior: delta_hat = PriorFFN(x), trained to predict delta (loss weight `prior_loss_weight`).

@@ -1,4 +1,4 @@
-"""Subjective Timescale Transformer (spec section 2): a temporal router skips a block, and its K/V, for tokens
+"""Subjective Timescale Transformer (docs/algorithms.md, section 8): a temporal router skips a block, and its K/V, for tokens
 whose change was predictable from the previous token.
 
 Training (teacher): a dense pass of the block gives each token's update delta; the transition network (TPN)
@@ -9,7 +9,7 @@ other tokens pass through unchanged. A causal student router learns the Top-K ma
 Inference (student): the student alone decides per token whether the layer runs: no teacher pass, and skipped
 tokens neither run the block nor write K/V, so the KV cache of a routed layer holds only executed tokens.
 
-Choices the spec leaves open (docs/models.md): the TPN's input for token t is the previous token's *dense-pass*
+Choices we made (docs/algorithms.md, section 8): the TPN's input for token t is the previous token's *dense-pass*
 output of this layer (what the layer would produce with full compute), detached; STT needs `ste` gates, because
 its inference path has no teacher pass from which a soft gate value could be computed.
 """

@@ -1,4 +1,4 @@
-"""How a gate value g scales a selected token's block update f (spec section 0, "Gate application")."""
+"""How a gate value g scales a selected token's block update f (docs/algorithms.md, section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bayesian surprise signals and the gate built from them (spec section 0, "Surprise signals").
+"""Bayesian surprise signals and the gate built from them (docs/algorithms.md, section 2).
 
 All signals are per token, shape (B, T):
 - static surprise   D_st = ||delta||^2 / D               how much the full computation changes the token

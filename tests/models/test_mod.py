@@ -6,32 +6,14 @@ import pytest
 import torch
 
 from sdt.errors import UserError
-from sdt.models import ModelCache, ModelConfig, build_model
-from sdt.models.calibration import calibrate_thresholds
+from sdt.models import LanguageModel, ModelCache, ModelConfig
 from sdt.routing.topk import capacity_k
+from tests.models.conftest import calibrate_on_random_text, spread_routers, tiny_model
 
 
-def mod(**kw):
-    torch.manual_seed(0)
-    base = {
-        "arch": "mod",
-        "vocab_size": 61,
-        "d_model": 32,
-        "n_layers": 4,
-        "n_heads": 4,
-        "n_kv_heads": 2,
-        "max_seq_len": 128,
-    }
-    base.update(kw)
-    model = build_model(ModelConfig(**base))
-    with torch.no_grad():
-        for _, layer in model.routed_layers():
-            layer.router.proj.weight.normal_(0, 1.0)
-            layer.student.fc2.weight.normal_(0, 1.0)
-    calibrate_thresholds(
-        model, [torch.randint(0, 61, (4, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    )
-    return model.eval()
+def mod(**kw) -> LanguageModel:
+    """A tiny MoD whose router and student have some spread, calibrated on random text."""
+    return calibrate_on_random_text(spread_routers(tiny_model("mod", **kw)))
 
 
 @pytest.mark.parametrize("T, capacity", [(16, 0.125), (24, 0.25), (9, 0.5)])

@@ -1,4 +1,4 @@
-"""Transfer from pretrained Llama / Qwen2 checkpoints (sdt.models.pretrained, spec section 5)."""
+"""Transfer from pretrained Llama / Qwen2 checkpoints (sdt.models.pretrained, docs/algorithms.md section 14)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_sdt_pairs_take_consecutive_layers_and_stt_mod_keep_their_own(tmp_path):
 
 @pytest.mark.parametrize("arch", ["sdt", "stt"])
 def test_transferred_routed_model_reproduces_pretrained_logits_at_capacity_one(arch, tmp_path):
-    """Spec section 5: with capacity 1.0 and ste gates, the new modules change nothing at step 0."""
+    """docs/algorithms.md, section 14: with capacity 1.0 and ste gates, the new modules change nothing at step 0."""
     hf = save_hf_model(tmp_path, "llama")
     model = load_ours(tmp_path, arch, capacity=1.0, gate_mode="ste")
     ids = torch.randint(0, HF_VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))

@@ -1,45 +1,25 @@
-"""The SDT model (spec section 1): routed execution in the stack, gates, causal modes, generation, options."""
+"""The SDT model (docs/algorithms.md, section 7): routed execution, gates, causal modes, generation, options."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sdt.errors import UserError
-from sdt.models import DenseLayer, ModelCache, ModelConfig, build_model
-from sdt.models.calibration import calibrate_thresholds
+from sdt.models import DenseLayer, ModelCache
 from sdt.models.sdt import SDTPair
 from sdt.routing import capacity_k
-
-V = 97
-
-
-def tiny(**kw) -> ModelConfig:
-    base = {"arch": "sdt", "vocab_size": V, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2}
-    base["max_seq_len"] = 64
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-def build(seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    return build_model(tiny(**kw)).eval()
+from tests.models.conftest import VOCAB as V
+from tests.models.conftest import calibrate_on_random_text, random_ids, tiny_config, tiny_model
 
 
 def spread(**kw):
     """A model whose gate g takes well-separated values (an untrained default model's g is nearly constant), with a
     short moving-average window so that sequences and prompts outrun it."""
-    return build(**{"init_std": 0.2, "beta_init": 5.0, "ma_window": 8, **kw})
+    return tiny_model("sdt", **{"init_std": 0.2, "beta_init": 5.0, "ma_window": 8, **kw})
 
 
 def calibrated(**kw):
-    model = spread(**kw)
-    g = torch.Generator().manual_seed(123)
-    calibrate_thresholds(model, [torch.randint(0, V, (4, 32), generator=g) for _ in range(4)])
-    return model
-
-
-def ids_like(*shape, seed: int = 1):
-    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+    return calibrate_on_random_text(spread(**kw), n_batches=4, shape=(4, 32), seed=123)
 
 
 def capture(model):
@@ -65,8 +45,8 @@ def capture(model):
 @pytest.mark.parametrize("seq_len", [1, 7, 16, 33])
 @pytest.mark.parametrize("capacity", [0.125, 0.3, 0.5, 1.0])
 def test_topk_executes_exactly_k_tokens_per_sequence(seq_len, capacity):
-    model = build(capacity=capacity)
-    out = model(ids_like(3, seq_len), routing="topk")
+    model = tiny_model("sdt", capacity=capacity)
+    out = model(random_ids(3, seq_len), routing="topk")
     k = capacity_k(seq_len, capacity)
     assert sorted(out.decisions) == [0, 1]
     for i, dec in out.decisions.items():
@@ -78,7 +58,7 @@ def test_topk_executes_exactly_k_tokens_per_sequence(seq_len, capacity):
 @pytest.mark.parametrize("routing", ["topk", "threshold", "student"])
 def test_no_cross_sequence_leak(routing):
     model = calibrated()
-    ids = ids_like(3, 20)
+    ids = random_ids(3, 20)
     changed = ids.clone()
     changed[1] = (changed[1] * 7 + 3) % V
     a, b = model(ids, routing=routing), model(changed, routing=routing)
@@ -93,7 +73,7 @@ def test_no_cross_sequence_leak(routing):
 def test_skipped_tokens_keep_the_decision_layer_output_exactly(routing, attention):
     model = calibrated(routed_attention=attention)
     records, handles = capture(model)
-    model(ids_like(2, 24), routing=routing)
+    model(random_ids(2, 24), routing=routing)
     for h in handles:
         h.remove()
     for rec in records.values():
@@ -108,7 +88,7 @@ def test_dynamic_layer_equals_masked_reference(routing):
     """Selected tokens attend to the selected tokens of their own row, at their original positions (RoPE)."""
     model = calibrated()
     records, handles = capture(model)
-    model(ids_like(3, 24), routing=routing)
+    model(random_ids(3, 24), routing=routing)
     for h in handles:
         h.remove()
     for i, rec in records.items():
@@ -126,7 +106,7 @@ def test_dynamic_layer_equals_masked_reference(routing):
 def test_capacity_one_runs_the_dynamic_block_on_every_token(gate_mode):
     model = spread(capacity=1.0, gate_mode=gate_mode)
     records, handles = capture(model)
-    out = model(ids_like(2, 16), routing="topk")
+    out = model(random_ids(2, 16), routing="topk")
     for h in handles:
         h.remove()
     for i, rec in records.items():
@@ -151,7 +131,7 @@ def perturb_gate_parameters(model):
 
 def test_ste_forward_does_not_depend_on_g_but_soft_does():
     # Capacity 1 selects every token whatever g is, so only the gate application can make g matter.
-    ids = ids_like(2, 16)
+    ids = random_ids(2, 16)
     for gate_mode in ("ste", "soft"):
         model = spread(capacity=1.0, gate_mode=gate_mode)
         before = model(ids, routing="topk")
@@ -166,8 +146,8 @@ def test_ste_forward_does_not_depend_on_g_but_soft_does():
 
 def test_lm_loss_trains_gate_scalars_and_prior():
     model = spread().train()
-    ids = ids_like(2, 16)
-    targets = ids_like(2, 16, seed=2)
+    ids = random_ids(2, 16)
+    targets = random_ids(2, 16, seed=2)
     model(ids, targets).loss.backward()  # the LM loss alone, no auxiliary losses
     for _, layer in model.routed_layers():
         s = layer.surprise
@@ -186,7 +166,7 @@ def test_lm_loss_trains_gate_scalars_and_prior():
 
 def test_prior_predicts_zero_at_init_and_its_loss_has_a_stopgrad_target():
     model = spread().train()
-    out = model(ids_like(2, 16), routing="topk")
+    out = model(random_ids(2, 16), routing="topk")
     # delta_hat = 0 at step 0, so D_ch = D_st and the prior loss is the mean static surprise.
     d_st = torch.stack([out.stats[f"layers.{i}.d_st"] for i, _ in model.routed_layers()]).mean()
     torch.testing.assert_close(out.aux_losses["prior"], d_st)
@@ -205,7 +185,7 @@ def test_prior_predicts_zero_at_init_and_its_loss_has_a_stopgrad_target():
 @pytest.mark.parametrize("attention", ["selected", "full"])
 def test_causal_modes_are_causal(routing, attention):
     model = calibrated(routed_attention=attention)
-    ids = ids_like(2, 24)
+    ids = random_ids(2, 24)
     changed = ids.clone()
     changed[:, 14:] = (changed[:, 14:] + 5) % V
     a, b = model(ids, routing=routing), model(changed, routing=routing)
@@ -219,9 +199,9 @@ def test_causal_modes_are_causal(routing, attention):
 
 
 def test_full_context_attention_differs_from_selected():
-    ids = ids_like(2, 16)
-    full = build(routed_attention="full")(ids, routing="topk")
-    selected = build(routed_attention="selected")(ids, routing="topk")
+    ids = random_ids(2, 16)
+    full = tiny_model("sdt", routed_attention="full")(ids, routing="topk")
+    selected = tiny_model("sdt", routed_attention="selected")(ids, routing="topk")
     assert torch.equal(full.decisions[0], selected.decisions[0])  # same weights, same first-pair selection
     assert (full.logits - selected.logits).abs().max() > 1e-4
 
@@ -230,7 +210,7 @@ def test_full_context_attention_differs_from_selected():
 @pytest.mark.parametrize("attention", ["selected", "full"])
 def test_cached_decoding_equals_full_forward(routing, attention):
     model = calibrated(routed_attention=attention)
-    ids = ids_like(2, 20)
+    ids = random_ids(2, 20)
     full = model(ids, routing=routing)
     cache = ModelCache()
     steps = [model(ids[:, :6], cache=cache, routing=routing).logits]
@@ -250,7 +230,7 @@ def test_cached_decoding_equals_full_forward(routing, attention):
 @pytest.mark.parametrize("routing", ["threshold", "student", "budget"])
 def test_greedy_generation_equals_repeated_full_forwards(routing):
     model = calibrated()
-    prompt = ids_like(2, 6)
+    prompt = random_ids(2, 6)
     out = model.generate(prompt, 12, temperature=0.0, routing=routing)
     assert out.shape == (2, 18) and torch.equal(out[:, :6], prompt)
     logits = model(out[:, :-1], routing=routing).logits  # causal mode: one forward gives every step's logits
@@ -260,7 +240,7 @@ def test_greedy_generation_equals_repeated_full_forwards(routing):
 @pytest.mark.parametrize("routing", ["threshold", "student", "budget"])
 def test_left_padded_batch_generates_like_unpadded(routing):
     model = calibrated()
-    ids = ids_like(2, 8)
+    ids = random_ids(2, 8)
     pad_mask = torch.ones(2, 8, dtype=torch.bool)
     pad_mask[0, :3] = False  # row 0 is a 5-token prompt, left padded
     batched = model.generate(ids, 8, temperature=0.0, pad_mask=pad_mask, routing=routing)
@@ -271,17 +251,17 @@ def test_left_padded_batch_generates_like_unpadded(routing):
 
 
 def test_topk_generation_is_refused():
-    model = build()
+    model = tiny_model("sdt")
     with pytest.raises(UserError, match="causal"):
-        model.generate(ids_like(1, 4), 3, routing="topk")
+        model.generate(random_ids(1, 4), 3, routing="topk")
 
 
 # --- Losses -------------------------------------------------------------------------------------------------------
 
 
 def test_lm_loss_uses_targets_unshifted_and_excludes_auxiliary_losses():
-    model = build().train()
-    ids, targets = ids_like(2, 12), ids_like(2, 12, seed=2)
+    model = tiny_model("sdt").train()
+    ids, targets = random_ids(2, 12), random_ids(2, 12, seed=2)
     targets[0, :3] = -100
     out = model(ids, targets, routing="topk")
     expected = F.cross_entropy(out.logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100)
@@ -293,8 +273,8 @@ def test_lm_loss_uses_targets_unshifted_and_excludes_auxiliary_losses():
 
 def test_topk_forward_has_no_graph_breaks_or_host_syncs():
     """fullgraph tracing fails on `.item()`/`int(tensor)` syncs and on `torch._dynamo.disable` in the routed path."""
-    model = build().train()
-    ids = ids_like(2, 16)
+    model = tiny_model("sdt").train()
+    ids = random_ids(2, 16)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     out = compiled(ids, ids, routing="topk")
     torch.testing.assert_close(out.logits, model(ids, ids, routing="topk").logits)
@@ -325,7 +305,7 @@ def test_topk_forward_has_no_graph_breaks_or_host_syncs():
 )
 def test_bad_options_are_clear_errors(kw, match):
     with pytest.raises(UserError, match=match):
-        tiny(**kw)
+        tiny_config("sdt", **kw)
 
 
 @pytest.mark.parametrize(
@@ -338,27 +318,27 @@ def test_bad_options_are_clear_errors(kw, match):
     ],
 )
 def test_dense_first_and_last_build_the_expected_stack(kw, kinds):
-    model = build(**kw)
+    model = tiny_model("sdt", **kw)
     assert [type(layer) for layer in model.layers] == kinds
     routed = [i for i, k in enumerate(kinds) if k is SDTPair]
     assert [i for i, _ in model.routed_layers()] == routed
-    out = model(ids_like(2, 8), routing="topk")
+    out = model(random_ids(2, 8), routing="topk")
     assert sorted(out.decisions) == routed
 
 
 def test_prior_width():
-    assert tiny(d_model=32).prior_hidden_size == 2  # ceil(0.0625 * 32) = 2
-    assert tiny(d_model=48).prior_hidden_size == 4  # 3, rounded up to even
-    assert tiny(d_model=256).prior_hidden_size == 16
-    assert tiny(d_model=16).prior_hidden_size == 2  # at least 2
-    assert build(d_model=48).layers[0].prior.gate_proj.out_features == 4
+    assert tiny_config("sdt", d_model=32).prior_hidden_size == 2  # ceil(0.0625 * 32) = 2
+    assert tiny_config("sdt", d_model=48).prior_hidden_size == 4  # 3, rounded up to even
+    assert tiny_config("sdt", d_model=256).prior_hidden_size == 16
+    assert tiny_config("sdt", d_model=16).prior_hidden_size == 2  # at least 2
+    assert tiny_model("sdt", d_model=48).layers[0].prior.gate_proj.out_features == 4
 
 
 def test_position_consensus_is_a_training_statistic_not_a_decoding_one():
     """The routing-collapse statistic is per batch of whole sequences: logged by full forwards, skipped per decode step
     (where it would cost ops on every token and mean nothing for one token)."""
     model = calibrated()
-    ids = ids_like(4, 16)
+    ids = random_ids(4, 16)
     stats = model(ids).stats
     consensus = {k: v for k, v in stats.items() if k.endswith("position_consensus")}
     assert consensus and all(0 <= float(v) <= 1 for v in consensus.values())

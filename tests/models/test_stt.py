@@ -7,34 +7,15 @@ import pytest
 import torch
 
 from sdt.errors import UserError
-from sdt.models import ModelCache, ModelConfig, build_model
-from sdt.models.calibration import calibrate_thresholds
+from sdt.models import LanguageModel, ModelCache, ModelConfig, build_model
 from sdt.models.stt import STTLayer
 from sdt.routing.topk import capacity_k
+from tests.models.conftest import calibrate_on_random_text, spread_routers, tiny_config, tiny_model
 
 
-def stt(**kw) -> torch.nn.Module:
-    torch.manual_seed(0)
-    base = {
-        "arch": "stt",
-        "vocab_size": 61,
-        "d_model": 32,
-        "n_layers": 4,
-        "n_heads": 4,
-        "n_kv_heads": 2,
-        "max_seq_len": 128,
-    }
-    base.update(kw)
-    model = build_model(ModelConfig(**base))
-    # Give the student and the gate some spread so thresholds are not decided by ties.
-    with torch.no_grad():
-        for _, layer in model.routed_layers():
-            layer.student.fc2.weight.normal_(0, 1.0)
-            layer.transition.down_proj.weight.normal_(0, 0.1)
-    calibrate_thresholds(
-        model, [torch.randint(0, 61, (4, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    )
-    return model.eval()
+def stt(**kw) -> LanguageModel:
+    """A tiny STT whose student and gate have some spread, calibrated on random text."""
+    return calibrate_on_random_text(spread_routers(tiny_model("stt", **kw)))
 
 
 def test_layout_alternates_standard_and_routed_layers():
@@ -144,5 +125,4 @@ def test_teacher_modes_refuse_cached_decoding():
 )
 def test_bad_options_are_clear_errors(kw, match):
     with pytest.raises(UserError, match=match):
-        base = {"arch": "stt", "vocab_size": 61, "d_model": 32, "n_layers": 4, "n_heads": 4}
-        build_model(ModelConfig(**{**base, **kw}))
+        build_model(tiny_config("stt", **kw))

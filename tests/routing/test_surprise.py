@@ -1,4 +1,4 @@
-"""Surprise math (spec section 0): static/change surprise, CE, CU, S_CE, S_CU, g, the causal moving average, beta."""
+"""Surprise math (docs/algorithms.md, section 2): static/change surprise, CE, CU, S_CE, S_CU, g, the causal moving average, beta."""
 
 import math
 
@@ -193,7 +193,12 @@ def test_trained_beta_is_in_the_checkpoint(mode):
     expected = [layer.surprise.betas().detach().clone() for _, layer in trained.routed_layers()]
     assert not torch.allclose(expected[0], torch.tensor(0.5))
     state = trained.state_dict()
-    assert "layers.0.surprise.progress" in state or "layers.0.surprise.beta_raw" in state
+    # The checkpoint holds what training changed: the learnt beta, or the schedule's progress.
+    name = "layers.0.surprise.beta_raw" if mode == "learnable" else "layers.0.surprise.progress"
+    fresh = build_model(cfg(n_layers=4, beta_mode=mode)).state_dict()[name]
+    assert not torch.equal(state[name], fresh)
+    if mode != "learnable":
+        assert state[name].item() == pytest.approx(0.6)
     restored = build_model(cfg(n_layers=4, beta_mode=mode))
     restored.load_state_dict(state)
     for (_, layer), beta in zip(restored.routed_layers(), expected, strict=True):
