@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from sdt.capacity_sweep import format_sweep
-from sdt.models import LanguageModel
+from sdt.models import LanguageModel, RoutedLayer
 
 ROUTING_LABELS = {
     "dense": "dense (every token, every layer)",
@@ -22,8 +22,8 @@ def routing_table(model: LanguageModel, stats: dict[str, float]) -> list[dict[st
     table = []
     block = 0
     for i, layer in enumerate(model.layers):
-        n_blocks = getattr(layer, "n_blocks", 1)
-        if hasattr(layer, "thresholds"):
+        n_blocks = layer.n_blocks
+        if isinstance(layer, RoutedLayer):
             prefix = f"layers.{i}."
             entry = {"layer": i, "blocks": list(range(block, block + n_blocks)), "kind": type(layer).__name__}
             entry.update({k[len(prefix) :]: v for k, v in stats.items() if k.startswith(prefix)})

@@ -6,7 +6,7 @@ from sdt.models.config import ARCHS, ModelConfig
 from sdt.models.mod import MoDLayer
 from sdt.models.sdt import SDTPair
 from sdt.models.stt import STTLayer
-from sdt.models.transformer import DenseLayer, ForwardContext, LanguageModel, LayerOutput, ModelOutput
+from sdt.models.transformer import DenseLayer, ForwardContext, LanguageModel, LayerOutput, ModelOutput, RoutedLayer
 
 
 def layer_classes() -> tuple[type, ...]:
@@ -56,6 +56,7 @@ __all__ = [
     "ModelCache",
     "ModelConfig",
     "ModelOutput",
+    "RoutedLayer",
     "SDTPair",
     "STTLayer",
     "build_layers",

@@ -73,9 +73,8 @@ def calibrate_thresholds(
             collected = torch.cat(scores)
             tau = quantile(collected, 1.0 - capacity)
             buf.fill_(tau.to(buf.device))
-            grid = layer.score_quantiles().get(name) if hasattr(layer, "score_quantiles") else None
-            if grid is not None:
-                grid.copy_(quantile_grid(collected, grid.numel()).to(grid.device))
+            grid = layer.score_quantiles()[name]
+            grid.copy_(quantile_grid(collected, grid.numel()).to(grid.device))
             result[i][name] = float(tau)
     model.train(was_training)
     return result

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from sdt.blocks.layers import Block
 from sdt.models.config import ModelConfig
-from sdt.models.transformer import ForwardContext, LayerOutput
+from sdt.models.transformer import ForwardContext, LayerOutput, RoutedLayer
 from sdt.routing import (
     CausalRouter,
     all_tokens,
@@ -30,30 +30,18 @@ from sdt.routing.routers import LinearRouter
 from sdt.routing.stats import masked_mean
 
 
-class MoDLayer(nn.Module):
+class MoDLayer(RoutedLayer):
     """A routed MoD layer. Cache sub-slot 0 holds the block's K/V for executed tokens only."""
 
-    n_blocks = 1
-
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.capacity, self.gate_kind = cfg.capacity, cfg.mod_gate  # capacity: the one in force (schedules move it)
-        self.always_first = cfg.always_execute_first
-        self.full_context = cfg.routed_attention == "full"
+        super().__init__(cfg)
+        self.gate_kind = cfg.mod_gate
         self.block = Block(cfg)
         self.router = LinearRouter(cfg.d_model)
         self.student = CausalRouter(cfg.d_model, cfg.d_model // 2, normalize=cfg.student_norm)
 
-    @property
-    def kv_share(self) -> float:
-        """Share of tokens the routed block writes to its KV cache (every token with full-context attention)."""
-        return 1.0 if self.full_context else self.capacity
-
-    def thresholds(self) -> dict[str, Tensor]:
-        return {"router": self.router.threshold, "student": self.student.threshold}
-
-    def score_quantiles(self) -> dict[str, Tensor]:
-        return {"router": self.router.quantiles, "student": self.student.quantiles}
+    def score_owners(self) -> dict[str, nn.Module]:
+        return {"router": self.router, "student": self.student}
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
         if ctx.routing == "full":  # the block on every token, no router weight: the layer's dense function

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from sdt.blocks.layers import Block
 from sdt.models.config import ModelConfig
-from sdt.models.transformer import ForwardContext, LayerOutput
+from sdt.models.transformer import ForwardContext, LayerOutput, RoutedLayer
 from sdt.routing import (
     CausalRouter,
     PriorFFN,
@@ -37,34 +37,22 @@ from sdt.routing import (
 from sdt.routing.stats import masked_mean, surprise_stats
 
 
-class SDTPair(nn.Module):
+class SDTPair(RoutedLayer):
     """One (decision, dynamic) pair. Cache sub-slots: 0 = decision block, 1 = dynamic block."""
 
     n_blocks = 2  # backbone layers this unit spans
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.capacity, self.gate_mode = cfg.capacity, cfg.gate_mode  # capacity: the one in force (schedules move it)
-        self.always_first = cfg.always_execute_first
-        self.full_context = cfg.routed_attention == "full"
+        super().__init__(cfg)
+        self.gate_mode = cfg.gate_mode
         self.decision = Block(cfg)
         self.dynamic = Block(cfg)
         self.prior = PriorFFN(cfg.d_model, cfg.prior_hidden_size, cfg.rms_norm_eps, cfg.change_surprise == "kl")
         self.surprise = SurpriseGate(cfg)
         self.student = CausalRouter(cfg.d_model, cfg.d_model // 2, normalize=cfg.student_norm)
 
-    @property
-    def kv_share(self) -> float:
-        """Share of tokens the routed block writes to its KV cache (every token with full-context attention)."""
-        return 1.0 if self.full_context else self.capacity
-
-    def thresholds(self) -> dict[str, Tensor]:
-        """Calibrated thresholds by score name (see `scores` in LayerOutput)."""
-        return {"gate": self.surprise.threshold, "student": self.student.threshold}
-
-    def score_quantiles(self) -> dict[str, Tensor]:
-        """Calibrated quantile grids by score name (the run-time capacity dial, sdt.routing.quantiles)."""
-        return {"gate": self.surprise.quantiles, "student": self.student.quantiles}
+    def score_owners(self) -> dict[str, nn.Module]:
+        return {"gate": self.surprise, "student": self.student}
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
         post = self.decision(x, ctx.positions, ctx.rope, cache=ctx.kv(0), pad_mask=ctx.pad_mask)  # (B, T, D)

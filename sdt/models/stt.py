@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from sdt.blocks.layers import Block
 from sdt.errors import UserError
 from sdt.models.config import ModelConfig
-from sdt.models.transformer import ForwardContext, LayerOutput
+from sdt.models.transformer import ForwardContext, LayerOutput, RoutedLayer
 from sdt.routing import (
     CausalRouter,
     PriorFFN,
@@ -44,21 +44,17 @@ def shift_right(x_BTD: Tensor, first: Tensor | None = None) -> Tensor:
     return torch.cat([first, x_BTD[:, :-1]], dim=1)
 
 
-class STTLayer(nn.Module):
+class STTLayer(RoutedLayer):
     """A routed STT layer. Cache sub-slot 0 holds the block's K/V for executed tokens only."""
 
-    n_blocks = 1
-
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(cfg)
         if cfg.gate_mode != "ste":
             raise UserError(
                 "model=stt supports model.gate_mode=ste only: its inference path has no teacher pass "
                 "to compute a soft gate from"
             )
-        self.capacity, self.gate_mode = cfg.capacity, cfg.gate_mode  # capacity: the one in force (schedules move it)
-        self.always_first = cfg.always_execute_first
-        self.full_context = cfg.routed_attention == "full"
+        self.gate_mode = cfg.gate_mode
         self.use_prev = cfg.student_input == "x_prev"
         self.block = Block(cfg)
         self.transition = PriorFFN(cfg.d_model, cfg.prior_hidden_size, cfg.rms_norm_eps, cfg.change_surprise == "kl")
@@ -66,16 +62,8 @@ class STTLayer(nn.Module):
         d_in = 2 * cfg.d_model if self.use_prev else cfg.d_model
         self.student = CausalRouter(d_in, cfg.d_model // 2, normalize=cfg.student_norm)
 
-    @property
-    def kv_share(self) -> float:
-        """Share of tokens the routed block writes to its KV cache (every token with full-context attention)."""
-        return 1.0 if self.full_context else self.capacity
-
-    def thresholds(self) -> dict[str, Tensor]:
-        return {"gate": self.surprise.threshold, "student": self.student.threshold}
-
-    def score_quantiles(self) -> dict[str, Tensor]:
-        return {"gate": self.surprise.quantiles, "student": self.student.quantiles}
+    def score_owners(self) -> dict[str, nn.Module]:
+        return {"gate": self.surprise, "student": self.student}
 
     def _student_logits(self, x: Tensor, ctx: ForwardContext) -> Tensor:
         if not self.use_prev:

@@ -72,12 +72,45 @@ class ModelOutput:
 class DenseLayer(nn.Module):
     """A standard decoder block as a layer of the stack."""
 
+    n_blocks = 1  # backbone layers this unit spans
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.block = Block(cfg)
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
         return LayerOutput(self.block(x, ctx.positions, ctx.rope, cache=ctx.kv(), pad_mask=ctx.pad_mask))
+
+
+class RoutedLayer(nn.Module):
+    """What every routed layer (SDTPair, STTLayer, MoDLayer) is to the model around it: a capacity in force, the
+    leading positions it always executes, a KV share, and named routing scores, each owned by a module that holds
+    the score's calibrated `threshold` and its `quantiles` grid (the run-time capacity dial)."""
+
+    n_blocks = 1  # backbone layers this unit spans (an SDT pair: 2)
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.capacity = cfg.capacity  # the one in force: capacity schedules and the run-time dial move it
+        self.always_first = cfg.always_execute_first
+        self.full_context = cfg.routed_attention == "full"
+
+    @property
+    def kv_share(self) -> float:
+        """Share of tokens the routed block writes to its KV cache (every token with full-context attention)."""
+        return 1.0 if self.full_context else self.capacity
+
+    def score_owners(self) -> dict[str, nn.Module]:
+        """Score name (as in LayerOutput.scores) -> the module holding its threshold and quantile grid."""
+        raise NotImplementedError
+
+    def thresholds(self) -> dict[str, Tensor]:
+        """Calibrated thresholds by score name."""
+        return {name: owner.threshold for name, owner in self.score_owners().items()}
+
+    def score_quantiles(self) -> dict[str, Tensor]:
+        """Calibrated quantile grids by score name (sdt.routing.quantiles)."""
+        return {name: owner.quantiles for name, owner in self.score_owners().items()}
 
 
 MAX_PATH_FACTOR = 4  # a layer path may be at most this many times the stack's depth
@@ -150,11 +183,11 @@ class LanguageModel(nn.Module):
 
     @property
     def is_routed(self) -> bool:
-        return any(hasattr(layer, "thresholds") for layer in self.layers)
+        return any(isinstance(layer, RoutedLayer) for layer in self.layers)
 
-    def routed_layers(self) -> list[tuple[int, nn.Module]]:
+    def routed_layers(self) -> list[tuple[int, RoutedLayer]]:
         """(index in the stack, layer) of every routed layer."""
-        return [(i, layer) for i, layer in enumerate(self.layers) if hasattr(layer, "thresholds")]
+        return [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, RoutedLayer)]
 
     def set_training_progress(self, progress: float) -> None:
         """Fraction of training done, in [0, 1]; drives scheduled routing temperatures (beta) and the capacity
@@ -271,7 +304,7 @@ class LanguageModel(nn.Module):
                 stats[f"layers.{i}.{name}"] = value
             if out.decisions is not None:
                 decisions[i] = out.decisions
-                if cache is not None and hasattr(self.layers[i], "thresholds"):
+                if cache is not None and isinstance(self.layers[i], RoutedLayer):
                     cache.record_routed(i, out.decisions, pad_mask)
                 if diagnostics and cache is None:  # a batch-level statistic: not per decoding step
                     stats[f"layers.{i}.position_consensus"] = position_consensus(out.decisions, pad_mask)

@@ -3,7 +3,8 @@ import torch
 
 from sdt.blocks.layers import attention_mask
 from sdt.errors import UserError
-from sdt.models import ModelCache, ModelConfig, build_model
+from sdt.models import DenseLayer, ModelCache, ModelConfig, RoutedLayer, build_model
+from tests.models.conftest import random_ids, tiny_model
 
 
 def tiny(**kw) -> ModelConfig:
@@ -147,3 +148,22 @@ def test_left_pad_right_aligns_rows_and_masks_the_padding():
     assert ids.tolist() == [[5, 6, 7], [2, 2, 8]]
     assert mask.tolist() == [[True, True, True], [False, False, True]]
     assert positions_from_pad_mask(mask)[1, -1] == 0  # the real token of the short row starts at position 0
+
+
+@pytest.mark.parametrize("arch", ["sdt", "stt", "mod"])
+def test_routed_layers_share_one_interface(arch):
+    """The model finds its routed layers by type, and each score's threshold and grid are its owner's buffers, so
+    calibration and the run-time dial write where routing reads."""
+    model = tiny_model(arch, capacity=0.25, dense_first=1, dense_last=1)
+    routed = model.routed_layers()
+    assert [i for i, _ in routed] == [i for i, layer in enumerate(model.layers) if not isinstance(layer, DenseLayer)]
+    assert model.is_routed and all(isinstance(layer, RoutedLayer) for _, layer in routed)
+    assert sum(layer.n_blocks for layer in model.layers) == model.config.n_layers
+    out = model(random_ids(2, 16), routing="threshold" if arch != "stt" else "student")
+    for i, layer in routed:
+        owners = layer.score_owners()
+        assert set(layer.thresholds()) == set(layer.score_quantiles()) == set(owners) >= set(out.scores[i]) != set()
+        for name, owner in owners.items():
+            assert layer.thresholds()[name] is owner.threshold and layer.score_quantiles()[name] is owner.quantiles
+        assert layer.kv_share == 0.25
+    assert not tiny_model("dense").is_routed
