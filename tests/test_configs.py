@@ -77,7 +77,8 @@ SMALL_EXPERIMENTS = [name for name in options("experiment") if not name.startswi
 SMOLLM2_EXPERIMENTS = [name for name in options("experiment") if name.startswith("smollm2")]
 # Small experiments train on the shared test corpus (the Shakespeare corpus would cost a BPE training here); those
 # with their own data (the synthetic reasoning task) keep it, shrunk.
-OWN_DATA = {"reasoning_braking": ["data.num_train=64", "data.num_val=8", "data.num_test=8"]}
+# debug=fast's 64-token blocks are shorter than any reasoning trace: the experiment keeps its own seq_len.
+OWN_DATA = {"reasoning_braking": ["data.num_train=64", "data.num_val=8", "data.num_test=8", "data.seq_len=256"]}
 
 
 def _two_steps(name: str, extra: list[str], tmp_path: Path, cache_dir: Path) -> None:
