@@ -13,10 +13,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from sdt.models import LanguageModel
 from sdt.search.cola import ColaConfig, ColaSearch
 from sdt.search.plots import cola_plots, layer_edit_counts
 from sdt.search.prefix_cache import PrefixReusingScorer
-from sdt.search.tasks import PathScorer, TaskItem
+from sdt.search.tasks import PathScorer, Task, TaskItem
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,17 @@ def reuse_counts(scorer: PathScorer) -> dict[str, Any]:
     }
 
 
+def result_header(task: Task, source: str | None, model: LanguageModel) -> dict[str, Any]:
+    """What every CoLa result file opens with: the task, the checkpoint and the model it searched."""
+    return {
+        "task": task.name,
+        "kind": task.kind,
+        "checkpoint": source,
+        "arch": model.config.arch,
+        "depth": len(model.layers),
+    }
+
+
 def write_search_result(
     cfg: DictConfig,
     rows: list[dict[str, Any]],
@@ -119,11 +131,7 @@ def write_search_result(
     evaluations = sum(r["evaluations"] for r in rows)
     options = OmegaConf.to_container(cfg.cola, resolve=True)
     out: dict[str, Any] = {
-        "task": task.name,
-        "kind": task.kind,
-        "checkpoint": source,
-        "arch": model.config.arch,
-        "depth": depth,
+        **result_header(task, source, model),
         "simulations": search_cfg.simulations,
         "config": {**options, "block_sizes": list(search_cfg.block_sizes)},
         "oracle": True,

@@ -30,7 +30,7 @@ from sdt.models import LanguageModel
 from sdt.models.transformer import positions_from_pad_mask
 from sdt.search.cola import ColaConfig, ColaSearch
 from sdt.search.prefix_cache import PrefixReusingScorer
-from sdt.search.results import reuse_counts, search_items, summarise, write_search_result
+from sdt.search.results import result_header, reuse_counts, search_items, summarise, write_search_result
 from sdt.search.router import PathRouter, RouterConfig, fit_router, select_candidates, split_items
 from sdt.search.tasks import PathScorer, Task, TaskItem
 
@@ -202,11 +202,7 @@ def evaluate_router(
     accuracy = sum(r["correct"] for r in rows_out) / len(rows_out)
     mean_len = float(np.mean([r["length"] for r in rows_out]))
     out: dict[str, Any] = {
-        "task": task.name,
-        "kind": task.kind,
-        "checkpoint": source,
-        "arch": model.config.arch,
-        "depth": depth,
+        **result_header(task, source, model),
         "router": router_path,
         "trained_here": not run_options.get("router"),
         "num_train_items": len(router.meta.get("train_indices", [])),
