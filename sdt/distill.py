@@ -9,7 +9,6 @@ scale does not depend on the temperature. It is logged as `train/aux/distill`, a
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdt.checkpoint import load_checkpoint, model_state_dict
+from sdt.config_checks import from_mapping
 from sdt.errors import UserError
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
@@ -45,12 +45,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> DistillConfig:
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UserError(f"unknown distill option(s) {unknown}; valid options: {sorted(names)}")
-        return cls(**d)
+        return from_mapping(cls, d, "distill")
 
 
 def distillation_loss(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdt.config_checks import from_mapping
 from sdt.errors import UserError
 
 
@@ -51,11 +51,7 @@ class OptimConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OptimConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UserError(f"unknown optim option(s) {unknown}; valid options: {sorted(names)}")
-        return cls(**d)
+        return from_mapping(cls, d, "optim")
 
 
 # Roles whose parameters are scalars of the routing math (temperatures, offsets): never weight-decayed.

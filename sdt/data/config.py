@@ -6,11 +6,11 @@ unknown keys so that a typo in an override fails loudly instead of being silentl
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdt.config_checks import check_choice, check_int, check_str, from_mapping
 from sdt.errors import UserError
 
 CORPORA = ("shakespeare", "text_files", "hf_hub")
@@ -19,42 +19,9 @@ EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN,)
 
 
-def check_int(key: str, value: Any, minimum: int | None = None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    # bool is a subclass of int, but `seq_len: true` is surely a mistake.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise UserError(f"{key} must be an integer{' or null' if allow_none else ''}, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise UserError(f"{key} must be >= {minimum}, got {value}")
-
-
-def check_str(key: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, str) or not value:
-        raise UserError(f"{key} must be a non-empty string{' or null' if allow_none else ''}, got {value!r}")
-
-
-def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
-
-
 def check_fraction(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 0.5:
         raise UserError(f"{key} must be a number in [0, 0.5), got {value!r}")
-
-
-def strict_kwargs(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """Check `d` has only fields of `cls` and return it as a plain dict."""
-    if not isinstance(d, Mapping):
-        raise UserError(f"{prefix} must be a mapping, got {type(d).__name__}")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(str(k) for k in d if k not in valid)
-    if unknown:
-        raise UserError(f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; valid keys: {', '.join(valid)}")
-    return dict(d)
 
 
 def check_batching(cfg: Any, p: str) -> None:
@@ -100,7 +67,7 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TokenizerConfig:
-        return cls(**strict_kwargs(cls, d, "data.tokenizer"))
+        return from_mapping(cls, d, "data.tokenizer")
 
 
 @dataclass
@@ -183,4 +150,4 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
         """Build from a plain (or OmegaConf) mapping; the nested `tokenizer` mapping becomes a TokenizerConfig."""
-        return cls(**strict_kwargs(cls, d, "data"))
+        return from_mapping(cls, d, "data")

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from sdt.config_checks import from_mapping
 from sdt.errors import UserError
 
 ARCHS = ("dense", "sdt", "stt", "mod")
@@ -223,10 +224,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a plain dict (a Hydra node or a checkpoint), rejecting unknown keys with a clear message."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        _check(not unknown, f"unknown model option(s) {unknown}; valid options: {sorted(names)}")
-        return cls(**d)
+        return from_mapping(cls, d, "model")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

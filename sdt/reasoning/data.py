@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sdt.config_checks import check_choice, check_int, check_str, from_mapping
 from sdt.data.cache import cache_key
-from sdt.data.config import TokenizerConfig, check_batching, check_choice, check_int, check_str, strict_kwargs
+from sdt.data.config import TokenizerConfig, check_batching
 from sdt.data.corpus import SPLITS, Corpus
 from sdt.data.datamodule import ResumableDataModule
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
@@ -144,7 +145,7 @@ class ReasoningDataConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ReasoningDataConfig:
-        return cls(**strict_kwargs(cls, d, "data"))
+        return from_mapping(cls, d, "data")
 
 
 @dataclass(frozen=True)

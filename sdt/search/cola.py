@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sdt.config_checks import from_mapping
 from sdt.errors import UserError
 
 Path = tuple[int, ...]
@@ -67,11 +68,7 @@ class ColaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ColaConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown cola option(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_mapping(cls, d, "cola")
 
     def bounds(self, depth: int) -> tuple[int, int]:
         lo = self.min_length if self.min_length is not None else 1

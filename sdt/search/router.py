@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdt.config_checks import from_mapping
 from sdt.errors import UserError
 
 Path = tuple[int, ...]
@@ -78,10 +79,7 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise UserError(f"unknown cola_router option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+        return from_mapping(cls, d, "cola_router")
 
 
 def split_items(num_items: int, cfg: RouterConfig) -> tuple[list[int], list[int]]:

@@ -20,7 +20,7 @@ def test_accepts_omegaconf():
 @pytest.mark.parametrize(
     ("d", "match"),
     [
-        ({"corpus": "shakespeare", "seqlen": 4}, r"data\.seqlen.*valid keys:.*seq_len"),
+        ({"corpus": "shakespeare", "seqlen": 4}, r"data\.seqlen.*valid options:.*seq_len"),
         ({"corpus": "wikipedia"}, r"data\.corpus must be one of shakespeare, text_files, hf_hub"),
         ({"seq_len": 1}, r"data\.seq_len must be >= 2, got 1"),
         ({"seq_len": "long"}, r"data\.seq_len must be an integer"),
@@ -28,7 +28,7 @@ def test_accepts_omegaconf():
         ({"val_fraction": 0.5}, r"data\.val_fraction must be a number in \[0, 0\.5\)"),
         ({"corpus": "text_files"}, r"data\.paths must list at least one"),
         ({"corpus": "hf_hub"}, r"data\.name is required"),
-        ({"tokenizer": {"vocab": 10}}, r"data\.tokenizer\.vocab.*valid keys:.*vocab_size"),
+        ({"tokenizer": {"vocab": 10}}, r"data\.tokenizer\.vocab.*valid options:.*vocab_size"),
         ({"tokenizer": {"vocab_size": 100}}, r"data\.tokenizer\.vocab_size must be >= 257"),
         ({"tokenizer": {"kind": "pretrained"}}, r"data\.tokenizer\.path is required"),
         ({"tokenizer": {"kind": "wordpiece"}}, r"data\.tokenizer\.kind must be one of bpe, pretrained"),
