@@ -24,11 +24,11 @@ check by hand and comparable across architectures:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 from sdt.errors import UserError
-from sdt.models.config import ModelConfig
+from sdt.models.config import ModelConfig, layer_kinds
+from sdt.routing.topk import capacity_k
 
 COMPONENTS = ("attention_projections", "attention_scores", "mlp", "prior", "router", "surprise", "lm_head")
 SURPRISE_FLOPS_PER_ELEMENT = 10  # D_st, D_ch, CE, CU, two sigmoids, the gate combination: ~10 ops per element of D
@@ -44,31 +44,6 @@ def _zero() -> Flops:
 def _add(into: Flops, other: Flops) -> None:
     for name, value in other.items():
         into[name] += value
-
-
-def routed_tokens(capacity: float, seq_len: int) -> int:
-    """k = max(1, floor(capacity * T)): how many tokens a routed block runs on (docs/algorithms.md, section 1).
-
-    Same rule as sdt.routing.topk, epsilon included, so 0.29 * 100 = 28.999999999999996 counts as 29.
-    """
-    return max(1, min(seq_len, math.floor(capacity * seq_len + 1e-9)))
-
-
-def layer_kinds(cfg: ModelConfig) -> list[str]:
-    """What each layer is: "block" (plain, all tokens), "decision"/"dynamic" (SDT pair), "stt" or "mod" (routed).
-
-    The routed region is layers dense_first .. n_layers - dense_last - 1; j below is the index inside it.
-    """
-    kinds = []
-    for i in range(cfg.n_layers):
-        j = i - cfg.dense_first
-        if cfg.arch == "dense" or not 0 <= j < cfg.routed_layer_count:
-            kinds.append("block")
-        elif cfg.arch == "sdt":
-            kinds.append("decision" if j % 2 == 0 else "dynamic")
-        else:  # stt / mod: odd layers of the region are routed, even ones are standard blocks
-            kinds.append(cfg.arch if j % 2 == 1 else "block")
-    return kinds
 
 
 def block_flops(cfg: ModelConfig, seq_len: int, n_tokens: int | None = None, full_context: bool = False) -> Flops:
@@ -91,7 +66,7 @@ def block_flops(cfg: ModelConfig, seq_len: int, n_tokens: int | None = None, ful
 
 
 def _routed_block(cfg: ModelConfig, seq_len: int, executed: float | None = None) -> Flops:
-    k = routed_tokens(cfg.capacity, seq_len) if executed is None else executed
+    k = capacity_k(seq_len, cfg.capacity) if executed is None else executed
     return block_flops(cfg, seq_len, k, full_context=cfg.routed_attention == "full")
 
 
@@ -220,7 +195,7 @@ def kv_entries(cfg: ModelConfig, seq_len: int) -> int:
     routed_attention="full" (their queries read every earlier token's K/V).
     """
     _check_seq_len(seq_len)
-    k = routed_tokens(cfg.capacity, seq_len)
+    k = capacity_k(seq_len, cfg.capacity)
     routed_kv = seq_len if cfg.routed_attention == "full" else k
     return sum(seq_len if kind in ("block", "decision") else routed_kv for kind in layer_kinds(cfg))
 

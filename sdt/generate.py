@@ -22,7 +22,7 @@ from sdt.cli import run_task
 from sdt.errors import UserError
 from sdt.evaluation.loading import load_model_and_tokenizer, pick_device
 from sdt.models import ModelCache
-from sdt.models.config import ROUTING_MODES
+from sdt.routing.selection import ROUTING_MODES
 from sdt.usage import RequestUsage, request_usage
 
 DEFAULTS: dict[str, Any] = {

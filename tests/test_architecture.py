@@ -21,7 +21,7 @@ ROUTING = "sdt.routing"
 MODELS = "sdt.models"
 DATA = "sdt.data"
 STANDALONE = "sdt.transformers_code"  # exported next to checkpoints: torch + transformers only
-FOUNDATION = {"sdt.errors"}  # imports nothing of sdt; any layer above the leaf may raise its UserError
+FOUNDATION = {"sdt.errors", "sdt.config_checks"}  # import only sdt.errors; any layer above the leaf may use them
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,12 @@ def test_the_leaf_imports_nothing_of_the_package(imports):
     bad = [imp for imp in imports if in_layer(imp.importer, LEAF) and not in_layer(imp.target, LEAF)]
     assert not bad, describe(bad)
     assert any(in_layer(imp.importer, LEAF) for imp in imports)  # the leaf exists and its own imports are seen
+
+
+def test_foundation_modules_import_only_the_error_type(imports):
+    bad = [imp for imp in imports if imp.importer in FOUNDATION and imp.target != "sdt.errors"]
+    assert not bad, describe(bad)
+    assert any(imp.importer == "sdt.config_checks" for imp in imports)
 
 
 def test_routing_imports_only_the_leaf(imports):

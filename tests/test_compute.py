@@ -12,13 +12,12 @@ from sdt.compute import (
     compute_report,
     flops_breakdown,
     kv_entries,
-    layer_kinds,
     measured_flops,
     measured_kv_entries,
-    routed_tokens,
 )
 from sdt.errors import UserError
-from sdt.models.config import ModelConfig
+from sdt.models.config import ModelConfig, layer_kinds
+from sdt.routing.topk import capacity_k
 
 RATIO_KEYS = (
     "flops_ratio_vs_dense",
@@ -212,7 +211,7 @@ def test_measured_flops_at_the_capacity_equal_the_static_count(arch, routed_atte
     cfg = small(arch, capacity=0.25, routed_attention=routed_attention)
     T = 96
     n_routed = sum(kind in ("dynamic", "stt", "mod") for kind in layer_kinds(cfg))
-    k = routed_tokens(0.25, T)
+    k = capacity_k(T, 0.25)
     measured = measured_flops(cfg, T, [k] * n_routed)
     assert measured["flops"] == pytest.approx(flops_breakdown(cfg, T)["total"] * T)
     assert measured["flops_ratio_vs_dense"] == pytest.approx(compute_report(cfg, T)["flops_ratio_vs_dense"])

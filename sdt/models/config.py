@@ -9,24 +9,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from sdt.config_checks import from_mapping
 from sdt.errors import UserError
+from sdt.routing.gates import GateMode
+from sdt.routing.selection import ROUTING_MODES, CausalMode
+from sdt.routing.surprise import BetaMode, ChangeSurprise, GateRule
 
-ARCHS = ("dense", "sdt", "stt", "mod")
+Arch = Literal["dense", "sdt", "stt", "mod"]
+RoutedAttention = Literal["selected", "full"]  # routed queries attend to the selected tokens only, or to all earlier
+CapacitySchedule = Literal["linear", "cosine"]
+ModGate = Literal["sigmoid", "raw", "ste"]
+StudentInput = Literal["x", "x_prev"]  # the causal router reads x_t, or [x_t ; x_{t-1}]
+
+ARCHS: tuple[Arch, ...] = get_args(Arch)
 ROUTED_ARCHS = ("sdt", "stt", "mod")
-GATE_RULES = ("or", "ce", "cu")
-GATE_MODES = ("ste", "soft")
-CHANGE_SURPRISE = ("mse", "kl")
-BETA_MODES = ("learnable", "linear", "cosine")
-ROUTED_ATTENTION = ("selected", "full")
-ROUTING_MODES = ("topk", "threshold", "student", "budget")
 # "full" runs every backbone block on every token with no gate: the routed model's dense function (the
 # self-distillation teacher, and an upper bound at evaluation). Not a routing of the model's own.
 FORWARD_ROUTING_MODES = (*ROUTING_MODES, "full")
-CAPACITY_SCHEDULES = ("linear", "cosine")
-MOD_GATES = ("sigmoid", "raw", "ste")
+LayerKind = Literal["block", "decision", "dynamic", "stt", "mod"]
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -34,10 +36,31 @@ def _check(cond: bool, msg: str) -> None:
         raise UserError(msg)
 
 
+def literal_choices(annotation: object) -> tuple[object, ...] | None:
+    """The values of a `Literal[...]` annotation (or of `Literal[...] | None`, None included); None otherwise."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    args = get_args(annotation)
+    literals = [a for a in args if get_origin(a) is Literal]
+    if len(literals) == 1 and type(None) in args:
+        return (*get_args(literals[0]), None)
+    return None
+
+
+def _check_choices(cfg: ModelConfig) -> None:
+    """Every field typed as a Literal holds one of its values (the type is the one list of choices)."""
+    for name, annotation in get_type_hints(type(cfg)).items():
+        choices = literal_choices(annotation)
+        value = getattr(cfg, name)
+        if choices is not None and value not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise UserError(f"model.{name}={value!r} is unknown; choose one of {shown}")
+
+
 @dataclass
 class ModelConfig:
     # --- which model
-    arch: str = "dense"  # one of ARCHS
+    arch: Arch = "dense"
 
     # --- backbone (Llama / Qwen2 family)
     vocab_size: int = 4096
@@ -67,15 +90,15 @@ class ModelConfig:
     # compiled graphs are rebuilt only that often). capacity_start=1.0 starts a conversion at the pretrained model.
     capacity_start: float | None = None
     capacity_warmup: float = 0.5
-    capacity_schedule: str = "linear"  # linear | cosine
+    capacity_schedule: CapacitySchedule = "linear"
     capacity_levels: int = 4
     # Leading positions that every routed layer executes in every mode (counted inside k): position 0 is the
     # attention sink of pretrained models, whose removal from routed layers' context hurts most.
     always_execute_first: int = 0
-    gate_rule: str = "or"  # how S_CE and S_CU combine into g: or | ce | cu
-    gate_mode: str = "ste"  # ste: forward = full block, gradient through g | soft: output scaled by g
-    change_surprise: str = "mse"  # D_ch form: mse | kl (the prior also predicts a log-variance)
-    beta_mode: str = "learnable"  # learnable | linear | cosine (scheduled from beta_start to beta_end)
+    gate_rule: GateRule = "or"  # how S_CE and S_CU combine into g: or | ce | cu
+    gate_mode: GateMode = "ste"  # ste: forward = full block, gradient through g | soft: output scaled by g
+    change_surprise: ChangeSurprise = "mse"  # D_ch form: mse | kl (the prior also predicts a log-variance)
+    beta_mode: BetaMode = "learnable"  # learnable | linear | cosine (scheduled from beta_start to beta_end)
     beta_init: float = 0.5
     beta_start: float = 0.5
     beta_end: float = 5.0
@@ -85,7 +108,9 @@ class ModelConfig:
     learn_m_cu: bool = True
     ma_window: int = 100  # trailing window of the moving average in CU
     prior_factor: float = 0.0625  # prior / transition MLP hidden size = max(2, even(ceil(f * d_model)))
-    routed_attention: str = "selected"  # selected: attend to selected tokens only | full: to every earlier token
+    routed_attention: RoutedAttention = (
+        "selected"  # selected: attend to selected tokens only | full: to every earlier token
+    )
     dense_first: int = 0  # layers kept dense at the bottom of the stack
     dense_last: int = 0  # layers kept dense at the top of the stack
     prior_loss_weight: float = 0.05  # prior (SDT) / transition (STT) loss
@@ -93,18 +118,18 @@ class ModelConfig:
     # Causal mode used for validation, the evaluation headline and generation: threshold | student | budget (the
     # architecture's own score against a threshold that holds each sequence's executed share at the capacity).
     # None picks the architecture's own: threshold for SDT (its gate is causal), student for STT and MoD.
-    inference_routing: str | None = None
-    student_input: str = "x"  # causal router input: x | x_prev ([x_t ; x_{t-1}], STT option)
+    inference_routing: CausalMode | None = None
+    student_input: StudentInput = "x"  # causal router input: x | x_prev ([x_t ; x_{t-1}], STT option)
     # MoD: scale the block update by sigmoid(r), by the raw score r, or ste: forward value exactly 1 with the gradient
     # of sigmoid(r) (straight-through), so MoD at capacity 1.0 computes the pretrained model exactly.
-    mod_gate: str = "sigmoid"
+    mod_gate: ModGate = "sigmoid"
     # Causal student routers read an RMS-normalised input (no weight): pretrained residual streams have large,
     # layer-dependent norms and outlier dimensions that a freshly initialised MLP learns poorly from.
     student_norm: bool = False
     mod_zloss_weight: float = 1e-4
 
     def __post_init__(self) -> None:
-        _check(self.arch in ARCHS, f"model.arch={self.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+        _check_choices(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"model.{name} must be a positive integer, got {value!r}")
@@ -141,19 +166,6 @@ class ModelConfig:
             isinstance(self.capacity, (int, float)) and not isinstance(self.capacity, bool) and 0 < self.capacity <= 1,
             f"model.capacity must be a number in (0, 1], got {self.capacity!r}",
         )
-        for name, choices in (
-            ("gate_rule", GATE_RULES),
-            ("gate_mode", GATE_MODES),
-            ("change_surprise", CHANGE_SURPRISE),
-            ("beta_mode", BETA_MODES),
-            ("routed_attention", ROUTED_ATTENTION),
-            ("inference_routing", ROUTING_MODES),
-            ("student_input", ("x", "x_prev")),
-            ("mod_gate", MOD_GATES),
-            ("capacity_schedule", CAPACITY_SCHEDULES),
-        ):
-            value = getattr(self, name)
-            _check(value in choices, f"model.{name}={value!r} is unknown; choose one of {', '.join(choices)}")
         if self.capacity_start is not None:
             _check(
                 isinstance(self.capacity_start, (int, float)) and 0 < self.capacity_start <= 1,
@@ -186,7 +198,6 @@ class ModelConfig:
                 f"model={self.arch} routes every other layer: model.n_layers - dense_first - dense_last must be >= 2, "
                 f"got {routed}",
             )
-        _check(self.inference_routing != "topk", "model.inference_routing must be causal: threshold, student or budget")
         if self.arch == "stt":
             _check(
                 self.inference_routing in ("student", "budget"),
@@ -199,6 +210,16 @@ class ModelConfig:
                 f"model=sdt pairs a decision layer with a dynamic layer: model.n_layers - dense_first - dense_last "
                 f"must be even and >= 2, got {routed}",
             )
+
+    @property
+    def aux_loss_weights(self) -> dict[str, float]:
+        """Weight of each auxiliary loss a routed layer reports, by the name it reports it under."""
+        return {
+            "prior": self.prior_loss_weight,  # SDT prior / STT transition network
+            "router": self.router_loss_weight,  # causal student routers
+            "mod_router_bce": self.router_loss_weight,  # MoD: the router score itself learns Top-K membership
+            "zloss": self.mod_zloss_weight,  # MoD: keeps router scores small
+        }
 
     @property
     def routed_layer_count(self) -> int:
@@ -228,3 +249,22 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def layer_kinds(cfg: ModelConfig) -> list[LayerKind]:
+    """What each layer of the stack is: the one layout rule, used to build models and to count their compute.
+
+    "block": a plain block on every token (dense models, `dense_first` / `dense_last`, the unrouted layers of STT and
+    MoD); "decision" then "dynamic": the two blocks of an SDT pair; "stt" / "mod": a routed layer. The routed region is
+    layers dense_first .. n_layers - dense_last - 1; j is the index inside it. STT and MoD route its odd layers.
+    """
+    kinds: list[LayerKind] = []
+    for i in range(cfg.n_layers):
+        j = i - cfg.dense_first
+        if cfg.arch == "dense" or not 0 <= j < cfg.routed_layer_count:
+            kinds.append("block")
+        elif cfg.arch == "sdt":
+            kinds.append("decision" if j % 2 == 0 else "dynamic")
+        else:
+            kinds.append(cfg.arch if j % 2 == 1 else "block")
+    return kinds

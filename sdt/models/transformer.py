@@ -9,7 +9,7 @@ how they are combined, and the training loop logs each one separately.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -150,7 +150,15 @@ def positions_from_pad_mask(pad_mask: Tensor) -> Tensor:
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, layers: Sequence[nn.Module] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layers: Sequence[nn.Module] | None = None,
+        aux_loss_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        """`layers`: the stack (default: cfg.n_layers dense layers). `aux_loss_weights`: the weight of each auxiliary
+        loss the layers report (default: `cfg.aux_loss_weights`); a layer reporting a loss not named there is an
+        error, not a silent weight of 1."""
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -161,7 +169,7 @@ class LanguageModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.aux_loss_weights: dict[str, float] = {}  # set by routed architectures
+        self.aux_loss_weights = dict(cfg.aux_loss_weights if aux_loss_weights is None else aux_loss_weights)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -319,7 +327,12 @@ class LanguageModel(nn.Module):
         aux_losses = {name: aux_sums[name] / aux_counts[name] for name in aux_sums}
         aux_loss = None
         if aux_losses:
-            aux_loss = sum(self.aux_loss_weights.get(name, 1.0) * value for name, value in aux_losses.items())
+            unweighted = sorted(set(aux_losses) - set(self.aux_loss_weights))
+            if unweighted:
+                raise ValueError(
+                    f"auxiliary loss(es) {unweighted} have no weight; weighted: {sorted(self.aux_loss_weights)}"
+                )
+            aux_loss = sum(self.aux_loss_weights[name] * value for name, value in aux_losses.items())
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

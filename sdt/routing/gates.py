@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor
 
+# ste: the forward value is the full block update, the gradient flows through g | soft: the update scaled by g
+GateMode = Literal["ste", "soft"]
 
-def apply_gate(f_BKD: Tensor, g_BK: Tensor, mode: str) -> Tensor:
+
+def apply_gate(f_BKD: Tensor, g_BK: Tensor, mode: GateMode) -> Tensor:
     """ste: forward value f exactly, gradient d/dg = f (straight-through); soft: g * f (MoD style)."""
     g = g_BK.unsqueeze(-1).to(f_BKD.dtype)
     if mode == "ste":

@@ -15,6 +15,7 @@ token's own update.
 from __future__ import annotations
 
 from collections.abc import Hashable, MutableMapping
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,13 @@ from sdt.routing.execution import causal_selection
 from sdt.routing.quantiles import is_calibrated, threshold_at
 from sdt.routing.topk import capacity_k, indices_to_mask, topk_indices
 
-CAUSAL_MODES = ("threshold", "student", "budget")
+# topk: the k best scores of the whole sequence (training; not causal) | threshold: the layer's own score against its
+# calibrated threshold | student: a causal router's score | budget: the own score against a threshold that holds the
+# executed share of each sequence at the capacity
+RoutingMode = Literal["topk", "threshold", "student", "budget"]
+CausalMode = Literal["threshold", "student", "budget"]
+ROUTING_MODES: tuple[RoutingMode, ...] = get_args(RoutingMode)
+CAUSAL_MODES: tuple[CausalMode, ...] = get_args(CausalMode)
 
 # Budget mode: |executed - capacity * n| <= BUDGET_TOLERANCE * max(n, BUDGET_MIN_TOKENS) tokens after n real tokens of
 # a sequence, so from 64 tokens on the executed share is within 1.95 points of the capacity (the target is 2).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -98,16 +98,21 @@ class SurpriseSignals:
     g: Tensor  # (B, T) gate in [0, 1]
 
 
+GateRule = Literal["or", "ce", "cu"]  # how S_CE and S_CU combine into g
+BetaMode = Literal["learnable", "linear", "cosine"]  # learnt betas, or scheduled from beta_start to beta_end
+ChangeSurprise = Literal["mse", "kl"]  # D_ch: squared error, or KL to a prior that also predicts a log-variance
+
+
 class SurpriseConfig(Protocol):
     """The fields the surprise gate reads from its config (`sdt.models.ModelConfig` has them all)."""
 
-    gate_rule: str
-    beta_mode: str
+    gate_rule: GateRule
+    beta_mode: BetaMode
     ma_window: int
     beta_start: float
     beta_end: float
     beta_init: float
-    change_surprise: str
+    change_surprise: ChangeSurprise
     o_ce_init: float
     m_cu_init: float
     learn_o_ce: bool

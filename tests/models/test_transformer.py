@@ -167,3 +167,33 @@ def test_routed_layers_share_one_interface(arch):
             assert layer.thresholds()[name] is owner.threshold and layer.score_quantiles()[name] is owner.quantiles
         assert layer.kv_share == 0.25
     assert not tiny_model("dense").is_routed
+
+
+@pytest.mark.parametrize("arch", ["dense", "sdt", "stt", "mod"])
+def test_layer_stack_follows_the_one_layout_rule(arch):
+    """build_layers and compute accounting read the same layer_kinds, so the stack built is the one counted."""
+    from sdt.models import layer_kinds
+    from sdt.models.sdt import SDTPair
+
+    model = tiny_model(arch, n_layers=6, dense_first=1, dense_last=1)
+    kinds = layer_kinds(model.config)
+    built: list[str] = []
+    for layer in model.layers:
+        if isinstance(layer, SDTPair):
+            built += ["decision", "dynamic"]
+        else:
+            built.append("block" if isinstance(layer, DenseLayer) else arch)
+    assert built == kinds
+    assert kinds[0] == kinds[-1] == "block" and (arch == "dense") == (set(kinds) == {"block"})
+
+
+def test_aux_losses_take_the_configured_weights_and_an_unweighted_one_is_an_error():
+    model = tiny_model("mod", prior_loss_weight=0.3, router_loss_weight=0.2, mod_zloss_weight=0.1).train()
+    out = model(random_ids(2, 16))
+    assert set(out.aux_losses) == {"zloss", "mod_router_bce", "router"}
+    expected = 0.1 * out.aux_losses["zloss"] + 0.2 * (out.aux_losses["mod_router_bce"] + out.aux_losses["router"])
+    torch.testing.assert_close(out.aux_loss, expected)
+
+    model.aux_loss_weights.pop("zloss")
+    with pytest.raises(ValueError, match=r"\['zloss'\] have no weight"):
+        model(random_ids(2, 16))

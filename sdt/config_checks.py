@@ -1,0 +1,58 @@
+"""Checks shared by every config dataclass: the strict constructor from a plain mapping, and value checks whose
+messages name the config key (`data.seq_len must be an integer, got 'abc'`).
+
+A leaf: it imports nothing of `sdt` but the error type, so configs at every layer of the package can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from sdt.errors import UserError
+
+T = TypeVar("T")
+
+
+def strict_kwargs(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """`d` as keyword arguments of dataclass `cls`, after checking that it names only fields of `cls`.
+
+    `prefix` is the config key of the mapping (`model`, `data.tokenizer`, `cola`): a typo in an override fails with
+    the full key and the valid options instead of being silently ignored.
+    """
+    if not isinstance(d, Mapping):
+        raise UserError(f"{prefix} must be a mapping, got {type(d).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(str(k) for k in d if k not in valid)
+    if unknown:
+        keys = ", ".join(f"{prefix}.{k}" for k in unknown)
+        raise UserError(f"unknown {prefix} option(s) {unknown} ({keys}); valid options: {', '.join(valid)}")
+    return dict(d)
+
+
+def from_mapping(cls: type[T], d: Mapping[str, Any] | None, prefix: str) -> T:
+    """Build dataclass `cls` from a plain (or OmegaConf) mapping with `strict_kwargs`; None builds the defaults."""
+    return cls(**strict_kwargs(cls, {} if d is None else d, prefix))
+
+
+def check_int(key: str, value: Any, minimum: int | None = None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    # bool is a subclass of int, but `seq_len: true` is surely a mistake.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{key} must be an integer{' or null' if allow_none else ''}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise UserError(f"{key} must be >= {minimum}, got {value}")
+
+
+def check_str(key: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{key} must be a non-empty string{' or null' if allow_none else ''}, got {value!r}")
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
