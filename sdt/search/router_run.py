@@ -267,34 +267,14 @@ def plot_router(r: dict[str, Any], path: str) -> str:
         color="tab:blue",
         label="router, length-penalty sweep",
     )
-    ax.scatter(
-        [r["mean_path_length"]],
-        [r["accuracy"]],
-        marker="*",
-        s=160,
-        color="tab:red",
-        zorder=5,
-        label=f"router (penalty {r['length_penalty']:g})",
-    )
+    # (length, accuracy, marker, size, colour, label) of each single point
+    points = [(r["mean_path_length"], r["accuracy"], "*", 160, "tab:red", f"router (penalty {r['length_penalty']:g})")]
     if r["static_path"]:
-        ax.scatter(
-            [r["static_path"]["length"]],
-            [r["static_path"]["accuracy"]],
-            marker="s",
-            s=40,
-            color="tab:green",
-            zorder=4,
-            label="best training path, every item",
-        )
-    ax.scatter(
-        [r["original_path_length"]],
-        [r["original_accuracy"]],
-        marker="o",
-        s=60,
-        color="black",
-        zorder=5,
-        label="original path",
-    )
+        static = r["static_path"]
+        points.append((static["length"], static["accuracy"], "s", 40, "tab:green", "best training path, every item"))
+    points.append((r["original_path_length"], r["original_accuracy"], "o", 60, "black", "original path"))
+    for length, accuracy, marker, size, color, label in points:
+        ax.scatter([length], [accuracy], marker=marker, s=size, color=color, zorder=5, label=label)
     ax.set_xlabel("executed layers per token (mean over held-out items)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"Path router on {r['task']}: {r['num_heldout_items']} held-out items", fontsize=9)
