@@ -104,6 +104,14 @@ class RoutedLayer(nn.Module):
         """Score name (as in LayerOutput.scores) -> the module holding its threshold and quantile grid."""
         raise NotImplementedError
 
+    def reset_routing_parameters(self) -> None:
+        """Re-apply the routing modules' own initialisation after the model's generic one (a zero-initialised prior
+        or transition network, so a converted model starts as the pretrained one). Default: nothing to redo."""
+
+    def set_progress(self, progress: float) -> None:
+        """Share of training done, in [0, 1], for routing parameters on a schedule (scheduled surprise betas).
+        Default: no schedule."""
+
     def thresholds(self) -> dict[str, Tensor]:
         """Calibrated thresholds by score name."""
         return {name: owner.threshold for name, owner in self.score_owners().items()}
@@ -184,10 +192,8 @@ class LanguageModel(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-        # Routed modules re-apply their own initialisation (e.g. zero-initialised priors) afterwards.
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_routing_parameters"):
-                module.reset_routing_parameters()
+        for _, layer in self.routed_layers():
+            layer.reset_routing_parameters()
 
     @property
     def is_routed(self) -> bool:
@@ -200,9 +206,8 @@ class LanguageModel(nn.Module):
     def set_training_progress(self, progress: float) -> None:
         """Fraction of training done, in [0, 1]; drives scheduled routing temperatures (beta) and the capacity
         schedule (`model.capacity_start`)."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "set_progress"):
-                module.set_progress(progress)
+        for _, layer in self.routed_layers():
+            layer.set_progress(progress)
         self.set_capacity(self.config.capacity_at(progress))
 
     def set_capacity(self, capacity: float) -> None:

@@ -197,3 +197,18 @@ def test_aux_losses_take_the_configured_weights_and_an_unweighted_one_is_an_erro
     model.aux_loss_weights.pop("zloss")
     with pytest.raises(ValueError, match=r"\['zloss'\] have no weight"):
         model(random_ids(2, 16))
+
+
+@pytest.mark.parametrize("arch", ["sdt", "stt"])
+def test_model_reaches_every_routed_layers_init_and_schedule(arch):
+    """The model's generic init does not overwrite the zero-initialised priors, and training progress reaches every
+    scheduled surprise gate (through RoutedLayer's hooks)."""
+    model = tiny_model(arch, beta_mode="linear", beta_start=0.5, beta_end=4.0, n_layers=6)
+    routed = [layer for _, layer in model.routed_layers()]
+    assert len(routed) >= 2
+    for layer in routed:
+        prior = layer.prior if arch == "sdt" else layer.transition
+        assert torch.count_nonzero(prior.down_proj.weight) == 0
+    model.set_training_progress(1.0)
+    for layer in routed:
+        torch.testing.assert_close(layer.surprise.betas(), torch.tensor([4.0, 4.0]))
