@@ -7,7 +7,7 @@ A leaf: it imports nothing of `sdt` but the error type, so configs at every laye
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from sdt.errors import UserError
@@ -56,3 +56,10 @@ def check_str(key: str, value: Any, allow_none: bool = False) -> None:
 def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_all(checks: Iterable[tuple[bool, str]]) -> None:
+    """Raise the message of the first (ok, message) pair that does not hold."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)

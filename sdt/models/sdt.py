@@ -51,12 +51,6 @@ class SDTPair(RoutedLayer):
         self.surprise = SurpriseGate(cfg)
         self.student = CausalRouter(cfg.d_model, cfg.d_model // 2, normalize=cfg.student_norm)
 
-    def reset_routing_parameters(self) -> None:
-        self.prior.reset_routing_parameters()
-
-    def set_progress(self, progress: float) -> None:
-        self.surprise.set_progress(progress)
-
     def score_owners(self) -> dict[str, nn.Module]:
         return {"gate": self.surprise, "student": self.student}
 

@@ -62,12 +62,6 @@ class STTLayer(RoutedLayer):
         d_in = 2 * cfg.d_model if self.use_prev else cfg.d_model
         self.student = CausalRouter(d_in, cfg.d_model // 2, normalize=cfg.student_norm)
 
-    def reset_routing_parameters(self) -> None:
-        self.transition.reset_routing_parameters()
-
-    def set_progress(self, progress: float) -> None:
-        self.surprise.set_progress(progress)
-
     def score_owners(self) -> dict[str, nn.Module]:
         return {"gate": self.surprise, "student": self.student}
 

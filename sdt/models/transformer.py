@@ -20,8 +20,10 @@ from sdt.blocks.kv_cache import KVCache, ModelCache
 from sdt.blocks.layers import Block, RMSNorm, RotaryEmbedding
 from sdt.errors import UserError
 from sdt.models.config import ModelConfig
+from sdt.routing.priors import PriorFFN
 from sdt.routing.quantiles import is_calibrated, threshold_at
 from sdt.routing.stats import position_consensus
+from sdt.routing.surprise import SurpriseGate
 
 
 @dataclass
@@ -105,12 +107,17 @@ class RoutedLayer(nn.Module):
         raise NotImplementedError
 
     def reset_routing_parameters(self) -> None:
-        """Re-apply the routing modules' own initialisation after the model's generic one (a zero-initialised prior
-        or transition network, so a converted model starts as the pretrained one). Default: nothing to redo."""
+        """Re-apply the own initialisation of the layer's priors / transition networks after the model's generic
+        one: they start at zero, so a converted model starts as the pretrained one."""
+        for module in self.modules():
+            if isinstance(module, PriorFFN):
+                module.reset_routing_parameters()
 
     def set_progress(self, progress: float) -> None:
-        """Share of training done, in [0, 1], for routing parameters on a schedule (scheduled surprise betas).
-        Default: no schedule."""
+        """Share of training done, in [0, 1], for the layer's surprise gates (scheduled betas)."""
+        for module in self.modules():
+            if isinstance(module, SurpriseGate):
+                module.set_progress(progress)
 
     def thresholds(self) -> dict[str, Tensor]:
         """Calibrated thresholds by score name."""

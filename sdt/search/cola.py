@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sdt.config_checks import from_mapping
+from sdt.config_checks import check_all, from_mapping
 from sdt.errors import UserError
 
 Path = tuple[int, ...]
@@ -62,9 +62,7 @@ class ColaConfig:
         ]
         if self.min_length is not None and self.max_length is not None:
             checks.append((self.max_length >= self.min_length, "cola.max_length must be >= cola.min_length"))
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        check_all(checks)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ColaConfig:

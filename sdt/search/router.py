@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdt.config_checks import from_mapping
+from sdt.config_checks import check_all, from_mapping
 from sdt.errors import UserError
 
 Path = tuple[int, ...]
@@ -73,9 +73,7 @@ class RouterConfig:
             (self.steps >= 1, "cola_router.steps must be >= 1"),
             (self.lr > 0, "cola_router.lr must be > 0"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        check_all(checks)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
