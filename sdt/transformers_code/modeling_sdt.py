@@ -2,8 +2,10 @@
 
     model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
 
-This file and `layers_sdt.py` (the backbone and routed execution it builds on) are copied next to `config.json` by
-every routed export and import only torch and transformers, so an export loads where `sdt` is not installed. It reproduces the routed models' *causal* inference forward (the
+Every routed export ships this file next to `config.json`, with `layers_sdt.py` (its cache and routed execution) and
+the package's own building blocks, byte for byte: `layers.py` and `kv_cache.py` from `sdt/blocks/` (the decoder block,
+RMSNorm, RoPE, the KV cache). They import only torch, transformers and each other, so an export loads where `sdt` is
+not installed (see `sdt/transformers_code/__init__.py`). It reproduces the routed models' *causal* inference forward (the
 `threshold` and `student` routing modes), which is what evaluation and generation use: per token, a routed block
 runs only where its causal score clears the calibrated threshold, and a skipped token writes no K/V, so the KV cache
 of a routed layer holds only the tokens it executed. Training-only paths (Top-K routing, auxiliary losses,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -28,7 +31,8 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .layers_sdt import Block, Inputs, RMSNorm, RoutedCache, causal_selection, execute_tokens
+from .layers import Block, RMSNorm, RotaryEmbedding
+from .layers_sdt import Inputs, RoutedCache, causal_selection, execute_tokens
 
 CAUSAL_MODES = ("threshold", "student")
 LOGVAR_CLAMP = 8.0
@@ -49,7 +53,7 @@ class SDTConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-# --- backbone (mirrors sdt/blocks/layers.py)
+# --- routing modules (mirror sdt/routing/*.py)
 
 
 class PriorFFN(nn.Module):
@@ -171,8 +175,7 @@ class SDTRouting(nn.Module):
 
     def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
         decision, dynamic = blocks
-        kv = (lambda sub: None) if inp.cache is None else (lambda sub: inp.cache.kv((i, sub)))
-        post = decision(x, inp.positions, kv(0), inp.pad_mask)
+        post = decision(x, inp.positions, inp.rope, cache=inp.kv((i, 0)), pad_mask=inp.pad_mask)
         delta_hat, logvar = self.prior(x)
         history = None if inp.cache is None else inp.cache.state.get((i, "ma"))
         g, history = self.surprise(post - x, delta_hat, logvar, inp.pad_mask, history)
@@ -184,7 +187,7 @@ class SDTRouting(nn.Module):
             decide = torch.sigmoid(self.student(post)) >= self.student.threshold
         full = c["routed_attention"] == "full"
         selection = causal_selection(decide, inp.pad_mask, full)
-        return execute_tokens(dynamic, post, inp, selection, g, c["gate_mode"], kv(1), full)
+        return execute_tokens(dynamic, post, inp, selection, g, c["gate_mode"], inp.kv((i, 1)), full)
 
 
 class STTRouting(nn.Module):
@@ -210,8 +213,7 @@ class STTRouting(nn.Module):
         decide = torch.sigmoid(self.student(student_in)) >= self.student.threshold
         full = c["routed_attention"] == "full"
         selection = causal_selection(decide, inp.pad_mask, full)
-        cache = None if inp.cache is None else inp.cache.kv((i, 0))
-        return execute_tokens(block, x, inp, selection, None, c["gate_mode"], cache, full)
+        return execute_tokens(block, x, inp, selection, None, c["gate_mode"], inp.kv((i, 0)), full)
 
 
 class MoDRouting(nn.Module):
@@ -233,8 +235,7 @@ class MoDRouting(nn.Module):
             decide = torch.sigmoid(self.student(x)) >= self.student.threshold
         full = c["routed_attention"] == "full"
         selection = causal_selection(decide, inp.pad_mask, full)
-        cache = None if inp.cache is None else inp.cache.kv((i, 0))
-        return execute_tokens(block, x, inp, selection, gate, "soft", cache, full)
+        return execute_tokens(block, x, inp, selection, gate, "soft", inp.kv((i, 0)), full)
 
 
 ROUTING_UNITS = {"sdt": SDTRouting, "stt": STTRouting, "mod": MoDRouting}
@@ -273,11 +274,19 @@ class SDTCausalLMOutput(ModelOutput):
 
 
 class Backbone(nn.Module):
+    """The package's decoder blocks (`layers.py`) under Hugging Face Llama names, and the RoPE tables they share."""
+
     def __init__(self, c: dict[str, Any]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(c["vocab_size"], c["d_model"])
-        self.layers = nn.ModuleList(Block(c) for _ in range(c["n_layers"]))
+        block_config = SimpleNamespace(**c)  # the exported model config has every field a Block reads
+        self.layers = nn.ModuleList(Block(block_config) for _ in range(c["n_layers"]))
         self.norm = RMSNorm(c["d_model"], c["rms_norm_eps"])
+        self.rope = rope_tables(c)  # not in the state dict: recomputed on loading (SDTForCausalLM._init_weights)
+
+
+def rope_tables(c: dict[str, Any]) -> RotaryEmbedding:
+    return RotaryEmbedding(c["head_dim"], c["max_seq_len"], float(c["rope_theta"]))
 
 
 class RoutingModules(nn.Module):
@@ -310,6 +319,17 @@ class SDTForCausalLM(PreTrainedModel, GenerationMixin):
         self.sdt = RoutingModules(c, self.layout)
         self.lm_head = nn.Linear(c["d_model"], c["vocab_size"], bias=False)
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, RotaryEmbedding):
+            # transformers builds the model on the meta device and gives buffers outside the state dict empty
+            # storage: the cos/sin tables are filled here, computed as the package computes them.
+            with torch.device("cpu"):
+                fresh = rope_tables(self.config.sdt)
+            module.cos.copy_(fresh.cos)
+            module.sin.copy_(fresh.sin)
+        else:
+            super()._init_weights(module)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -347,14 +367,15 @@ class SDTForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             start = 0 if cache is None else cache.seen
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        inp = Inputs(positions=position_ids, pad_mask=pad_mask, cache=cache, routing=self.config.routing)
+        inp = Inputs(
+            positions=position_ids, rope=self.model.rope, pad_mask=pad_mask, cache=cache, routing=self.config.routing
+        )
         x = self.model.embed_tokens(input_ids)
         decisions = {}
         for i, (kind, blocks) in enumerate(self.layout):
             if kind == "dense":
                 (b,) = blocks
-                kv = None if cache is None else cache.kv((i, 0))
-                x = self.model.layers[b](x, inp.positions, kv, inp.pad_mask)
+                x = self.model.layers[b](x, inp.positions, inp.rope, cache=inp.kv((i, 0)), pad_mask=inp.pad_mask)
             else:
                 x, decisions[i] = self.sdt.layers[str(i)].run(i, [self.model.layers[b] for b in blocks], x, inp, c)
         if cache is not None:
