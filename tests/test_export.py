@@ -101,7 +101,7 @@ ROUTED_EXPORTS = {
     "sdt": {"arch": "sdt", "capacity": 0.5},
     "sdt-full-student-qwen2": {
         "arch": "sdt", "routed_attention": "full", "inference_routing": "student", "qkv_bias": True,
-        "tie_embeddings": False, "change_surprise": "kl", "beta_mode": "cosine",
+        "tie_embeddings": False, "change_surprise": "kl", "beta_mode": "cosine", "student_norm": True,
     },
     "stt": {"arch": "stt", "capacity": 0.5, "dense_first": 1, "dense_last": 1, "student_input": "x_prev"},
     "mod": {"arch": "mod", "capacity": 0.25},

@@ -1,8 +1,10 @@
 """What only the export adds to the package's building blocks: the decoding cache `generate` carries, the inputs
-every unit reads, and running a block on a subset of tokens (the causal modes of `sdt/routing/execution.py`).
+every unit reads, and running a block on a subset of tokens (the causal modes of `sdt/routing/execution.py`, which
+builds on `sdt.blocks` from another package and so cannot ship as it is).
 
 Shipped beside `modeling_sdt.py` in every routed export; imports only torch and its sibling files (`layers.py` and
-`kv_cache.py` are the package's `sdt/blocks/` files, shipped verbatim).
+`kv_cache.py` are the package's `sdt/blocks/` files, `gates.py` and `topk.py` its `sdt/routing/` ones, shipped
+verbatim).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .gates import apply_gate
 from .kv_cache import KVCache, ModelCache
 from .layers import Block, RotaryEmbedding
+from .topk import indices_to_mask, pack_decisions
 
 
 class RoutedCache(ModelCache):
@@ -43,47 +47,32 @@ class Inputs:
         return None if self.cache is None else self.cache.get(key)
 
 
-def topk_indices(scores: Tensor, k: int) -> Tensor:
-    return torch.sort(torch.topk(scores, k, dim=1, sorted=False).indices, dim=1).values
-
-
-def indices_to_mask(idx: Tensor, seq_len: int, valid: Tensor | None = None) -> Tensor:
-    mask = torch.zeros(idx.shape[0], seq_len, dtype=torch.bool, device=idx.device)
-    return mask.scatter(1, idx, torch.ones_like(idx, dtype=torch.bool) if valid is None else valid)
-
-
 def causal_selection(decide: Tensor, pad_mask: Tensor | None, full_context: bool) -> tuple[Tensor, Tensor] | None:
-    """Per-token decisions (B, T) -> (idx, valid) (B, K), K the largest count in a row; None when none executes."""
+    """Per-token decisions (B, T) -> (idx, valid) (B, K), K the largest count in a row; None when none executes.
+    Padding never executes; full-context attention keeps one slot, as every token must still write its K/V."""
     if pad_mask is not None:
         decide = decide & pad_mask
-    k = max(int(decide.sum(dim=1).max()), 1 if full_context else 0)
-    if k == 0:
-        return None
-    idx = topk_indices(decide.float(), k)
-    return idx, torch.gather(decide, 1, idx)
+    return pack_decisions(decide, min_k=1 if full_context else 0)
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def apply_gate(f: Tensor, g: Tensor, mode: str) -> Tensor:
-    g = g.unsqueeze(-1).to(f.dtype)
-    return f + f * (g - g.detach()) if mode == "ste" else f * g
-
-
 def execute_tokens(
     block: Block,
     x: Tensor,
     inp: Inputs,
-    selection: tuple[Tensor, Tensor] | None,
+    decide: Tensor,
     gate: Tensor | None,
     gate_mode: str,
     cache: KVCache | None,
     full_context: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Run `block` on the selected tokens only; the others keep x. Returns (output, executed (B, T))."""
+    """Run `block` only where `decide` (B, T) holds; the other tokens keep x. Returns (output, executed (B, T)).
+    `gate` (B, T) scales the executed tokens' updates (None: the full update)."""
     B, T, _ = x.shape
+    selection = causal_selection(decide, inp.pad_mask, full_context)
     if selection is None:
         return x, torch.zeros(B, T, dtype=torch.bool, device=x.device)
     idx, valid = selection

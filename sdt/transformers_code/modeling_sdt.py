@@ -32,13 +32,15 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .layers import Block, RMSNorm, RotaryEmbedding
-from .layers_sdt import Inputs, RoutedCache, causal_selection, execute_tokens
+from .layers_sdt import Inputs, RoutedCache, execute_tokens
+from .routers import LinearRouter
+from .students import CausalRouter
+from .surprise import SurpriseGate
 
 CAUSAL_MODES = ("threshold", "student")
-LOGVAR_CLAMP = 8.0
 # Model options this code does not reproduce, with the value it assumes: an export that sets another value is refused
 # rather than loaded as a different model.
-ASSUMED_OPTIONS = {"always_execute_first": 0, "student_norm": False}
+ASSUMED_OPTIONS = {"always_execute_first": 0}
 MOD_GATES = ("sigmoid", "raw")
 
 
@@ -53,10 +55,9 @@ class SDTConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-# --- routing modules (mirror sdt/routing/*.py)
-
-
 class PriorFFN(nn.Module):
+    """The SDT prior / STT transition network of `sdt/routing/priors.py` (not shipped: it imports across packages)."""
+
     def __init__(self, d_model: int, hidden: int, eps: float, predict_logvar: bool) -> None:
         super().__init__()
         self.norm = RMSNorm(d_model, eps)
@@ -71,96 +72,6 @@ class PriorFFN(nn.Module):
         return self.down_proj(h), None if self.logvar_proj is None else self.logvar_proj(h)
 
 
-class CausalRouter(nn.Module):
-    def __init__(self, d_in: int, d_hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, max(1, d_hidden))
-        self.fc2 = nn.Linear(max(1, d_hidden), 1)
-        self.register_buffer("threshold", torch.full((), 0.5))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.silu(self.fc1(x))).squeeze(-1)
-
-
-class LinearRouter(nn.Module):
-    def __init__(self, d_model: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d_model, 1, bias=False)
-        self.register_buffer("threshold", torch.zeros(()))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).squeeze(-1).float()
-
-
-def causal_moving_average(
-    x: Tensor, window: int, valid: Tensor | None, history: tuple[Tensor, Tensor] | None
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Trailing mean over the at most `window` valid tokens ending at t; `history` carries earlier calls' values."""
-    valid = torch.ones_like(x, dtype=torch.bool) if valid is None else valid
-    x_full, v_full = (
-        (x, valid) if history is None else (torch.cat([history[0], x], 1), torch.cat([history[1], valid], 1))
-    )
-    T, H = x.shape[1], x_full.shape[1] - x.shape[1]
-    w = v_full.to(x_full.dtype)
-    sums = F.pad(torch.cumsum(x_full * w, dim=1), (1, 0))
-    counts = F.pad(torch.cumsum(w, dim=1), (1, 0))
-    end = torch.arange(H + 1, H + T + 1, device=x.device)
-    start = (end - window).clamp(min=0)
-    mean = (sums[:, end] - sums[:, start]) / (counts[:, end] - counts[:, start]).clamp(min=1.0)
-    first = max(x_full.shape[1] - (window - 1), 0)
-    return mean, (x_full[:, first:], v_full[:, first:])
-
-
-class SurpriseGate(nn.Module):
-    """g = S_CE (+) S_CU from the block's update and the prior's prediction of it."""
-
-    def __init__(self, c: dict[str, Any]) -> None:
-        super().__init__()
-        self.rule, self.beta_mode, self.ma_window = c["gate_rule"], c["beta_mode"], int(c["ma_window"])
-        self.beta_start, self.beta_end, self.change_form = (
-            float(c["beta_start"]),
-            float(c["beta_end"]),
-            c["change_surprise"],
-        )
-        self.log_o_ce = nn.Parameter(torch.tensor(math.log(c["o_ce_init"])), requires_grad=False)
-        self.log_m_cu = nn.Parameter(torch.tensor(math.log(c["m_cu_init"])), requires_grad=False)
-        if self.beta_mode == "learnable":
-            self.beta_raw = nn.Parameter(torch.zeros(2), requires_grad=False)
-        self.register_buffer("progress", torch.zeros(()))
-        self.register_buffer("threshold", torch.full((), 0.5))
-
-    def betas(self) -> Tensor:
-        if self.beta_mode == "learnable":
-            return F.softplus(self.beta_raw)
-        p = self.progress.clamp(0.0, 1.0)
-        if self.beta_mode == "linear":
-            beta = self.beta_start + (self.beta_end - self.beta_start) * p
-        else:
-            beta = self.beta_end + (self.beta_start - self.beta_end) * 0.5 * (1 + torch.cos(math.pi * p))
-        return beta.expand(2)
-
-    def forward(
-        self, delta: Tensor, delta_hat: Tensor, logvar: Tensor | None, valid: Tensor | None, history: Any
-    ) -> tuple[Tensor, Any]:
-        d_st = delta.float().pow(2).mean(dim=-1)
-        if self.change_form == "kl":
-            lv = logvar.float().clamp(-LOGVAR_CLAMP, LOGVAR_CLAMP)
-            sq = (delta.float() - delta_hat.float()).pow(2)
-            d_ch = (0.5 * (lv + (1.0 + sq) * torch.exp(-lv) - 1.0)).mean(dim=-1)
-        else:
-            d_ch = (delta.float() - delta_hat.float()).pow(2).mean(dim=-1)
-        ma, history = causal_moving_average(d_st, self.ma_window, valid, history)
-        ce = d_st - (d_ch - self.log_o_ce)
-        cu = d_st - torch.exp(self.log_m_cu) * ma
-        beta = self.betas()
-        s_ce, s_cu = torch.sigmoid(beta[0] * ce), torch.sigmoid(beta[1] * cu)
-        if self.rule == "or":
-            g = s_ce + s_cu - s_ce * s_cu
-        else:
-            g = s_ce if self.rule == "ce" else s_cu
-        return g, history
-
-
 # --- the units of the stack
 
 
@@ -170,24 +81,23 @@ class SDTRouting(nn.Module):
     def __init__(self, c: dict[str, Any]) -> None:
         super().__init__()
         self.prior = PriorFFN(c["d_model"], prior_hidden(c), c["rms_norm_eps"], c["change_surprise"] == "kl")
-        self.surprise = SurpriseGate(c)
-        self.student = CausalRouter(c["d_model"], c["d_model"] // 2)
+        self.surprise = SurpriseGate(attributes(c))
+        self.student = CausalRouter(c["d_model"], c["d_model"] // 2, normalize=c["student_norm"])
 
     def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
         decision, dynamic = blocks
         post = decision(x, inp.positions, inp.rope, cache=inp.kv((i, 0)), pad_mask=inp.pad_mask)
         delta_hat, logvar = self.prior(x)
         history = None if inp.cache is None else inp.cache.state.get((i, "ma"))
-        g, history = self.surprise(post - x, delta_hat, logvar, inp.pad_mask, history)
+        signals, history = self.surprise(post - x, delta_hat, logvar, valid_BT=inp.pad_mask, history=history)
+        g = signals.g
         if inp.cache is not None:
             inp.cache.state[(i, "ma")] = history
         if inp.routing == "threshold":
             decide = g >= self.surprise.threshold
         else:
             decide = torch.sigmoid(self.student(post)) >= self.student.threshold
-        full = c["routed_attention"] == "full"
-        selection = causal_selection(decide, inp.pad_mask, full)
-        return execute_tokens(dynamic, post, inp, selection, g, c["gate_mode"], inp.kv((i, 1)), full)
+        return execute_tokens(dynamic, post, inp, decide, g, c["gate_mode"], inp.kv((i, 1)), full_context(c))
 
 
 class STTRouting(nn.Module):
@@ -197,8 +107,9 @@ class STTRouting(nn.Module):
         super().__init__()
         self.use_prev = c["student_input"] == "x_prev"
         self.transition = PriorFFN(c["d_model"], prior_hidden(c), c["rms_norm_eps"], c["change_surprise"] == "kl")
-        self.surprise = SurpriseGate(c)
-        self.student = CausalRouter((2 if self.use_prev else 1) * c["d_model"], c["d_model"] // 2)
+        self.surprise = SurpriseGate(attributes(c))
+        d_in = (2 if self.use_prev else 1) * c["d_model"]
+        self.student = CausalRouter(d_in, c["d_model"] // 2, normalize=c["student_norm"])
 
     def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
         (block,) = blocks
@@ -211,9 +122,7 @@ class STTRouting(nn.Module):
                 inp.cache.state[(i, "x_prev")] = x_in[:, -1:]
             student_in = torch.cat([x, torch.cat([first, x_in[:, :-1]], dim=1)], dim=-1)
         decide = torch.sigmoid(self.student(student_in)) >= self.student.threshold
-        full = c["routed_attention"] == "full"
-        selection = causal_selection(decide, inp.pad_mask, full)
-        return execute_tokens(block, x, inp, selection, None, c["gate_mode"], inp.kv((i, 0)), full)
+        return execute_tokens(block, x, inp, decide, None, c["gate_mode"], inp.kv((i, 0)), full_context(c))
 
 
 class MoDRouting(nn.Module):
@@ -223,7 +132,7 @@ class MoDRouting(nn.Module):
         super().__init__()
         self.raw_gate = c["mod_gate"] == "raw"
         self.router = LinearRouter(c["d_model"])
-        self.student = CausalRouter(c["d_model"], c["d_model"] // 2)
+        self.student = CausalRouter(c["d_model"], c["d_model"] // 2, normalize=c["student_norm"])
 
     def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
         (block,) = blocks
@@ -233,12 +142,21 @@ class MoDRouting(nn.Module):
             decide = r >= self.router.threshold
         else:
             decide = torch.sigmoid(self.student(x)) >= self.student.threshold
-        full = c["routed_attention"] == "full"
-        selection = causal_selection(decide, inp.pad_mask, full)
-        return execute_tokens(block, x, inp, selection, gate, "soft", inp.kv((i, 0)), full)
+        return execute_tokens(block, x, inp, decide, gate, "soft", inp.kv((i, 0)), full_context(c))
 
 
 ROUTING_UNITS = {"sdt": SDTRouting, "stt": STTRouting, "mod": MoDRouting}
+
+
+def attributes(c: dict[str, Any]) -> SimpleNamespace:
+    """The exported model config as the package's modules read a config (`cfg.d_model`): it has every field
+    `Block` (BlockConfig) and `SurpriseGate` (SurpriseConfig) read."""
+    return SimpleNamespace(**c)
+
+
+def full_context(c: dict[str, Any]) -> bool:
+    """Whether routed blocks attend to every earlier token (all tokens write K/V), not only executed ones."""
+    return c["routed_attention"] == "full"
 
 
 def prior_hidden(c: dict[str, Any]) -> int:
@@ -279,8 +197,7 @@ class Backbone(nn.Module):
     def __init__(self, c: dict[str, Any]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(c["vocab_size"], c["d_model"])
-        block_config = SimpleNamespace(**c)  # the exported model config has every field a Block reads
-        self.layers = nn.ModuleList(Block(block_config) for _ in range(c["n_layers"]))
+        self.layers = nn.ModuleList(Block(attributes(c)) for _ in range(c["n_layers"]))
         self.norm = RMSNorm(c["d_model"], c["rms_norm_eps"])
         self.rope = rope_tables(c)  # not in the state dict: recomputed on loading (SDTForCausalLM._init_weights)
 
