@@ -7,8 +7,10 @@ An export directory holds:
   `kv_cache.py` from `sdt/blocks/`, and the routing pieces that need nothing else, `surprise.py` (the surprise gate),
   `students.py` (causal routers), `routers.py` (MoD's router), `quantiles.py`, `topk.py` and `gates.py` from
   `sdt/routing/`. The export runs the very code the package trains and calibrates, so the two cannot drift.
-  `sdt/routing/priors.py` is not among them: it builds on `sdt/blocks/layers.py` across packages, which no relative
-  import within one flat directory expresses, so `modeling_sdt.py` keeps its own PriorFFN.
+  `sdt/routing/priors.py` is not among them: it needs RMSNorm from `sdt.blocks`, another package, and the only
+  relative import transformers' loader follows names a sibling file (`from .name import ...`), so `modeling_sdt.py`
+  keeps its own PriorFFN. Likewise `sdt/routing/execution.py` (it builds on `sdt.blocks` too) is mirrored by
+  `layers_sdt.py`'s `execute_tokens`.
 
 The exported code imports only torch, transformers and its sibling files, by relative import (`from .layers import
 Block`); the package files import only torch, the standard library and each other. transformers' dynamic-module

@@ -3,14 +3,16 @@
     model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
 
 Every routed export ships this file next to `config.json`, with `layers_sdt.py` (its cache and routed execution) and
-the package's own building blocks, byte for byte: `layers.py` and `kv_cache.py` from `sdt/blocks/` (the decoder block,
-RMSNorm, RoPE, the KV cache). They import only torch, transformers and each other, so an export loads where `sdt` is
-not installed (see `sdt/transformers_code/__init__.py`). It reproduces the routed models' *causal* inference forward (the
-`threshold` and `student` routing modes), which is what evaluation and generation use: per token, a routed block
-runs only where its causal score clears the calibrated threshold, and a skipped token writes no K/V, so the KV cache
-of a routed layer holds only the tokens it executed. Training-only paths (Top-K routing, auxiliary losses,
-statistics, STT's teacher pass) are not part of it: train with `sdt`, and read an export back there with
-`model.init_from=<dir>`.
+the package's own files, byte for byte: `layers.py` and `kv_cache.py` from `sdt/blocks/` (the decoder block, RMSNorm,
+RoPE, the KV cache) and the surprise gate, causal students, MoD router, quantile grids, Top-K packing and gates from
+`sdt/routing/`. They import only torch, transformers and each other, so an export loads where `sdt` is not installed
+(see `sdt/transformers_code/__init__.py`), and it runs the modules `sdt` trains, not copies of them.
+
+It reproduces the routed models' *causal* inference forward (the `threshold` and `student` routing modes), which is
+what evaluation and generation use: per token, a routed block runs only where its causal score clears the calibrated
+threshold, and a skipped token writes no K/V, so the KV cache of a routed layer holds only the tokens it executed.
+Training-only paths (Top-K routing, auxiliary losses, statistics, STT's teacher pass) are not part of it: train with
+`sdt`, and read an export back there with `model.init_from=<dir>`.
 
 `config.routing` selects the causal mode (default: the model's `inference_routing`); pass
 `routing="student"` to `from_pretrained` for the other one where the architecture has both.
