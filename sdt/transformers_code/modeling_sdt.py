@@ -201,10 +201,10 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(c["vocab_size"], c["d_model"])
         self.layers = nn.ModuleList(Block(attributes(c)) for _ in range(c["n_layers"]))
         self.norm = RMSNorm(c["d_model"], c["rms_norm_eps"])
-        self.rope = rope_tables(c)  # not in the state dict: recomputed on loading (SDTForCausalLM._init_weights)
+        self.rope = rotary_embedding(c)  # not in the state dict: recomputed on loading (SDTForCausalLM._init_weights)
 
 
-def rope_tables(c: dict[str, Any]) -> RotaryEmbedding:
+def rotary_embedding(c: dict[str, Any]) -> RotaryEmbedding:
     return RotaryEmbedding(c["head_dim"], c["max_seq_len"], float(c["rope_theta"]))
 
 
@@ -244,7 +244,7 @@ class SDTForCausalLM(PreTrainedModel, GenerationMixin):
             # transformers builds the model on the meta device and gives buffers outside the state dict empty
             # storage: the cos/sin tables are filled here, computed as the package computes them.
             with torch.device("cpu"):
-                fresh = rope_tables(self.config.sdt)
+                fresh = rotary_embedding(self.config.sdt)
             module.cos.copy_(fresh.cos)
             module.sin.copy_(fresh.sin)
         else:
