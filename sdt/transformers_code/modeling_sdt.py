@@ -98,7 +98,7 @@ class SDTRouting(nn.Module):
         if inp.routing == "threshold":
             decide = g >= self.surprise.threshold
         else:
-            decide = torch.sigmoid(self.student(post)) >= self.student.threshold
+            decide = student_decides(self.student, post)
         return execute_tokens(dynamic, post, inp, decide, g, c["gate_mode"], inp.kv((i, 1)), full_context(c))
 
 
@@ -123,7 +123,7 @@ class STTRouting(nn.Module):
             if inp.cache is not None:
                 inp.cache.state[(i, "x_prev")] = x_in[:, -1:]
             student_in = torch.cat([x, torch.cat([first, x_in[:, :-1]], dim=1)], dim=-1)
-        decide = torch.sigmoid(self.student(student_in)) >= self.student.threshold
+        decide = student_decides(self.student, student_in)
         return execute_tokens(block, x, inp, decide, None, c["gate_mode"], inp.kv((i, 0)), full_context(c))
 
 
@@ -143,7 +143,7 @@ class MoDRouting(nn.Module):
         if inp.routing == "threshold":
             decide = r >= self.router.threshold
         else:
-            decide = torch.sigmoid(self.student(x)) >= self.student.threshold
+            decide = student_decides(self.student, x)
         return execute_tokens(block, x, inp, decide, gate, "soft", inp.kv((i, 0)), full_context(c))
 
 
@@ -154,6 +154,11 @@ def attributes(c: dict[str, Any]) -> SimpleNamespace:
     """The exported model config as the package's modules read a config (`cfg.d_model`): it has every field
     `Block` (BlockConfig) and `SurpriseGate` (SurpriseConfig) read."""
     return SimpleNamespace(**c)
+
+
+def student_decides(student: CausalRouter, x: Tensor) -> Tensor:
+    """(B, T) bool: where the causal student executes, sigmoid(logit) >= its calibrated threshold."""
+    return torch.sigmoid(student(x)) >= student.threshold
 
 
 def full_context(c: dict[str, Any]) -> bool:
