@@ -4,10 +4,11 @@ Writes `model.safetensors`, `config.json` and the tokenizer (`tokenizer.json`, `
 - the backbone under Hugging Face Llama names (Qwen2 when the model has q/k/v biases), so a dense export is a plain
   Llama/Qwen2 checkpoint that `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads;
 - for routed models (SDT, STT, MoD) also the routing tensors (priors, transition networks, routers, gate scalars,
-  calibrated thresholds) under `sdt.`-prefixed names, and `modeling_sdt.py` with the `layers_sdt.py` it imports
-  (sdt/transformers_code/, standalone),
-  registered in `config.json` (`model_type: sdt`, `auto_map`) so that
-  `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads the routed model in its causal mode.
+  calibrated thresholds) under `sdt.`-prefixed names, and the code `transformers` runs: `modeling_sdt.py`, the
+  `layers_sdt.py` it imports and the package files both build on, copied verbatim (SHIPPED_FILES of
+  sdt/transformers_code/; they import only torch, transformers and each other), registered in `config.json`
+  (`model_type: sdt`, `auto_map`) so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
+  loads the routed model in its causal mode.
 Every export stores the full model config under the `sdt` key of `config.json`. `model.init_from=<dir>` reads any
 export back (training or evaluate.py) as the model it is.
 """

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+import sdt.blocks.kv_cache
+import sdt.blocks.layers
 from sdt.errors import UserError
 from sdt.export import export, main, parse_args
 from sdt.models import ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
+from sdt.transformers_code import SHIPPED_FILES
 from tests.conftest import run_cli
 from tests.pretrained_helpers import write_checkpoint
 
@@ -97,7 +101,7 @@ ROUTED_EXPORTS = {
     "sdt": {"arch": "sdt", "capacity": 0.5},
     "sdt-full-student-qwen2": {
         "arch": "sdt", "routed_attention": "full", "inference_routing": "student", "qkv_bias": True,
-        "tie_embeddings": False, "change_surprise": "kl", "beta_mode": "cosine",
+        "tie_embeddings": False, "change_surprise": "kl", "beta_mode": "cosine", "student_norm": True,
     },
     "stt": {"arch": "stt", "capacity": 0.5, "dense_first": 1, "dense_last": 1, "student_input": "x_prev"},
     "mod": {"arch": "mod", "capacity": 0.25},
@@ -119,6 +123,7 @@ def test_routed_export_loads_in_transformers_with_our_logits_generation_and_kv_s
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     assert hf.config.routing == cfg.inference_routing
+    assert type(hf.model.layers[0]).__module__.rpartition(".")[2] == "layers"  # the shipped package file's Block
 
     ids = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
@@ -142,13 +147,24 @@ def test_routed_export_loads_in_transformers_with_our_logits_generation_and_kv_s
     entries = generated.cache.num_entries()
     dense_entries = cfg.n_layers * 2 * (12 + 10 - 1)  # every block caches every token it has seen
     assert entries == cache.num_entries() and entries < dense_entries
+    assert {type(c).__module__.rpartition(".")[2] for c in generated.cache.layers.values()} == {"kv_cache"}
+
+
+def test_a_routed_export_ships_the_package_blocks_byte_for_byte(tmp_path):
+    """The export runs the package's own backbone files, not a copy that could drift from them."""
+    write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="mod"))
+    export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
+    for module in (sdt.blocks.layers, sdt.blocks.kv_cache):
+        package_file = Path(module.__file__)
+        assert (tmp_path / "export" / package_file.name).read_bytes() == package_file.read_bytes(), package_file.name
+    assert {p.name for p in (tmp_path / "export").glob("*.py")} == {Path(p).name for p in SHIPPED_FILES}
 
 
 def test_routed_export_loads_where_sdt_is_not_installed(tmp_path):
     write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="sdt"))
     out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
-    for shipped in ("modeling_sdt.py", "layers_sdt.py"):
-        code = (tmp_path / "export" / shipped).read_text()
+    for shipped in SHIPPED_FILES:
+        code = (tmp_path / "export" / Path(shipped).name).read_text()
         assert "import sdt" not in code and "from sdt" not in code, shipped
     script = (
         "import sys, torch; sys.modules['sdt'] = None\n"  # any `import sdt` now fails

@@ -3,6 +3,10 @@
 Every block call takes the absolute position of each token, not just its index in the tensor: routed layers run a
 block on a gathered subset of tokens, and those tokens must keep their original RoPE phases and causal order.
 Parameter names follow Hugging Face's Llama/Qwen2 modules (q_proj, gate_proj, ...) so checkpoints map by name.
+
+Routed exports ship this file and `kv_cache.py` verbatim next to their config.json (`sdt/transformers_code/`), so
+both import only torch, the standard library and each other (by relative import, which works inside the package
+and in a flat export directory alike).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdt.blocks.kv_cache import KVCache
+from .kv_cache import KVCache
 
 
 class BlockConfig(Protocol):

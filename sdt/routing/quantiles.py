@@ -4,6 +4,9 @@ Calibration stores, next to each causal threshold, the quantiles of the score it
 spaced levels (0, 1/(G-1), ..., 1) as a buffer, so the checkpoint carries them. Executing the share c of tokens
 means thresholding at the (1 - c) quantile, so any capacity in (0, 1] maps to a threshold by one lookup, with no
 retraining and no pass over data. An uncalibrated grid holds NaN.
+
+Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch, the standard library and
+other shipped files, relatively.
 """
 
 from __future__ import annotations

@@ -1,11 +1,15 @@
-"""Learned token scorers that drive Top-K routing directly (the MoD router)."""
+"""Learned token scorers that drive Top-K routing directly (the MoD router).
+
+Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch, the standard library and
+other shipped files, relatively.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from sdt.routing.quantiles import empty_grid
+from .quantiles import empty_grid
 
 
 class LinearRouter(nn.Module):

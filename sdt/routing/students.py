@@ -3,6 +3,9 @@
 Top-K over a sequence looks at future tokens; a student sees only the present (and, optionally, the previous
 token), so routing by it is causal and usable in generation. It trains with BCE on detached inputs against the
 Top-K mask, and executes where sigmoid(logit) >= threshold, the threshold calibrated so the executed share is gamma.
+
+Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch, the standard library and
+other shipped files, relatively.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdt.routing.quantiles import empty_grid
+from .quantiles import empty_grid
 
 
 class CausalRouter(nn.Module):

@@ -6,6 +6,9 @@ All signals are per token, shape (B, T):
 - expected change   CE = D_st - (D_ch - log o_ce)
 - unexpected change CU = D_st - m_cu * MA(D_st)          MA: causal trailing mean over `ma_window` tokens, detached
 - S_CE = sigmoid(beta_ce * CE), S_CU = sigmoid(beta_cu * CU), g = S_CE + S_CU - S_CE * S_CU (rule "or")
+
+Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch, the standard library and
+other shipped files, relatively.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdt.routing.quantiles import empty_grid
+from .quantiles import empty_grid
 
 LOGVAR_CLAMP = 8.0  # the KL form's predicted log-variance is clamped to [-8, 8] so exp() stays finite
 

@@ -2,13 +2,17 @@
 
     model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
 
-This file and `layers_sdt.py` (the backbone and routed execution it builds on) are copied next to `config.json` by
-every routed export and import only torch and transformers, so an export loads where `sdt` is not installed. It reproduces the routed models' *causal* inference forward (the
-`threshold` and `student` routing modes), which is what evaluation and generation use: per token, a routed block
-runs only where its causal score clears the calibrated threshold, and a skipped token writes no K/V, so the KV cache
-of a routed layer holds only the tokens it executed. Training-only paths (Top-K routing, auxiliary losses,
-statistics, STT's teacher pass) are not part of it: train with `sdt`, and read an export back there with
-`model.init_from=<dir>`.
+Every routed export ships this file next to `config.json`, with `layers_sdt.py` (its cache and routed execution) and
+the package's own files, byte for byte: `layers.py` and `kv_cache.py` from `sdt/blocks/` (the decoder block, RMSNorm,
+RoPE, the KV cache) and the surprise gate, causal students, MoD router, quantile grids, Top-K packing and gates from
+`sdt/routing/`. They import only torch, transformers and each other, so an export loads where `sdt` is not installed
+(see `sdt/transformers_code/__init__.py`), and it runs the modules `sdt` trains, not copies of them.
+
+It reproduces the routed models' *causal* inference forward (the `threshold` and `student` routing modes), which is
+what evaluation and generation use: per token, a routed block runs only where its causal score clears the calibrated
+threshold, and a skipped token writes no K/V, so the KV cache of a routed layer holds only the tokens it executed.
+Training-only paths (Top-K routing, auxiliary losses, statistics, STT's teacher pass) are not part of it: train with
+`sdt`, and read an export back there with `model.init_from=<dir>`.
 
 `config.routing` selects the causal mode (default: the model's `inference_routing`); pass
 `routing="student"` to `from_pretrained` for the other one where the architecture has both.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -28,13 +33,16 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .layers_sdt import Block, Inputs, RMSNorm, RoutedCache, causal_selection, execute_tokens
+from .layers import Block, RMSNorm, RotaryEmbedding
+from .layers_sdt import Inputs, RoutedCache, execute_tokens
+from .routers import LinearRouter
+from .students import CausalRouter
+from .surprise import SurpriseGate
 
 CAUSAL_MODES = ("threshold", "student")
-LOGVAR_CLAMP = 8.0
 # Model options this code does not reproduce, with the value it assumes: an export that sets another value is refused
 # rather than loaded as a different model.
-ASSUMED_OPTIONS = {"always_execute_first": 0, "student_norm": False}
+ASSUMED_OPTIONS = {"always_execute_first": 0}
 MOD_GATES = ("sigmoid", "raw")
 
 
@@ -49,10 +57,9 @@ class SDTConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-# --- backbone (mirrors sdt/blocks/layers.py)
-
-
 class PriorFFN(nn.Module):
+    """The SDT prior / STT transition network of `sdt/routing/priors.py` (not shipped: it imports across packages)."""
+
     def __init__(self, d_model: int, hidden: int, eps: float, predict_logvar: bool) -> None:
         super().__init__()
         self.norm = RMSNorm(d_model, eps)
@@ -67,96 +74,6 @@ class PriorFFN(nn.Module):
         return self.down_proj(h), None if self.logvar_proj is None else self.logvar_proj(h)
 
 
-class CausalRouter(nn.Module):
-    def __init__(self, d_in: int, d_hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, max(1, d_hidden))
-        self.fc2 = nn.Linear(max(1, d_hidden), 1)
-        self.register_buffer("threshold", torch.full((), 0.5))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.silu(self.fc1(x))).squeeze(-1)
-
-
-class LinearRouter(nn.Module):
-    def __init__(self, d_model: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d_model, 1, bias=False)
-        self.register_buffer("threshold", torch.zeros(()))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).squeeze(-1).float()
-
-
-def causal_moving_average(
-    x: Tensor, window: int, valid: Tensor | None, history: tuple[Tensor, Tensor] | None
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Trailing mean over the at most `window` valid tokens ending at t; `history` carries earlier calls' values."""
-    valid = torch.ones_like(x, dtype=torch.bool) if valid is None else valid
-    x_full, v_full = (
-        (x, valid) if history is None else (torch.cat([history[0], x], 1), torch.cat([history[1], valid], 1))
-    )
-    T, H = x.shape[1], x_full.shape[1] - x.shape[1]
-    w = v_full.to(x_full.dtype)
-    sums = F.pad(torch.cumsum(x_full * w, dim=1), (1, 0))
-    counts = F.pad(torch.cumsum(w, dim=1), (1, 0))
-    end = torch.arange(H + 1, H + T + 1, device=x.device)
-    start = (end - window).clamp(min=0)
-    mean = (sums[:, end] - sums[:, start]) / (counts[:, end] - counts[:, start]).clamp(min=1.0)
-    first = max(x_full.shape[1] - (window - 1), 0)
-    return mean, (x_full[:, first:], v_full[:, first:])
-
-
-class SurpriseGate(nn.Module):
-    """g = S_CE (+) S_CU from the block's update and the prior's prediction of it."""
-
-    def __init__(self, c: dict[str, Any]) -> None:
-        super().__init__()
-        self.rule, self.beta_mode, self.ma_window = c["gate_rule"], c["beta_mode"], int(c["ma_window"])
-        self.beta_start, self.beta_end, self.change_form = (
-            float(c["beta_start"]),
-            float(c["beta_end"]),
-            c["change_surprise"],
-        )
-        self.log_o_ce = nn.Parameter(torch.tensor(math.log(c["o_ce_init"])), requires_grad=False)
-        self.log_m_cu = nn.Parameter(torch.tensor(math.log(c["m_cu_init"])), requires_grad=False)
-        if self.beta_mode == "learnable":
-            self.beta_raw = nn.Parameter(torch.zeros(2), requires_grad=False)
-        self.register_buffer("progress", torch.zeros(()))
-        self.register_buffer("threshold", torch.full((), 0.5))
-
-    def betas(self) -> Tensor:
-        if self.beta_mode == "learnable":
-            return F.softplus(self.beta_raw)
-        p = self.progress.clamp(0.0, 1.0)
-        if self.beta_mode == "linear":
-            beta = self.beta_start + (self.beta_end - self.beta_start) * p
-        else:
-            beta = self.beta_end + (self.beta_start - self.beta_end) * 0.5 * (1 + torch.cos(math.pi * p))
-        return beta.expand(2)
-
-    def forward(
-        self, delta: Tensor, delta_hat: Tensor, logvar: Tensor | None, valid: Tensor | None, history: Any
-    ) -> tuple[Tensor, Any]:
-        d_st = delta.float().pow(2).mean(dim=-1)
-        if self.change_form == "kl":
-            lv = logvar.float().clamp(-LOGVAR_CLAMP, LOGVAR_CLAMP)
-            sq = (delta.float() - delta_hat.float()).pow(2)
-            d_ch = (0.5 * (lv + (1.0 + sq) * torch.exp(-lv) - 1.0)).mean(dim=-1)
-        else:
-            d_ch = (delta.float() - delta_hat.float()).pow(2).mean(dim=-1)
-        ma, history = causal_moving_average(d_st, self.ma_window, valid, history)
-        ce = d_st - (d_ch - self.log_o_ce)
-        cu = d_st - torch.exp(self.log_m_cu) * ma
-        beta = self.betas()
-        s_ce, s_cu = torch.sigmoid(beta[0] * ce), torch.sigmoid(beta[1] * cu)
-        if self.rule == "or":
-            g = s_ce + s_cu - s_ce * s_cu
-        else:
-            g = s_ce if self.rule == "ce" else s_cu
-        return g, history
-
-
 # --- the units of the stack
 
 
@@ -166,25 +83,23 @@ class SDTRouting(nn.Module):
     def __init__(self, c: dict[str, Any]) -> None:
         super().__init__()
         self.prior = PriorFFN(c["d_model"], prior_hidden(c), c["rms_norm_eps"], c["change_surprise"] == "kl")
-        self.surprise = SurpriseGate(c)
-        self.student = CausalRouter(c["d_model"], c["d_model"] // 2)
+        self.surprise = SurpriseGate(attributes(c))
+        self.student = CausalRouter(c["d_model"], c["d_model"] // 2, normalize=c["student_norm"])
 
     def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
         decision, dynamic = blocks
-        kv = (lambda sub: None) if inp.cache is None else (lambda sub: inp.cache.kv((i, sub)))
-        post = decision(x, inp.positions, kv(0), inp.pad_mask)
+        post = decision(x, inp.positions, inp.rope, cache=inp.kv((i, 0)), pad_mask=inp.pad_mask)
         delta_hat, logvar = self.prior(x)
         history = None if inp.cache is None else inp.cache.state.get((i, "ma"))
-        g, history = self.surprise(post - x, delta_hat, logvar, inp.pad_mask, history)
+        signals, history = self.surprise(post - x, delta_hat, logvar, valid_BT=inp.pad_mask, history=history)
+        g = signals.g
         if inp.cache is not None:
             inp.cache.state[(i, "ma")] = history
         if inp.routing == "threshold":
             decide = g >= self.surprise.threshold
         else:
-            decide = torch.sigmoid(self.student(post)) >= self.student.threshold
-        full = c["routed_attention"] == "full"
-        selection = causal_selection(decide, inp.pad_mask, full)
-        return execute_tokens(dynamic, post, inp, selection, g, c["gate_mode"], kv(1), full)
+            decide = student_decides(self.student, post)
+        return execute_tokens(dynamic, post, inp, decide, g, c["gate_mode"], inp.kv((i, 1)), full_context(c))
 
 
 class STTRouting(nn.Module):
@@ -194,8 +109,9 @@ class STTRouting(nn.Module):
         super().__init__()
         self.use_prev = c["student_input"] == "x_prev"
         self.transition = PriorFFN(c["d_model"], prior_hidden(c), c["rms_norm_eps"], c["change_surprise"] == "kl")
-        self.surprise = SurpriseGate(c)
-        self.student = CausalRouter((2 if self.use_prev else 1) * c["d_model"], c["d_model"] // 2)
+        self.surprise = SurpriseGate(attributes(c))
+        d_in = (2 if self.use_prev else 1) * c["d_model"]
+        self.student = CausalRouter(d_in, c["d_model"] // 2, normalize=c["student_norm"])
 
     def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
         (block,) = blocks
@@ -207,11 +123,8 @@ class STTRouting(nn.Module):
             if inp.cache is not None:
                 inp.cache.state[(i, "x_prev")] = x_in[:, -1:]
             student_in = torch.cat([x, torch.cat([first, x_in[:, :-1]], dim=1)], dim=-1)
-        decide = torch.sigmoid(self.student(student_in)) >= self.student.threshold
-        full = c["routed_attention"] == "full"
-        selection = causal_selection(decide, inp.pad_mask, full)
-        cache = None if inp.cache is None else inp.cache.kv((i, 0))
-        return execute_tokens(block, x, inp, selection, None, c["gate_mode"], cache, full)
+        decide = student_decides(self.student, student_in)
+        return execute_tokens(block, x, inp, decide, None, c["gate_mode"], inp.kv((i, 0)), full_context(c))
 
 
 class MoDRouting(nn.Module):
@@ -221,7 +134,7 @@ class MoDRouting(nn.Module):
         super().__init__()
         self.raw_gate = c["mod_gate"] == "raw"
         self.router = LinearRouter(c["d_model"])
-        self.student = CausalRouter(c["d_model"], c["d_model"] // 2)
+        self.student = CausalRouter(c["d_model"], c["d_model"] // 2, normalize=c["student_norm"])
 
     def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
         (block,) = blocks
@@ -230,14 +143,27 @@ class MoDRouting(nn.Module):
         if inp.routing == "threshold":
             decide = r >= self.router.threshold
         else:
-            decide = torch.sigmoid(self.student(x)) >= self.student.threshold
-        full = c["routed_attention"] == "full"
-        selection = causal_selection(decide, inp.pad_mask, full)
-        cache = None if inp.cache is None else inp.cache.kv((i, 0))
-        return execute_tokens(block, x, inp, selection, gate, "soft", cache, full)
+            decide = student_decides(self.student, x)
+        return execute_tokens(block, x, inp, decide, gate, "soft", inp.kv((i, 0)), full_context(c))
 
 
 ROUTING_UNITS = {"sdt": SDTRouting, "stt": STTRouting, "mod": MoDRouting}
+
+
+def attributes(c: dict[str, Any]) -> SimpleNamespace:
+    """The exported model config as the package's modules read a config (`cfg.d_model`): it has every field
+    `Block` (BlockConfig) and `SurpriseGate` (SurpriseConfig) read."""
+    return SimpleNamespace(**c)
+
+
+def student_decides(student: CausalRouter, x: Tensor) -> Tensor:
+    """(B, T) bool: where the causal student executes, sigmoid(logit) >= its calibrated threshold."""
+    return torch.sigmoid(student(x)) >= student.threshold
+
+
+def full_context(c: dict[str, Any]) -> bool:
+    """Whether routed blocks attend to every earlier token (all tokens write K/V), not only executed ones."""
+    return c["routed_attention"] == "full"
 
 
 def prior_hidden(c: dict[str, Any]) -> int:
@@ -273,11 +199,18 @@ class SDTCausalLMOutput(ModelOutput):
 
 
 class Backbone(nn.Module):
+    """The package's decoder blocks (`layers.py`) under Hugging Face Llama names, and the RoPE tables they share."""
+
     def __init__(self, c: dict[str, Any]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(c["vocab_size"], c["d_model"])
-        self.layers = nn.ModuleList(Block(c) for _ in range(c["n_layers"]))
+        self.layers = nn.ModuleList(Block(attributes(c)) for _ in range(c["n_layers"]))
         self.norm = RMSNorm(c["d_model"], c["rms_norm_eps"])
+        self.rope = rotary_embedding(c)  # not in the state dict: recomputed on loading (SDTForCausalLM._init_weights)
+
+
+def rotary_embedding(c: dict[str, Any]) -> RotaryEmbedding:
+    return RotaryEmbedding(c["head_dim"], c["max_seq_len"], float(c["rope_theta"]))
 
 
 class RoutingModules(nn.Module):
@@ -310,6 +243,17 @@ class SDTForCausalLM(PreTrainedModel, GenerationMixin):
         self.sdt = RoutingModules(c, self.layout)
         self.lm_head = nn.Linear(c["d_model"], c["vocab_size"], bias=False)
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, RotaryEmbedding):
+            # transformers builds the model on the meta device and gives buffers outside the state dict empty
+            # storage: the cos/sin tables are filled here, computed as the package computes them.
+            with torch.device("cpu"):
+                fresh = rotary_embedding(self.config.sdt)
+            module.cos.copy_(fresh.cos)
+            module.sin.copy_(fresh.sin)
+        else:
+            super()._init_weights(module)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -347,14 +291,15 @@ class SDTForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             start = 0 if cache is None else cache.seen
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        inp = Inputs(positions=position_ids, pad_mask=pad_mask, cache=cache, routing=self.config.routing)
+        inp = Inputs(
+            positions=position_ids, rope=self.model.rope, pad_mask=pad_mask, cache=cache, routing=self.config.routing
+        )
         x = self.model.embed_tokens(input_ids)
         decisions = {}
         for i, (kind, blocks) in enumerate(self.layout):
             if kind == "dense":
                 (b,) = blocks
-                kv = None if cache is None else cache.kv((i, 0))
-                x = self.model.layers[b](x, inp.positions, kv, inp.pad_mask)
+                x = self.model.layers[b](x, inp.positions, inp.rope, cache=inp.kv((i, 0)), pad_mask=inp.pad_mask)
             else:
                 x, decisions[i] = self.sdt.layers[str(i)].run(i, [self.model.layers[b] for b in blocks], x, inp, c)
         if cache is not None:
