@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sdt.blocks.layers import Block
+from sdt.blocks.layers import Block, RMSNorm
 from sdt.models.config import ModelConfig
 from sdt.models.transformer import ForwardContext, LayerOutput, RoutedLayer
 from sdt.routing import (
@@ -47,7 +47,8 @@ class SDTPair(RoutedLayer):
         self.gate_mode = cfg.gate_mode
         self.decision = Block(cfg)
         self.dynamic = Block(cfg)
-        self.prior = PriorFFN(cfg.d_model, cfg.prior_hidden_size, cfg.rms_norm_eps, cfg.change_surprise == "kl")
+        norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.prior = PriorFFN(cfg.d_model, cfg.prior_hidden_size, norm, cfg.change_surprise == "kl")
         self.surprise = SurpriseGate(cfg)
         self.student = CausalRouter(cfg.d_model, cfg.d_model // 2, normalize=cfg.student_norm)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sdt.blocks.layers import Block
+from sdt.blocks.layers import Block, RMSNorm
 from sdt.errors import UserError
 from sdt.models.config import ModelConfig
 from sdt.models.transformer import ForwardContext, LayerOutput, RoutedLayer
@@ -57,7 +57,8 @@ class STTLayer(RoutedLayer):
         self.gate_mode = cfg.gate_mode
         self.use_prev = cfg.student_input == "x_prev"
         self.block = Block(cfg)
-        self.transition = PriorFFN(cfg.d_model, cfg.prior_hidden_size, cfg.rms_norm_eps, cfg.change_surprise == "kl")
+        norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.transition = PriorFFN(cfg.d_model, cfg.prior_hidden_size, norm, cfg.change_surprise == "kl")
         self.surprise = SurpriseGate(cfg)
         d_in = 2 * cfg.d_model if self.use_prev else cfg.d_model
         self.student = CausalRouter(d_in, cfg.d_model // 2, normalize=cfg.student_norm)

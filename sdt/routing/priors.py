@@ -1,15 +1,18 @@
-"""Cheap predictors of a block's update: the SDT prior and the STT transition network share this module."""
+"""Cheap predictors of a block's update: the SDT prior and the STT transition network share this module.
+
+Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch: the input norm is handed
+in (the backbone's RMSNorm), not imported from `sdt.blocks`.
+"""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sdt.blocks.layers import RMSNorm
-
 
 class PriorFFN(nn.Module):
-    """delta_hat = SwiGLU(RMSNorm(x)), a narrow MLP (hidden = max(2, even(ceil(f * D)))).
+    """delta_hat = SwiGLU(norm(x)), a narrow MLP (hidden = max(2, even(ceil(f * D)))); `norm` is an RMSNorm of width
+    D (its weight is the prior's `norm.weight`).
 
     Output projections start at zero, so delta_hat = 0 (and the KL form's log-variance = 0) at step 0: the prior
     adds nothing to a transferred model until it has learnt something.
@@ -17,9 +20,9 @@ class PriorFFN(nn.Module):
 
     param_role = "prior"
 
-    def __init__(self, d_model: int, hidden: int, eps: float, predict_logvar: bool = False) -> None:
+    def __init__(self, d_model: int, hidden: int, norm: nn.Module, predict_logvar: bool = False) -> None:
         super().__init__()
-        self.norm = RMSNorm(d_model, eps)
+        self.norm = norm
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)

@@ -4,8 +4,8 @@
 
 Every routed export ships this file next to `config.json`, with `layers_sdt.py` (its cache and routed execution) and
 the package's own files, byte for byte: `layers.py` and `kv_cache.py` from `sdt/blocks/` (the decoder block, RMSNorm,
-RoPE, the KV cache) and the surprise gate, causal students, MoD router, quantile grids, Top-K packing and gates from
-`sdt/routing/`. They import only torch, transformers and each other, so an export loads where `sdt` is not installed
+RoPE, the KV cache) and the prior / transition network, surprise gate, causal students, MoD router, quantile grids,
+Top-K packing and gates from `sdt/routing/`. They import only torch, transformers and each other, so an export loads where `sdt` is not installed
 (see `sdt/transformers_code/__init__.py`), and it runs the modules `sdt` trains, not copies of them.
 
 It reproduces the routed models' *causal* inference forward (the `threshold` and `student` routing modes), which is
@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput
 
 from .layers import Block, RMSNorm, RotaryEmbedding
 from .layers_sdt import Inputs, RoutedCache, execute_tokens
+from .priors import PriorFFN
 from .routers import LinearRouter
 from .students import CausalRouter
 from .surprise import SurpriseGate
@@ -57,23 +58,6 @@ class SDTConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-class PriorFFN(nn.Module):
-    """The SDT prior / STT transition network of `sdt/routing/priors.py` (not shipped: it imports across packages)."""
-
-    def __init__(self, d_model: int, hidden: int, eps: float, predict_logvar: bool) -> None:
-        super().__init__()
-        self.norm = RMSNorm(d_model, eps)
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
-        self.logvar_proj = nn.Linear(hidden, d_model, bias=False) if predict_logvar else None
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        x = self.norm(x)
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(h), None if self.logvar_proj is None else self.logvar_proj(h)
-
-
 # --- the units of the stack
 
 
@@ -82,7 +66,8 @@ class SDTRouting(nn.Module):
 
     def __init__(self, c: dict[str, Any]) -> None:
         super().__init__()
-        self.prior = PriorFFN(c["d_model"], prior_hidden(c), c["rms_norm_eps"], c["change_surprise"] == "kl")
+        norm = RMSNorm(c["d_model"], c["rms_norm_eps"])
+        self.prior = PriorFFN(c["d_model"], prior_hidden(c), norm, c["change_surprise"] == "kl")
         self.surprise = SurpriseGate(attributes(c))
         self.student = CausalRouter(c["d_model"], c["d_model"] // 2, normalize=c["student_norm"])
 
@@ -108,7 +93,8 @@ class STTRouting(nn.Module):
     def __init__(self, c: dict[str, Any]) -> None:
         super().__init__()
         self.use_prev = c["student_input"] == "x_prev"
-        self.transition = PriorFFN(c["d_model"], prior_hidden(c), c["rms_norm_eps"], c["change_surprise"] == "kl")
+        norm = RMSNorm(c["d_model"], c["rms_norm_eps"])
+        self.transition = PriorFFN(c["d_model"], prior_hidden(c), norm, c["change_surprise"] == "kl")
         self.surprise = SurpriseGate(attributes(c))
         d_in = (2 if self.use_prev else 1) * c["d_model"]
         self.student = CausalRouter(d_in, c["d_model"] // 2, normalize=c["student_norm"])
