@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from sdt.errors import UserError
 
@@ -53,13 +53,30 @@ def check_str(key: str, value: Any, allow_none: bool = False) -> None:
         raise UserError(f"{key} must be a non-empty string{' or null' if allow_none else ''}, got {value!r}")
 
 
-def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
-
-
 def check_all(checks: Iterable[tuple[bool, str]]) -> None:
     """Raise the message of the first (ok, message) pair that does not hold."""
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+def literal_choices(annotation: object) -> tuple[object, ...] | None:
+    """The values of a `Literal[...]` annotation (or of `Literal[...] | None`, None included); None otherwise."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    args = get_args(annotation)
+    literals = [a for a in args if get_origin(a) is Literal]
+    if len(literals) == 1 and type(None) in args:
+        return (*get_args(literals[0]), None)
+    return None
+
+
+def check_literal_fields(cfg: object, prefix: str) -> None:
+    """Every dataclass field of `cfg` typed as a `Literal` holds one of its values: the type is the one list of
+    choices, and the message names the key (`model.gate_mode must be one of ste, soft; got 'hard'`)."""
+    for name, annotation in get_type_hints(type(cfg)).items():
+        choices = literal_choices(annotation)
+        value = getattr(cfg, name, None)
+        if choices is not None and value not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise UserError(f"{prefix}.{name} must be one of {shown}; got {value!r}")

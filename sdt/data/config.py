@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from sdt.config_checks import check_choice, check_int, check_str, from_mapping
+from sdt.config_checks import check_int, check_literal_fields, check_str, from_mapping
 from sdt.errors import UserError
 
-CORPORA = ("shakespeare", "text_files", "hf_hub")
-TOKENIZER_KINDS = ("bpe", "pretrained")
+Corpus = Literal["shakespeare", "text_files", "hf_hub"]
+TokenizerKind = Literal["bpe", "pretrained"]  # a BPE trained on the corpus, or a Hugging Face tokenizer
+CORPORA: tuple[Corpus, ...] = get_args(Corpus)
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN,)
 
@@ -43,7 +44,7 @@ class TokenizerConfig:
     Hugging Face tokenizer from `path` (a local directory or a hub id).
     """
 
-    kind: str = "bpe"
+    kind: TokenizerKind = "bpe"
     vocab_size: int = 4096
     min_frequency: int = 2
     path: str | None = None
@@ -51,7 +52,7 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         p = "data.tokenizer"
-        check_choice(f"{p}.kind", self.kind, TOKENIZER_KINDS)
+        check_literal_fields(self, p)
         check_int(f"{p}.vocab_size", self.vocab_size)
         if self.kind == "bpe" and self.vocab_size < 256 + len(SPECIAL_TOKENS):
             # Byte-level BPE starts from all 256 bytes plus the special tokens; anything smaller cannot be trained.
@@ -74,7 +75,7 @@ class TokenizerConfig:
 class DataConfig:
     """Everything that determines the token streams and the batches drawn from them."""
 
-    corpus: str = "shakespeare"
+    corpus: Corpus = "shakespeare"
     seq_len: int = 256
     batch_size: int = 16
     eval_batch_size: int | None = None  # None = batch_size
@@ -109,7 +110,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         p = "data"
-        check_choice(f"{p}.corpus", self.corpus, CORPORA)
+        check_literal_fields(self, p)
         check_batching(self, p)
         check_int(f"{p}.calibration_blocks", self.calibration_blocks, minimum=0)
         check_str(f"{p}.cache_dir", self.cache_dir)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args
 
-from sdt.config_checks import from_mapping
+from sdt.config_checks import check_literal_fields, from_mapping
 from sdt.errors import UserError
 from sdt.routing.gates import GateMode
 from sdt.routing.selection import ROUTING_MODES, CausalMode
@@ -34,27 +34,6 @@ LayerKind = Literal["block", "decision", "dynamic", "stt", "mod"]
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise UserError(msg)
-
-
-def literal_choices(annotation: object) -> tuple[object, ...] | None:
-    """The values of a `Literal[...]` annotation (or of `Literal[...] | None`, None included); None otherwise."""
-    if get_origin(annotation) is Literal:
-        return get_args(annotation)
-    args = get_args(annotation)
-    literals = [a for a in args if get_origin(a) is Literal]
-    if len(literals) == 1 and type(None) in args:
-        return (*get_args(literals[0]), None)
-    return None
-
-
-def _check_choices(cfg: ModelConfig) -> None:
-    """Every field typed as a Literal holds one of its values (the type is the one list of choices)."""
-    for name, annotation in get_type_hints(type(cfg)).items():
-        choices = literal_choices(annotation)
-        value = getattr(cfg, name)
-        if choices is not None and value not in choices:
-            shown = ", ".join("null" if c is None else str(c) for c in choices)
-            raise UserError(f"model.{name}={value!r} is unknown; choose one of {shown}")
 
 
 @dataclass
@@ -129,7 +108,7 @@ class ModelConfig:
     mod_zloss_weight: float = 1e-4
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_literal_fields(self, "model")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"model.{name} must be a positive integer, got {value!r}")

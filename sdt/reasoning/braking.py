@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from sdt.errors import UserError
 from sdt.reasoning.metrics import (
@@ -40,7 +41,8 @@ from sdt.reasoning.metrics import (
     steps_metrics,
 )
 
-VARIANTS = ("none", "exact", "dynamic")
+BrakingVariant = Literal["none", "exact", "dynamic"]  # plain SFT on full traces | trimmed at a fixed | dynamic point
+VARIANTS: tuple[BrakingVariant, ...] = get_args(BrakingVariant)
 ROLES = ("kept", "masked", "braking", "answer")
 LOSS_ROLES = frozenset({"kept", "braking", "answer"})
 DEFAULT_BRAKING_SENTENCE = "I have verified my answer. No need to continue thinking."
@@ -62,7 +64,7 @@ class Segment:
 class BrakingConfig:
     """How traces are trimmed. `stop_token`, when set, replaces the braking sentence."""
 
-    variant: str = "exact"
+    variant: BrakingVariant = "exact"
     threshold: float = 0.2
     mask_threshold: float = 0.25
     braking_sentence: str = DEFAULT_BRAKING_SENTENCE
@@ -72,7 +74,7 @@ class BrakingConfig:
 
     def __post_init__(self) -> None:
         p = "data.braking"
-        if self.variant not in VARIANTS:
+        if self.variant not in VARIANTS:  # the data config's key is `data.braking`
             raise UserError(f"{p} must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
         for key, value in (("threshold", self.threshold), ("mask_threshold", self.mask_threshold)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:

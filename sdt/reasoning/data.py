@@ -29,12 +29,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sdt.config_checks import check_choice, check_int, check_str, from_mapping
+from sdt.config_checks import check_int, check_literal_fields, check_str, from_mapping
 from sdt.data.cache import cache_key
 from sdt.data.config import TokenizerConfig, check_batching
 from sdt.data.corpus import SPLITS, Corpus
@@ -42,14 +42,15 @@ from sdt.data.datamodule import ResumableDataModule
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
 from sdt.errors import UserError
 from sdt.reasoning.answers import answer_checker
-from sdt.reasoning.braking import VARIANTS, BrakingConfig, Segment, build_braking_segments
+from sdt.reasoning.braking import BrakingConfig, BrakingVariant, Segment, build_braking_segments
 from sdt.reasoning.metrics import DEFAULT_MARKERS, TraceError
 from sdt.reasoning.synthetic import make_split
 
 log = logging.getLogger(__name__)
 
-REASONING_CORPORA = ("reasoning_synthetic", "reasoning_hub")
-PROMPT_FORMATS = ("auto", "plain", "chat")
+ReasoningCorpus = Literal["reasoning_synthetic", "reasoning_hub"]
+PromptFormat = Literal["auto", "plain", "chat"]
+REASONING_CORPORA: tuple[ReasoningCorpus, ...] = get_args(ReasoningCorpus)
 PLAIN_PROMPT = "Question: {question}\nAnswer: "
 IGNORE_INDEX = -100
 
@@ -58,15 +59,15 @@ IGNORE_INDEX = -100
 class ReasoningDataConfig:
     """`data=reasoning_synthetic` / `data=reasoning_hub`: which traces, how they are trimmed, tokenized, batched."""
 
-    corpus: str = "reasoning_synthetic"
-    braking: str = "none"  # none (plain SFT on full traces) | exact | dynamic
+    corpus: ReasoningCorpus = "reasoning_synthetic"
+    braking: BrakingVariant = "none"
     braking_threshold: float = 0.2
     braking_mask_threshold: float = 0.25
     braking_sentence: str = BrakingConfig.braking_sentence
     stop_token: str | None = None  # replaces the braking sentence; added to the tokenizer as a special token
     masked_sentences: int = 1
     markers: list[str] = field(default_factory=lambda: list(DEFAULT_MARKERS))
-    prompt_format: str = "auto"
+    prompt_format: PromptFormat = "auto"
 
     seq_len: int = 256
     batch_size: int = 16
@@ -101,9 +102,7 @@ class ReasoningDataConfig:
 
     def __post_init__(self) -> None:
         p = "data"
-        check_choice(f"{p}.corpus", self.corpus, REASONING_CORPORA)
-        check_choice(f"{p}.braking", self.braking, VARIANTS)
-        check_choice(f"{p}.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        check_literal_fields(self, p)
         check_batching(self, p)
         check_str(f"{p}.cache_dir", self.cache_dir)
         check_int(f"{p}.seed", self.seed)

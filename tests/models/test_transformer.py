@@ -126,7 +126,7 @@ def test_tiny_model_overfits_one_batch():
     [
         ({"d_model": 30, "n_heads": 4}, "not divisible"),
         ({"n_heads": 4, "n_kv_heads": 3}, "multiple of model.n_kv_heads"),
-        ({"arch": "nope"}, "unknown"),
+        ({"arch": "nope"}, "model.arch must be one of dense, sdt, stt, mod"),
         ({"n_layers": 0}, "positive"),
         ({"dropout": 1.5}, "dropout"),
     ],
