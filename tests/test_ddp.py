@@ -61,6 +61,7 @@ def fit(devices: int, batch: int, tmp_path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
 
+@pytest.mark.slow  # two spawned processes (~17 s)
 def test_two_process_ddp_equals_one_process_with_doubled_batch(tmp_path):
     single = fit(devices=1, batch=8, tmp_path=tmp_path / "single")
     ddp = fit(devices=2, batch=4, tmp_path=tmp_path / "ddp")

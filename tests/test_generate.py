@@ -82,6 +82,7 @@ def test_a_prompt_too_long_for_the_model_is_refused(routed_ckpt, capsys):
     assert code == 2 and "too long for model.max_seq_len=64" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # a subprocess of python -m sdt.generate (~13 s)
 def test_module_entry_point(routed_ckpt, cache_dir):
     proc = run_cli(["-m", "sdt.generate", f"ckpt_path={routed_ckpt}", "prompt=KING:", "max_new_tokens=4"], cache_dir)
     assert proc.returncode == 0, proc.stderr

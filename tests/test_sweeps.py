@@ -67,6 +67,7 @@ def test_two_job_multirun_produces_two_runs_and_a_report(tmp_path, cache_dir, co
     assert "| mod | 0.500 | student |" in (sweep / "report.md").read_text()
 
 
+@pytest.mark.slow  # a subprocess of the report CLI (~13 s)
 def test_report_on_a_dir_without_runs_is_a_clear_error(tmp_path, cache_dir):
     proc = report(tmp_path, cache_dir)
     assert proc.returncode == 2 and proc.stderr.startswith("error: no runs")
