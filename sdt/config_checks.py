@@ -7,6 +7,7 @@ A leaf: it imports nothing of `sdt` but the error type, so configs at every laye
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -71,12 +72,18 @@ def literal_choices(annotation: object) -> tuple[object, ...] | None:
     return None
 
 
+@functools.cache
+def _literal_fields(cls: type) -> tuple[tuple[str, tuple[object, ...]], ...]:
+    """(field name, choices) of every field of `cls` typed as a Literal; resolved once per class."""
+    fields = ((name, literal_choices(annotation)) for name, annotation in get_type_hints(cls).items())
+    return tuple((name, choices) for name, choices in fields if choices is not None)
+
+
 def check_literal_fields(cfg: object, prefix: str) -> None:
     """Every dataclass field of `cfg` typed as a `Literal` holds one of its values: the type is the one list of
     choices, and the message names the key (`model.gate_mode must be one of ste, soft; got 'hard'`)."""
-    for name, annotation in get_type_hints(type(cfg)).items():
-        choices = literal_choices(annotation)
-        value = getattr(cfg, name, None)
-        if choices is not None and value not in choices:
+    for name, choices in _literal_fields(type(cfg)):
+        value = getattr(cfg, name)
+        if value not in choices:
             shown = ", ".join("null" if c is None else str(c) for c in choices)
             raise UserError(f"{prefix}.{name} must be one of {shown}; got {value!r}")

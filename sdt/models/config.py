@@ -87,9 +87,8 @@ class ModelConfig:
     learn_m_cu: bool = True
     ma_window: int = 100  # trailing window of the moving average in CU
     prior_factor: float = 0.0625  # prior / transition MLP hidden size = max(2, even(ceil(f * d_model)))
-    routed_attention: RoutedAttention = (
-        "selected"  # selected: attend to selected tokens only | full: to every earlier token
-    )
+    # selected: routed tokens attend to the selected tokens only | full: to every earlier token
+    routed_attention: RoutedAttention = "selected"
     dense_first: int = 0  # layers kept dense at the bottom of the stack
     dense_last: int = 0  # layers kept dense at the top of the stack
     prior_loss_weight: float = 0.05  # prior (SDT) / transition (STT) loss
