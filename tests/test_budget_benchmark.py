@@ -54,3 +54,10 @@ def test_budget_mode_holds_each_sequence_to_its_band(tmp_path, corpus_files, cac
             assert r["max_prefix_dev"] <= band + 1e-9
             assert abs(r["executed_fraction"] - r["capacity"]) <= band
     assert "| sdt | 0.5 | budget |" in (tmp_path / "budget.md").read_text()
+
+
+def test_a_capacity_outside_the_unit_interval_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark().main(["unused.ckpt", "--capacities", "0.5,1.5"])
+    assert exit_info.value.code == 2
+    assert "--capacities must be in (0, 1]" in capsys.readouterr().err
