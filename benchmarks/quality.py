@@ -48,7 +48,7 @@ from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds, mode_of_score
 from sdt.models.pretrained import Pretrained
 from sdt.resolvers import register_resolvers
-from sdt.training import resolve_model_dict
+from sdt.training import fit_converted_skip_maps, resolve_model_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("tokens", "flops", "convert")
@@ -130,6 +130,7 @@ def step0_row(setting: str, arch: str, capacity: float, extra: list[str], max_ba
     pretrained.load_into(model)
     model.eval()
     start = time.perf_counter()
+    fit_converted_skip_maps(model, datamodule, int(cfg.data.eval_batch_size or cfg.data.batch_size))
     if model.is_routed:
         calibration = datamodule.calibration_dataloader()
         # Only the thresholds of the headline causal mode: the others are not evaluated here.

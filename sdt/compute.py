@@ -30,7 +30,9 @@ from sdt.errors import UserError
 from sdt.models.config import ModelConfig, layer_kinds
 from sdt.routing.topk import capacity_k
 
-COMPONENTS = ("attention_projections", "attention_scores", "mlp", "prior", "router", "surprise", "lm_head")
+COMPONENTS = (
+    "attention_projections", "attention_scores", "mlp", "prior", "router", "surprise", "skip_map", "lm_head",
+)  # fmt: skip
 SURPRISE_FLOPS_PER_ELEMENT = 10  # D_st, D_ch, CE, CU, two sigmoids, the gate combination: ~10 ops per element of D
 TRAIN_FLOPS_MULTIPLIER = 3  # backward ~ 2x forward
 
@@ -68,6 +70,18 @@ def block_flops(cfg: ModelConfig, seq_len: int, n_tokens: int | None = None, ful
 def _routed_block(cfg: ModelConfig, seq_len: int, executed: float | None = None) -> Flops:
     k = capacity_k(seq_len, cfg.capacity) if executed is None else executed
     return block_flops(cfg, seq_len, k, full_context=cfg.routed_attention == "full")
+
+
+def _skip_map(cfg: ModelConfig, seq_len: int, executed: float | None = None) -> Flops:
+    """The skip map on the tokens that skip a routed block: W norm(x) + b, D x D or D -> r -> D."""
+    flops = _zero()
+    if cfg.skip_map == "none":
+        return flops
+    k = capacity_k(seq_len, cfg.capacity) if executed is None else executed
+    D, r = cfg.d_model, cfg.skip_map_rank
+    per_token = 2 * D * D + D if r == 0 else 2 * (D * r + r * D) + r
+    flops["skip_map"] = (seq_len - k) * per_token
+    return flops
 
 
 def _prior(cfg: ModelConfig, seq_len: int) -> Flops:
@@ -110,16 +124,18 @@ def _layer_flops(cfg: ModelConfig, kind: str, seq_len: int, training: bool, exec
         if kind == "decision":  # the prior predicts the update; surprise and gate run on every token
             parts += [_prior(cfg, T), _surprise(cfg, T)]
     elif kind == "dynamic":
-        parts = [_routed_block(cfg, T, executed), _student_router(cfg, T)]
+        parts = [_routed_block(cfg, T, executed), _skip_map(cfg, T, executed), _student_router(cfg, T)]
     elif kind == "stt":
         router_in = 2 * cfg.d_model if cfg.student_input == "x_prev" else cfg.d_model
-        parts = [_routed_block(cfg, T, executed), _student_router(cfg, T, router_in)]
+        parts = [_routed_block(cfg, T, executed), _skip_map(cfg, T, executed), _student_router(cfg, T, router_in)]
         if training:  # dense teacher pass for the surprise signals, then the sparse re-run above
             # The teacher's output only feeds detached signals: no backward through it, so one forward, not three.
             teacher = {name: value / TRAIN_FLOPS_MULTIPLIER for name, value in block_flops(cfg, T).items()}
             parts += [teacher, _prior(cfg, T), _surprise(cfg, T)]
     elif kind == "mod":
-        parts = [_routed_block(cfg, T, executed), _linear_router(cfg, T), _student_router(cfg, T)]
+        parts = [
+            _routed_block(cfg, T, executed), _skip_map(cfg, T, executed), _linear_router(cfg, T), _student_router(cfg, T),
+        ]  # fmt: skip
     else:
         raise ValueError(f"unknown layer kind {kind!r}")
     total = _zero()

@@ -18,13 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from sdt.callbacks import CheckpointOnSignal, ValidateAtEnd
 from sdt.checkpoint import AtomicCheckpointIO, load_checkpoint, resolve_resume_path
 from sdt.compute import compute_report
-from sdt.data import Tokenizer
+from sdt.data import LMDataModule, Tokenizer
 from sdt.datamodules import build_datamodule
 from sdt.errors import UserError
 from sdt.fit_loop import install_finishing_fit_loop
 from sdt.lit_module import LitLM
-from sdt.models import ModelConfig
+from sdt.models import LanguageModel, ModelConfig
 from sdt.models.pretrained import Pretrained
+from sdt.models.skip_map_fit import fit_skip_maps
 from sdt.resolvers import register_resolvers
 from sdt.sweeps import dense_duplicate_of, make_multirun_safe, release_distributed, same_point_result
 
@@ -55,6 +56,24 @@ def resolve_model_dict(model: dict[str, Any], tokenizer_vocab: int, seq_len: int
         raise UserError(f"data.seq_len={seq_len} is longer than model.max_seq_len={max_len}")
     ModelConfig.from_dict(model)  # validate now, before anything is written
     return model
+
+
+def fit_converted_skip_maps(model: LanguageModel, datamodule: L.LightningDataModule, batch_size: int) -> None:
+    """A conversion's skip maps, fitted to the pretrained blocks on `model.skip_map_fit_blocks` training blocks."""
+    n = model.config.skip_map_fit_blocks
+    if n == 0 or not model.is_routed:
+        return
+    if not isinstance(datamodule, LMDataModule):
+        raise UserError(
+            "model.skip_map_fit_blocks fits on language-model blocks: use a text corpus, not reasoning data"
+        )
+    blocks = datamodule.spread_train_blocks(n)
+    explained = fit_skip_maps(model, blocks.split(batch_size))
+    log.info(
+        "skip maps fitted on %d training blocks; explained variance of the block updates per routed layer: %s",
+        len(blocks),
+        ", ".join(f"{i}: {v:.2f}" for i, v in explained.items()),
+    )
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
@@ -135,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     lit = LitLM(model=model_dict, optim=to_dict(cfg.optim), distill=to_dict(cfg.get("distill")))
     if pretrained is not None:
         pretrained.load_into(lit.model)
+        fit_converted_skip_maps(lit.model, datamodule, data_cfg.eval_batch_size)
     lit.extra_state = {
         "config": to_dict(cfg),
         "tokenizer": datamodule.tokenizer.to_json(),

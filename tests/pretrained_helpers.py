@@ -53,6 +53,8 @@ def write_checkpoint(path, cfg, seed: int = 0, calibrate: bool = False) -> torch
         for name, t in model.state_dict().items():
             if name.endswith(("threshold", "down_proj.weight")):  # calibrated thresholds, zero-init priors
                 t.copy_(torch.rand_like(t) * 0.1 + 0.45)
+            elif ".skip_map." in name:  # zero-init skip maps
+                t.copy_(torch.randn_like(t) * 0.1)
     if calibrate:
         calibrate_thresholds(
             model, [torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(seed))]

@@ -74,7 +74,16 @@ def test_report_keys():
         "seq_len",
         "capacity",
     }
-    components = {"attention_projections", "attention_scores", "mlp", "prior", "router", "surprise", "lm_head"}
+    components = {
+        "attention_projections",
+        "attention_scores",
+        "mlp",
+        "prior",
+        "router",
+        "surprise",
+        "skip_map",
+        "lm_head",
+    }
     assert set(report["breakdown"]) == components | {"total"}
     assert report["capacity"] == 0.5
 
@@ -227,3 +236,20 @@ def test_measured_flops_follow_what_each_layer_executed():
     assert decode["flops"] < low["flops"] and decode["dense_flops"] < low["dense_flops"]
     with pytest.raises(ValueError, match="routed layers"):
         measured_flops(cfg, 64, [8])
+
+
+@pytest.mark.parametrize("arch", ["sdt", "stt", "mod"])
+@pytest.mark.parametrize("rank", [0, 8])
+def test_skip_maps_cost_their_matmuls_on_the_skipped_tokens_only(arch, rank):
+    T = 64
+    plain = small(arch, capacity=0.25)
+    cfg = small(arch, capacity=0.25, skip_map="linear", skip_map_rank=rank)
+    D, k = cfg.d_model, capacity_k(T, 0.25)
+    n_routed = sum(kind in ("dynamic", "stt", "mod") for kind in layer_kinds(cfg))
+    per_token = 2 * D * D + D if rank == 0 else 4 * D * rank + rank
+    extra = flops_breakdown(cfg, T)["skip_map"] * T
+    assert extra == n_routed * (T - k) * per_token
+    assert flops_breakdown(cfg, T)["total"] * T == pytest.approx(flops_breakdown(plain, T)["total"] * T + extra)
+    # What a layer executed decides the skipped count: a layer that runs every token pays nothing for its map.
+    all_run = measured_flops(cfg, T, [T] * n_routed)["flops"]
+    assert all_run == pytest.approx(measured_flops(plain, T, [T] * n_routed)["flops"])

@@ -105,6 +105,9 @@ ROUTED_EXPORTS = {
     },
     "stt": {"arch": "stt", "capacity": 0.5, "dense_first": 1, "dense_last": 1, "student_input": "x_prev"},
     "mod": {"arch": "mod", "capacity": 0.25},
+    "sdt-skip-map": {"arch": "sdt", "skip_map": "linear"},
+    "stt-skip-map-rank": {"arch": "stt", "skip_map": "linear", "skip_map_rank": 8, "routed_attention": "full"},
+    "mod-skip-map": {"arch": "mod", "capacity": 0.25, "skip_map": "linear"},
 }  # fmt: skip
 
 

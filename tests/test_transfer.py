@@ -58,6 +58,29 @@ def test_training_starts_from_the_pretrained_weights_and_tokenizer(arch, hf_dir,
     assert resumed["global_step"] == 3 and resumed["sdt"]["tokenizer"] == ckpt["sdt"]["tokenizer"]
 
 
+@pytest.mark.slow  # two tiny trainings, about 40 s
+def test_conversion_fits_the_skip_maps_before_training_and_resume_keeps_them(
+    hf_dir, corpus_files, cache_dir, tmp_path, caplog
+):
+    directory, _ = hf_dir
+    common = ["model=stt", f"model.init_from={directory}", *TINY_TRAINER, *tiny_data(corpus_files)]
+    common += ["model.skip_map=linear", "model.skip_map_fit_blocks=4", "optim.lr=1e-9", "optim.group_lr={}"]
+    with caplog.at_level("INFO", logger="sdt.training"):
+        result = train(compose_cfg("train", [*common, "trainer.max_steps=1"], tmp_path, cache_dir))
+    assert "skip maps fitted on 4 training blocks" in caplog.text
+    state = load_checkpoint(result["last_checkpoint"])["state_dict"]
+    maps = {k: v for k, v in state.items() if ".skip_map." in k}
+    assert len(maps) == 2 * 2 and all(v.abs().sum() > 0 for v in maps.values())  # 2 routed layers: weight, bias
+    caplog.clear()
+    resume = [*common, "trainer.max_steps=2", f"ckpt_path={result['last_checkpoint']}"]
+    with caplog.at_level("INFO", logger="sdt.training"):
+        resumed = train(compose_cfg("train", resume, tmp_path / "resumed", cache_dir))
+    assert "skip maps fitted" not in caplog.text  # resume loads them from the checkpoint
+    again = load_checkpoint(resumed["last_checkpoint"])["state_dict"]
+    for k, v in maps.items():
+        torch.testing.assert_close(again[k], v, atol=1e-6, rtol=0)
+
+
 def test_evaluate_a_pretrained_checkpoint_without_training(hf_dir, corpus_files, cache_dir, tmp_path):
     directory, hf = hf_dir
     data = tiny_data(corpus_files)

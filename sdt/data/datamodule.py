@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sdt.data.cache import (
@@ -324,6 +325,13 @@ class LMDataModule(ResumableDataModule):
                 f"data.batch_size={self.cfg.batch_size}; lower one of them or add text"
             )
         return self._loader("train", self.cfg.batch_size, shuffle=True)
+
+    def spread_train_blocks(self, n: int) -> Tensor:
+        """n training blocks spread evenly over the train split, (n, seq_len) token ids; the training order and
+        its resumable state are untouched (for fitting a converted model's new modules before training)."""
+        ds = self._dataset("train")
+        picks = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().tolist()
+        return torch.stack([ds[i]["input_ids"] for i in picks])
 
     def val_dataloader(self) -> DataLoader:
         assert self.cfg.eval_batch_size is not None  # DataConfig fills it in

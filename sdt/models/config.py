@@ -22,6 +22,7 @@ RoutedAttention = Literal["selected", "full"]  # routed queries attend to the se
 CapacitySchedule = Literal["linear", "cosine"]
 ModGate = Literal["sigmoid", "raw", "ste"]
 StudentInput = Literal["x", "x_prev"]  # the causal router reads x_t, or [x_t ; x_{t-1}]
+SkipMapKind = Literal["none", "linear"]  # what a token that skips a routed block gets: nothing, or a linear estimate
 
 ARCHS: tuple[Arch, ...] = get_args(Arch)
 ROUTED_ARCHS = ("sdt", "stt", "mod")
@@ -105,6 +106,13 @@ class ModelConfig:
     # layer-dependent norms and outlier dimensions that a freshly initialised MLP learns poorly from.
     student_norm: bool = False
     mod_zloss_weight: float = 1e-4
+    # Skip maps (sdt.routing.skip_maps): a token that skips a routed block gets x + W norm(x) + b, a linear estimate
+    # of the block's update, instead of x. Rank 0 is a full D x D map; r > 0 a rank-r one (D -> r -> D).
+    skip_map: SkipMapKind = "none"
+    skip_map_rank: int = 0
+    # Conversions (init_from): before training, fit each skip map to its pretrained block's updates on this many
+    # training blocks (ridge least squares on the dense pass, sdt.models.skip_map_fit); 0 keeps the zero start.
+    skip_map_fit_blocks: int = 0
 
     def __post_init__(self) -> None:
         check_literal_fields(self, "model")
@@ -182,6 +190,19 @@ class ModelConfig:
                 "model=stt infers with model.inference_routing=student or budget (threshold needs the teacher's "
                 "dense pass)",
             )
+        _check(
+            isinstance(self.skip_map_rank, int) and 0 <= self.skip_map_rank <= self.d_model,
+            f"model.skip_map_rank must be an integer in [0, model.d_model={self.d_model}] (0: full rank), "
+            f"got {self.skip_map_rank!r}",
+        )
+        _check(
+            isinstance(self.skip_map_fit_blocks, int) and self.skip_map_fit_blocks >= 0,
+            f"model.skip_map_fit_blocks must be a non-negative integer, got {self.skip_map_fit_blocks!r}",
+        )
+        _check(
+            self.skip_map_fit_blocks == 0 or self.skip_map == "linear",
+            "model.skip_map_fit_blocks fits skip maps: it needs model.skip_map=linear",
+        )
         if self.arch == "sdt":
             _check(
                 routed >= 2 and routed % 2 == 0,

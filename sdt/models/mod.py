@@ -76,6 +76,7 @@ class MoDLayer(RoutedLayer):
         out, executed = execute_tokens(
             self.block, x, ctx.positions, ctx.rope, idx, valid, gate, "ste" if self.gate_kind == "ste" else "soft",
             pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0, self.kv_share), full_context=self.full_context,
+            skip_map=self.skip_map,
         )  # fmt: skip
 
         scores = {"router": r.detach(), "student": student_prob.detach()}

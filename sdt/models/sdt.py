@@ -52,6 +52,10 @@ class SDTPair(RoutedLayer):
         self.surprise = SurpriseGate(cfg)
         self.student = CausalRouter(cfg.d_model, cfg.d_model // 2, normalize=cfg.student_norm)
 
+    @property
+    def routed_block(self) -> Block:
+        return self.dynamic
+
     def score_owners(self) -> dict[str, nn.Module]:
         return {"gate": self.surprise, "student": self.student}
 
@@ -95,6 +99,7 @@ class SDTPair(RoutedLayer):
         out, executed = execute_tokens(
             self.dynamic, post, ctx.positions, ctx.rope, idx, valid, sig.g, self.gate_mode,
             pad_mask_BT=ctx.pad_mask, cache=ctx.kv(1, self.kv_share), full_context=self.full_context,
+            skip_map=self.skip_map,
         )  # fmt: skip
 
         scores = {"gate": sig.g.detach(), "student": student_prob.detach()}

@@ -114,6 +114,7 @@ class STTLayer(RoutedLayer):
         out, executed = execute_tokens(
             self.block, x, ctx.positions, ctx.rope, idx, valid, sig.g, self.gate_mode,
             pad_mask_BT=ctx.pad_mask, full_context=self.full_context,
+            skip_map=self.skip_map,
         )  # fmt: skip
         aux = {
             "prior": masked_mean(sig.d_ch, ctx.pad_mask),
@@ -151,6 +152,7 @@ class STTLayer(RoutedLayer):
         out, executed = execute_tokens(
             self.block, x, ctx.positions, ctx.rope, idx, valid, None, self.gate_mode,
             pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0, self.kv_share), full_context=self.full_context,
+            skip_map=self.skip_map,
         )  # fmt: skip
         scores = {"student": student_prob.detach()}
         if ctx.cache is not None and not ctx.diagnostics:  # a decoding step: no statistics to log

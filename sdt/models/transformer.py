@@ -22,6 +22,7 @@ from sdt.errors import UserError
 from sdt.models.config import ModelConfig
 from sdt.routing.priors import PriorFFN
 from sdt.routing.quantiles import is_calibrated, threshold_at
+from sdt.routing.skip_maps import SkipMap
 from sdt.routing.stats import position_consensus
 from sdt.routing.surprise import SurpriseGate
 
@@ -96,6 +97,13 @@ class RoutedLayer(nn.Module):
         self.capacity = cfg.capacity  # the one in force: capacity schedules and the run-time dial move it
         self.always_first = cfg.always_execute_first
         self.full_context = cfg.routed_attention == "full"
+        # What the tokens that skip the routed block get: None (nothing) or a linear estimate of its update.
+        self.skip_map = SkipMap(cfg.d_model, cfg.skip_map_rank, cfg.rms_norm_eps) if cfg.skip_map == "linear" else None
+
+    @property
+    def routed_block(self) -> Block:
+        """The block this layer runs on the selected tokens only (the one its skip map stands in for)."""
+        return self.block
 
     @property
     def kv_share(self) -> float:
@@ -107,10 +115,10 @@ class RoutedLayer(nn.Module):
         raise NotImplementedError
 
     def reset_routing_parameters(self) -> None:
-        """Re-apply the own initialisation of the layer's priors / transition networks after the model's generic
-        one: they start at zero, so a converted model starts as the pretrained one."""
+        """Re-apply the own initialisation of the layer's priors / transition networks and skip map after the
+        model's generic one: they start at zero, so a converted model starts as the pretrained one."""
         for module in self.modules():
-            if isinstance(module, PriorFFN):
+            if isinstance(module, (PriorFFN, SkipMap)):
                 module.reset_routing_parameters()
 
     def set_progress(self, progress: float) -> None:

@@ -17,6 +17,7 @@ from sdt.routing.selection import (
     select_tokens,
     topk_membership,
 )
+from sdt.routing.skip_maps import SkipMap, UpdateStatistics
 from sdt.routing.students import CausalRouter, classification_stats, router_bce
 from sdt.routing.surprise import SurpriseGate, SurpriseSignals, causal_moving_average, combine_gates
 from sdt.routing.topk import capacity_k, indices_to_mask, pack_decisions, topk_indices
@@ -24,8 +25,10 @@ from sdt.routing.topk import capacity_k, indices_to_mask, pack_decisions, topk_i
 __all__ = [
     "CausalRouter",
     "PriorFFN",
+    "SkipMap",
     "SurpriseGate",
     "SurpriseSignals",
+    "UpdateStatistics",
     "all_tokens",
     "apply_gate",
     "budget_decide",

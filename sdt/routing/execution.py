@@ -3,7 +3,7 @@
 Each sequence's selected tokens are gathered into their own row of a (B, K, D) tensor (rows are never packed
 together, so no token attends across sequences), the block runs with the tokens' original RoPE positions and a causal
 mask over those positions, and its update, scaled by the gate, is scattered back. Unselected tokens keep their input
-exactly: their block is skipped, not masked.
+exactly: their block is skipped, not masked (or, with a skip map, get its cheap linear estimate of the update).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import Tensor
 from sdt.blocks.kv_cache import KVCache
 from sdt.blocks.layers import Block, RotaryEmbedding
 from sdt.routing.gates import apply_gate
+from sdt.routing.skip_maps import SkipMap, add_skip_estimate
 from sdt.routing.topk import indices_to_mask, pack_decisions
 
 
@@ -90,19 +91,25 @@ def execute_tokens(
     pad_mask_BT: Tensor | None = None,
     cache: KVCache | None = None,
     full_context: bool = False,
+    skip_map: SkipMap | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run a routed block on the selected tokens: (output (B, T, D), executed (B, T) bool).
 
     `idx_BK` None means no token of the batch executes: the block is skipped entirely (and writes no K/V).
+    `skip_map`: the tokens that do not execute get x + skip_map(x) instead of x.
     """
     B, T, _ = x_BTD.shape
     if idx_BK is None:
-        return x_BTD, torch.zeros(B, T, dtype=torch.bool, device=x_BTD.device)
-    out = run_routed_block(
-        block, x_BTD, positions_BT, rope, idx_BK, gate_BT, gate_mode,
-        valid_BK=valid_BK, pad_mask_BT=pad_mask_BT, cache=cache, full_context=full_context,
-    )  # fmt: skip
-    executed = indices_to_mask(idx_BK, T, valid_BK)
-    if pad_mask_BT is not None:
-        executed = executed & pad_mask_BT
+        out, executed = x_BTD, torch.zeros(B, T, dtype=torch.bool, device=x_BTD.device)
+    else:
+        out = run_routed_block(
+            block, x_BTD, positions_BT, rope, idx_BK, gate_BT, gate_mode,
+            valid_BK=valid_BK, pad_mask_BT=pad_mask_BT, cache=cache, full_context=full_context,
+        )  # fmt: skip
+        executed = indices_to_mask(idx_BK, T, valid_BK)
+        if pad_mask_BT is not None:
+            executed = executed & pad_mask_BT
+    if skip_map is not None:
+        skipped = ~executed if pad_mask_BT is None else ~executed & pad_mask_BT
+        out = add_skip_estimate(out, x_BTD, skipped, skip_map)
     return out, executed

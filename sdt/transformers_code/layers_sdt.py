@@ -17,6 +17,7 @@ from torch import Tensor
 from .gates import apply_gate
 from .kv_cache import KVCache, ModelCache
 from .layers import Block, RotaryEmbedding
+from .skip_maps import SkipMap, add_skip_estimate
 from .topk import indices_to_mask, pack_decisions
 
 
@@ -68,9 +69,28 @@ def execute_tokens(
     gate_mode: str,
     cache: KVCache | None,
     full_context: bool,
+    skip_map: SkipMap | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Run `block` only where `decide` (B, T) holds; the other tokens keep x. Returns (output, executed (B, T)).
-    `gate` (B, T) scales the executed tokens' updates (None: the full update)."""
+    """Run `block` only where `decide` (B, T) holds; the other tokens keep x (plus `skip_map`'s estimate of the
+    update, when the layer has one). Returns (output, executed (B, T)). `gate` (B, T) scales the executed tokens'
+    updates (None: the full update)."""
+    out, executed = run_selected(block, x, inp, decide, gate, gate_mode, cache, full_context)
+    if skip_map is not None:
+        skipped = ~executed if inp.pad_mask is None else ~executed & inp.pad_mask
+        out = add_skip_estimate(out, x, skipped, skip_map)
+    return out, executed
+
+
+def run_selected(
+    block: Block,
+    x: Tensor,
+    inp: Inputs,
+    decide: Tensor,
+    gate: Tensor | None,
+    gate_mode: str,
+    cache: KVCache | None,
+    full_context: bool,
+) -> tuple[Tensor, Tensor]:
     B, T, _ = x.shape
     selection = causal_selection(decide, inp.pad_mask, full_context)
     if selection is None:

@@ -37,6 +37,7 @@ from .layers import Block, RMSNorm, RotaryEmbedding
 from .layers_sdt import Inputs, RoutedCache, execute_tokens
 from .priors import PriorFFN
 from .routers import LinearRouter
+from .skip_maps import SkipMap
 from .students import CausalRouter
 from .surprise import SurpriseGate
 
@@ -70,6 +71,7 @@ class SDTRouting(nn.Module):
         self.prior = PriorFFN(c["d_model"], prior_hidden(c), norm, c["change_surprise"] == "kl")
         self.surprise = SurpriseGate(attributes(c))
         self.student = CausalRouter(c["d_model"], c["d_model"] // 2, normalize=c["student_norm"])
+        self.skip_map = skip_map(c)
 
     def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
         decision, dynamic = blocks
@@ -84,7 +86,9 @@ class SDTRouting(nn.Module):
             decide = g >= self.surprise.threshold
         else:
             decide = student_decides(self.student, post)
-        return execute_tokens(dynamic, post, inp, decide, g, c["gate_mode"], inp.kv((i, 1)), full_context(c))
+        return execute_tokens(
+            dynamic, post, inp, decide, g, c["gate_mode"], inp.kv((i, 1)), full_context(c), self.skip_map
+        )
 
 
 class STTRouting(nn.Module):
@@ -98,6 +102,7 @@ class STTRouting(nn.Module):
         self.surprise = SurpriseGate(attributes(c))
         d_in = (2 if self.use_prev else 1) * c["d_model"]
         self.student = CausalRouter(d_in, c["d_model"] // 2, normalize=c["student_norm"])
+        self.skip_map = skip_map(c)
 
     def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
         (block,) = blocks
@@ -110,7 +115,9 @@ class STTRouting(nn.Module):
                 inp.cache.state[(i, "x_prev")] = x_in[:, -1:]
             student_in = torch.cat([x, torch.cat([first, x_in[:, :-1]], dim=1)], dim=-1)
         decide = student_decides(self.student, student_in)
-        return execute_tokens(block, x, inp, decide, None, c["gate_mode"], inp.kv((i, 0)), full_context(c))
+        return execute_tokens(
+            block, x, inp, decide, None, c["gate_mode"], inp.kv((i, 0)), full_context(c), self.skip_map
+        )
 
 
 class MoDRouting(nn.Module):
@@ -121,6 +128,7 @@ class MoDRouting(nn.Module):
         self.raw_gate = c["mod_gate"] == "raw"
         self.router = LinearRouter(c["d_model"])
         self.student = CausalRouter(c["d_model"], c["d_model"] // 2, normalize=c["student_norm"])
+        self.skip_map = skip_map(c)
 
     def run(self, i: int, blocks: list[Block], x: Tensor, inp: Inputs, c: dict[str, Any]) -> tuple[Tensor, Tensor]:
         (block,) = blocks
@@ -130,7 +138,7 @@ class MoDRouting(nn.Module):
             decide = r >= self.router.threshold
         else:
             decide = student_decides(self.student, x)
-        return execute_tokens(block, x, inp, decide, gate, "soft", inp.kv((i, 0)), full_context(c))
+        return execute_tokens(block, x, inp, decide, gate, "soft", inp.kv((i, 0)), full_context(c), self.skip_map)
 
 
 ROUTING_UNITS = {"sdt": SDTRouting, "stt": STTRouting, "mod": MoDRouting}
@@ -145,6 +153,13 @@ def attributes(c: dict[str, Any]) -> SimpleNamespace:
 def student_decides(student: CausalRouter, x: Tensor) -> Tensor:
     """(B, T) bool: where the causal student executes, sigmoid(logit) >= its calibrated threshold."""
     return torch.sigmoid(student(x)) >= student.threshold
+
+
+def skip_map(c: dict[str, Any]) -> SkipMap | None:
+    """The unit's skip map (a linear estimate of the routed block's update on skipped tokens), if it has one."""
+    if c.get("skip_map", "none") == "none":
+        return None
+    return SkipMap(c["d_model"], c.get("skip_map_rank", 0), c["rms_norm_eps"])
 
 
 def full_context(c: dict[str, Any]) -> bool:

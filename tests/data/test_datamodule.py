@@ -119,3 +119,18 @@ def test_split_too_short(tmp_path):
     dm.setup("fit")
     with pytest.raises(UserError, match="data.batch_size=4096"):
         dm.train_dataloader()
+
+
+def test_spread_train_blocks_span_the_split_and_leave_the_training_order_alone(txt_corpus, tmp_path):
+    dm = LMDataModule(make_cfg(txt_corpus, tmp_path))
+    dm.prepare_data()
+    dm.setup("fit")
+    first_batch = next(iter(dm.train_dataloader()))["input_ids"]
+    train = dm.train_dataloader().dataset
+    blocks = dm.spread_train_blocks(3)
+    assert blocks.shape == (3, T)
+    last = len(train) - 1
+    for block, i in zip(blocks, (0, round(last / 2), last), strict=True):
+        assert torch.equal(block, train[i]["input_ids"])
+    assert len(dm.spread_train_blocks(10**6)) == len(train)  # never more than the split has
+    assert torch.equal(next(iter(dm.train_dataloader()))["input_ids"], first_batch)

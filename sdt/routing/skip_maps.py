@@ -1,0 +1,135 @@
+"""Skip maps: a cheap linear stand-in for a routed block's update on the tokens that skip it.
+
+A routed block leaves a skipped token unchanged (y = x). With a skip map the skipped token gets
+y = x + W norm(x) + b instead, where norm is an RMS normalisation without weight: a linear estimate of the update
+f = Block(x) - x that the block would have added. Executed tokens are unaffected. A full-rank map costs 2 D^2 FLOPs
+per skipped token (under a tenth of a Llama block at D = 576), a rank-r map 4 D r.
+
+Converted models fit the map in closed form before training (`fit_skip_map`, ridge least squares on the pretrained
+block's own updates), so a converted model starts close to the pretrained function even at low capacity; from
+scratch it starts at zero (y = x, the plain skip) and learns through the LM loss.
+
+Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch and `topk.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .topk import pack_decisions
+
+# Ridge strength relative to the mean squared input feature: keeps the fit well posed on a few thousand tokens
+# (a full-rank map has D^2 + D unknowns) without visibly biasing it.
+RIDGE = 1e-2
+
+
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class SkipMap(nn.Module):
+    """f_hat = W norm(x) + b, W of rank `rank` (0: full rank, one D x D matrix; else up(down(.)), D -> r -> D).
+
+    Starts at zero output, so a model with skip maps computes exactly what it computes without them until they are
+    trained or fitted.
+    """
+
+    param_role = "skip_map"
+
+    def __init__(self, d_model: int, rank: int = 0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.rank = rank
+        if rank == 0:
+            self.proj = nn.Linear(d_model, d_model, bias=True)
+        else:
+            self.down = nn.Linear(d_model, rank, bias=True)
+            self.up = nn.Linear(rank, d_model, bias=False)
+        self.reset_routing_parameters()
+
+    def reset_routing_parameters(self) -> None:
+        if self.rank == 0:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+        else:  # the up projection at zero gives zero output; the down projection random, so gradients flow
+            nn.init.normal_(self.down.weight, std=self.down.in_features**-0.5)
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        z = rms_normalize(x_BTD, self.eps)
+        return self.proj(z) if self.rank == 0 else self.up(self.down(z))
+
+    @torch.no_grad()
+    def fit(self, stats: UpdateStatistics, ridge: float = RIDGE) -> float:
+        """Set the map to the ridge least-squares fit of the updates gathered in `stats`; returns the fraction of
+        the updates' variance the fit explains on those tokens.
+
+        Low rank: reduced-rank regression, the full fit projected onto the top `rank` principal directions of its
+        own predictions (the best rank-r predictor of f under the same least-squares loss).
+        """
+        W = stats.solve(ridge)  # (D + 1, D): rows 0..D-1 weigh norm(x), the last row is the bias
+        if self.rank == 0:
+            self.proj.weight.copy_(W[:-1].T)
+            self.proj.bias.copy_(W[-1])
+        else:
+            mean = stats.gram[-1] / stats.n  # the mean of [norm(x), 1]
+            centred = stats.gram - stats.n * torch.outer(mean, mean)
+            _, vectors = torch.linalg.eigh(W.T @ centred @ W)  # covariance of the predictions, ascending
+            V = vectors[:, -self.rank :]  # (D, r)
+            W = W @ V @ V.T
+            self.down.weight.copy_((W[:-1] @ V).T)
+            self.down.bias.copy_(W[-1] @ V)
+            self.up.weight.copy_(V)
+        return stats.explained_variance(W)
+
+
+def add_skip_estimate(out_BTD: Tensor, x_BTD: Tensor, skipped_BT: Tensor, skip_map: SkipMap) -> Tensor:
+    """out + skip_map(x) on the skipped tokens only. They are gathered (padded to a common count per row, the padding
+    slots adding zero), so the map costs what `sdt.compute` counts, nothing on the tokens that executed."""
+    packed = pack_decisions(skipped_BT)
+    if packed is None:
+        return out_BTD
+    idx_BS, valid_BS = packed  # (B, S): S = the largest number of skipped tokens in a row
+    idx_BSD = idx_BS.unsqueeze(-1).expand(-1, -1, x_BTD.shape[-1])
+    f_BSD = skip_map(torch.gather(x_BTD, 1, idx_BSD)) * valid_BS.unsqueeze(-1).to(out_BTD.dtype)
+    return out_BTD.scatter_add(1, idx_BSD, f_BSD)
+
+
+class UpdateStatistics:
+    """Running sums of the least-squares problem f ~ [norm(x), 1] W over many tokens, in float64: the fit needs only
+    these, not the tokens themselves."""
+
+    def __init__(self, d_model: int, eps: float = 1e-6, device: torch.device | None = None) -> None:
+        self.eps = eps
+        self.n = 0
+        self.gram = torch.zeros(d_model + 1, d_model + 1, dtype=torch.float64, device=device)  # sum z1 z1^T
+        self.cross = torch.zeros(d_model + 1, d_model, dtype=torch.float64, device=device)  # sum z1 f^T
+        self.f_sum = torch.zeros(d_model, dtype=torch.float64, device=device)
+        self.f_sq = torch.zeros((), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, x_ND: Tensor, f_ND: Tensor) -> None:
+        """Block inputs x and their updates f = Block(x) - x, (N, D) each."""
+        z = rms_normalize(x_ND.double(), self.eps)
+        z1 = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], dim=1)  # (N, D + 1)
+        f = f_ND.double()
+        self.n += len(z1)
+        self.gram += z1.T @ z1
+        self.cross += z1.T @ f
+        self.f_sum += f.sum(0)
+        self.f_sq += f.pow(2).sum()
+
+    def solve(self, ridge: float) -> Tensor:
+        if self.n == 0:
+            raise ValueError("no tokens to fit a skip map on")
+        lam = ridge * self.gram.diagonal().mean()
+        eye = torch.eye(len(self.gram), dtype=self.gram.dtype, device=self.gram.device)
+        return torch.linalg.solve(self.gram + lam * eye, self.cross)
+
+    def explained_variance(self, W: Tensor) -> float:
+        """1 - residual / total sum of squares of the prediction [norm(x), 1] W, from the sums alone."""
+        residual = self.f_sq - 2 * (W * self.cross).sum() + (W * (self.gram @ W)).sum()
+        total = self.f_sq - self.f_sum.pow(2).sum() / self.n
+        return float(1 - residual / total.clamp_min(1e-30))
