@@ -74,36 +74,24 @@ def execute_tokens(
     """Run `block` only where `decide` (B, T) holds; the other tokens keep x (plus `skip_map`'s estimate of the
     update, when the layer has one). Returns (output, executed (B, T)). `gate` (B, T) scales the executed tokens'
     updates (None: the full update)."""
-    out, executed = run_selected(block, x, inp, decide, gate, gate_mode, cache, full_context)
-    if skip_map is not None:
-        skipped = ~executed if inp.pad_mask is None else ~executed & inp.pad_mask
-        out = add_skip_estimate(out, x, skipped, skip_map)
-    return out, executed
-
-
-def run_selected(
-    block: Block,
-    x: Tensor,
-    inp: Inputs,
-    decide: Tensor,
-    gate: Tensor | None,
-    gate_mode: str,
-    cache: KVCache | None,
-    full_context: bool,
-) -> tuple[Tensor, Tensor]:
     B, T, _ = x.shape
     selection = causal_selection(decide, inp.pad_mask, full_context)
     if selection is None:
-        return x, torch.zeros(B, T, dtype=torch.bool, device=x.device)
-    idx, valid = selection
-    x_sel = gather_tokens(x, idx)
-    pos_sel = torch.gather(inp.positions, 1, idx)
-    attend = valid if inp.pad_mask is None else valid & torch.gather(inp.pad_mask, 1, idx)
-    context = (x, inp.positions, inp.pad_mask) if full_context else None
-    f = block(x_sel, pos_sel, inp.rope, cache=cache, pad_mask=attend, context=context) - x_sel
-    if gate is not None:
-        f = apply_gate(f, torch.gather(gate, 1, idx), gate_mode)
-    f = f * valid.unsqueeze(-1).to(f.dtype)
-    out = x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x_sel + f)
-    executed = indices_to_mask(idx, T, valid)
-    return out, executed if inp.pad_mask is None else executed & inp.pad_mask
+        out, executed = x, torch.zeros(B, T, dtype=torch.bool, device=x.device)
+    else:
+        idx, valid = selection
+        x_sel = gather_tokens(x, idx)
+        pos_sel = torch.gather(inp.positions, 1, idx)
+        attend = valid if inp.pad_mask is None else valid & torch.gather(inp.pad_mask, 1, idx)
+        context = (x, inp.positions, inp.pad_mask) if full_context else None
+        f = block(x_sel, pos_sel, inp.rope, cache=cache, pad_mask=attend, context=context) - x_sel
+        if gate is not None:
+            f = apply_gate(f, torch.gather(gate, 1, idx), gate_mode)
+        f = f * valid.unsqueeze(-1).to(f.dtype)
+        out = x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x_sel + f)
+        executed = indices_to_mask(idx, T, valid)
+    if inp.pad_mask is not None:
+        executed = executed & inp.pad_mask
+    if skip_map is not None:
+        out = add_skip_estimate(out, x, ~executed if inp.pad_mask is None else ~executed & inp.pad_mask, skip_map)
+    return out, executed
