@@ -4,7 +4,7 @@
 2. Prior: delta_hat = PriorFFN(x), trained to predict delta (loss weight `prior_loss_weight`).
 3. Surprise signals and gate g from delta and delta_hat (sdt.routing.surprise).
 4. Dynamic layer: Block_b runs on the tokens chosen by the routing mode, starting from post, with the gate applied;
-   the other tokens keep post exactly.
+   the other tokens keep post exactly, or get post + skip_map(post) with a skip map (sdt.routing.skip_maps).
 
 Routing modes: "topk" (training; non-causal oracle at evaluation), "threshold" (execute where g >= tau, causal
 because g is), "student" (a causal router predicts Top-K membership). Tau and the student threshold are calibrated
