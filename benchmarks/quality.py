@@ -130,7 +130,7 @@ def step0_row(setting: str, arch: str, capacity: float, extra: list[str], max_ba
     pretrained.load_into(model)
     model.eval()
     start = time.perf_counter()
-    fit_converted_skip_maps(model, datamodule, int(cfg.data.eval_batch_size or cfg.data.batch_size))
+    fit_converted_skip_maps(model, datamodule)
     if model.is_routed:
         calibration = datamodule.calibration_dataloader()
         # Only the thresholds of the headline causal mode: the others are not evaluated here.

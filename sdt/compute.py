@@ -79,7 +79,7 @@ def _skip_map(cfg: ModelConfig, seq_len: int, executed: float | None = None) -> 
         return flops
     k = capacity_k(seq_len, cfg.capacity) if executed is None else executed
     D, r = cfg.d_model, cfg.skip_map_rank
-    per_token = 2 * D * D + D if r == 0 else 2 * (D * r + r * D) + r
+    per_token = 2 * D * D + D if r == 0 else 4 * D * r + r  # matmuls and the bias
     flops["skip_map"] = (seq_len - k) * per_token
     return flops
 

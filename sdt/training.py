@@ -58,7 +58,7 @@ def resolve_model_dict(model: dict[str, Any], tokenizer_vocab: int, seq_len: int
     return model
 
 
-def fit_converted_skip_maps(model: LanguageModel, datamodule: L.LightningDataModule, batch_size: int) -> None:
+def fit_converted_skip_maps(model: LanguageModel, datamodule: L.LightningDataModule) -> None:
     """A conversion's skip maps, fitted to the pretrained blocks on `model.skip_map_fit_blocks` training blocks."""
     n = model.config.skip_map_fit_blocks
     if n == 0 or not model.is_routed:
@@ -68,7 +68,7 @@ def fit_converted_skip_maps(model: LanguageModel, datamodule: L.LightningDataMod
             "model.skip_map_fit_blocks fits on language-model blocks: use a text corpus, not reasoning data"
         )
     blocks = datamodule.spread_train_blocks(n)
-    explained = fit_skip_maps(model, blocks.split(batch_size))
+    explained = fit_skip_maps(model, blocks.split(datamodule.cfg.eval_batch_size))
     log.info(
         "skip maps fitted on %d training blocks; explained variance of the block updates per routed layer: %s",
         len(blocks),
@@ -154,7 +154,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     lit = LitLM(model=model_dict, optim=to_dict(cfg.optim), distill=to_dict(cfg.get("distill")))
     if pretrained is not None:
         pretrained.load_into(lit.model)
-        fit_converted_skip_maps(lit.model, datamodule, data_cfg.eval_batch_size)
+        fit_converted_skip_maps(lit.model, datamodule)
     lit.extra_state = {
         "config": to_dict(cfg),
         "tokenizer": datamodule.tokenizer.to_json(),

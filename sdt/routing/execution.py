@@ -110,6 +110,5 @@ def execute_tokens(
         if pad_mask_BT is not None:
             executed = executed & pad_mask_BT
     if skip_map is not None:
-        skipped = ~executed if pad_mask_BT is None else ~executed & pad_mask_BT
-        out = add_skip_estimate(out, x_BTD, skipped, skip_map)
+        out = add_skip_estimate(out, x_BTD, executed, pad_mask_BT, skip_map)
     return out, executed

@@ -15,6 +15,7 @@ Routed exports ship this file verbatim (sdt/transformers_code/), so it imports o
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .topk import pack_decisions
@@ -22,10 +23,6 @@ from .topk import pack_decisions
 # Ridge strength relative to the mean squared input feature: keeps the fit well posed on a few thousand tokens
 # (a full-rank map has D^2 + D unknowns) without visibly biasing it.
 RIDGE = 1e-2
-
-
-def rms_normalize(x: Tensor, eps: float) -> Tensor:
-    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
 class SkipMap(nn.Module):
@@ -58,7 +55,7 @@ class SkipMap(nn.Module):
             nn.init.zeros_(self.up.weight)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        z = rms_normalize(x_BTD, self.eps)
+        z = F.rms_norm(x_BTD.float(), (x_BTD.shape[-1],), eps=self.eps).to(x_BTD.dtype)
         return self.proj(z) if self.rank == 0 else self.up(self.down(z))
 
     @torch.no_grad()
@@ -85,9 +82,12 @@ class SkipMap(nn.Module):
         return stats.explained_variance(W)
 
 
-def add_skip_estimate(out_BTD: Tensor, x_BTD: Tensor, skipped_BT: Tensor, skip_map: SkipMap) -> Tensor:
-    """out + skip_map(x) on the skipped tokens only. They are gathered (padded to a common count per row, the padding
-    slots adding zero), so the map costs what `sdt.compute` counts, nothing on the tokens that executed."""
+def add_skip_estimate(
+    out_BTD: Tensor, x_BTD: Tensor, executed_BT: Tensor, pad_mask_BT: Tensor | None, skip_map: SkipMap
+) -> Tensor:
+    """out + skip_map(x) on the real tokens that did not execute. They are gathered (padded to a common count per
+    row, the padding slots adding zero), so the map costs what `sdt.compute` counts, nothing on executed tokens."""
+    skipped_BT = ~executed_BT if pad_mask_BT is None else ~executed_BT & pad_mask_BT
     packed = pack_decisions(skipped_BT)
     if packed is None:
         return out_BTD
@@ -112,7 +112,7 @@ class UpdateStatistics:
     @torch.no_grad()
     def add(self, x_ND: Tensor, f_ND: Tensor) -> None:
         """Block inputs x and their updates f = Block(x) - x, (N, D) each."""
-        z = rms_normalize(x_ND.double(), self.eps)
+        z = F.rms_norm(x_ND.double(), (x_ND.shape[-1],), eps=self.eps)
         z1 = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], dim=1)  # (N, D + 1)
         f = f_ND.double()
         self.n += len(z1)

@@ -93,5 +93,5 @@ def execute_tokens(
     if inp.pad_mask is not None:
         executed = executed & inp.pad_mask
     if skip_map is not None:
-        out = add_skip_estimate(out, x, ~executed if inp.pad_mask is None else ~executed & inp.pad_mask, skip_map)
+        out = add_skip_estimate(out, x, executed, inp.pad_mask, skip_map)
     return out, executed

@@ -3,12 +3,12 @@ solution; a model with skip maps decodes as its full forward computes; conversio
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdt.blocks.layers import Block, RotaryEmbedding
 from sdt.models import ModelCache
 from sdt.models.skip_map_fit import fit_skip_maps
 from sdt.routing import SkipMap, UpdateStatistics, execute_tokens, topk_indices
-from sdt.routing.skip_maps import rms_normalize
 from tests.models.conftest import calibrate_on_random_text, random_ids, spread_routers, tiny_config, tiny_model
 
 ROUTED = ["sdt", "stt", "mod"]
@@ -62,7 +62,7 @@ def test_fit_is_the_least_squares_map_and_reports_its_explained_variance(rank):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, D, generator=g) * torch.linspace(0.5, 4, N)[:, None]  # norms vary: the map reads norm(x)
     W, b = torch.randn(D, D, generator=g), torch.randn(D, generator=g)
-    f = rms_normalize(x, 1e-6) @ W + b + 0.1 * torch.randn(N, D, generator=g)
+    f = F.rms_norm(x, (D,), eps=1e-6) @ W + b + 0.1 * torch.randn(N, D, generator=g)
     stats = UpdateStatistics(D)
     for part in range(3):  # the sums accumulate over batches
         stats.add(x[part::3], f[part::3])
@@ -74,7 +74,7 @@ def test_fit_is_the_least_squares_map_and_reports_its_explained_variance(rank):
     assert explained == pytest.approx(float(direct), abs=1e-6)
     # The reference: ordinary least squares on [norm(x), 1], reduced to the rank by the top principal directions
     # of its predictions.
-    z1 = torch.cat([rms_normalize(x, 1e-6), torch.ones(N, 1)], 1).double()
+    z1 = torch.cat([F.rms_norm(x, (D,), eps=1e-6), torch.ones(N, 1)], 1).double()
     ref = z1 @ torch.linalg.lstsq(z1, f.double()).solution
     if rank:
         V = torch.linalg.svd(ref - ref.mean(0), full_matrices=False).Vh[:rank].T
