@@ -162,13 +162,20 @@ def test_kv_cache_holds_exactly_the_executed_tokens(tiny_run):
             assert r["executed_kv_ratio"] < 1
 
 
+@pytest.mark.parametrize("skip_map", ["none", "linear"])
 @pytest.mark.parametrize("layer_cls", [SDTPair, STTLayer, MoDLayer])
-def test_topk_training_path_compiles_without_graph_breaks(layer_cls):
+def test_topk_training_path_compiles_without_graph_breaks(layer_cls, skip_map):
     """fullgraph=True fails on any graph break, e.g. a host sync (.item(), int(tensor)) in the training path."""
     torch.manual_seed(0)
     arch = {SDTPair: "sdt", STTLayer: "stt", MoDLayer: "mod"}[layer_cls]
-    cfg = ModelConfig(arch=arch, vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, capacity=0.25)
+    cfg = ModelConfig(
+        arch=arch, vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, capacity=0.25, skip_map=skip_map
+    )
     layer = layer_cls(cfg)
+    if layer.skip_map is not None:  # a nonzero map, so its estimate shows in the outputs compared below
+        with torch.no_grad():
+            for p in layer.skip_map.parameters():
+                p.normal_(std=0.1)
     rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     positions = torch.arange(16).expand(2, 16)
 

@@ -110,5 +110,8 @@ def execute_tokens(
         if pad_mask_BT is not None:
             executed = executed & pad_mask_BT
     if skip_map is not None:
-        out = add_skip_estimate(out, x_BTD, executed, pad_mask_BT, skip_map)
+        # Top-K (every slot valid) without padding skips exactly T - K tokens in each row: a static count.
+        static = idx_BK is not None and valid_BK is None and pad_mask_BT is None
+        n_skipped = T - idx_BK.shape[1] if static else None
+        out = add_skip_estimate(out, x_BTD, executed, pad_mask_BT, skip_map, n_skipped)
     return out, executed

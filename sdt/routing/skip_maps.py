@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .topk import pack_decisions
+from .topk import pack_decisions, topk_indices
 
 # Ridge strength relative to the mean squared input feature: keeps the fit well posed on a few thousand tokens
 # (a full-rank map has D^2 + D unknowns) without visibly biasing it.
@@ -83,17 +83,34 @@ class SkipMap(nn.Module):
 
 
 def add_skip_estimate(
-    out_BTD: Tensor, x_BTD: Tensor, executed_BT: Tensor, pad_mask_BT: Tensor | None, skip_map: SkipMap
+    out_BTD: Tensor,
+    x_BTD: Tensor,
+    executed_BT: Tensor,
+    pad_mask_BT: Tensor | None,
+    skip_map: SkipMap,
+    n_skipped: int | None = None,
 ) -> Tensor:
     """out + skip_map(x) on the real tokens that did not execute. They are gathered (padded to a common count per
-    row, the padding slots adding zero), so the map costs what `sdt.compute` counts, nothing on executed tokens."""
+    row, the padding slots adding zero), so the map costs what `sdt.compute` counts, nothing on executed tokens.
+
+    `n_skipped`: how many tokens every row skips, when the caller knows it (Top-K without padding skips T - K in
+    each row); the gather then has a static shape and reads nothing on the host, as Top-K training needs under
+    torch.compile and on accelerators. None counts the skipped tokens (the causal modes, padded batches).
+    """
     skipped_BT = ~executed_BT if pad_mask_BT is None else ~executed_BT & pad_mask_BT
-    packed = pack_decisions(skipped_BT)
-    if packed is None:
-        return out_BTD
-    idx_BS, valid_BS = packed  # (B, S): S = the largest number of skipped tokens in a row
+    if n_skipped is not None:
+        if n_skipped == 0:
+            return out_BTD
+        idx_BS, valid_BS = topk_indices(skipped_BT.to(x_BTD.dtype), n_skipped), None
+    else:
+        packed = pack_decisions(skipped_BT)
+        if packed is None:
+            return out_BTD
+        idx_BS, valid_BS = packed  # (B, S): S = the largest number of skipped tokens in a row
     idx_BSD = idx_BS.unsqueeze(-1).expand(-1, -1, x_BTD.shape[-1])
-    f_BSD = skip_map(torch.gather(x_BTD, 1, idx_BSD)) * valid_BS.unsqueeze(-1).to(out_BTD.dtype)
+    f_BSD = skip_map(torch.gather(x_BTD, 1, idx_BSD))
+    if valid_BS is not None:
+        f_BSD = f_BSD * valid_BS.unsqueeze(-1).to(out_BTD.dtype)
     return out_BTD.scatter_add(1, idx_BSD, f_BSD)
 
 

@@ -38,9 +38,9 @@ def indices_to_mask(idx_BK: Tensor, seq_len: int, valid_BK: Tensor | None = None
 def pack_decisions(decide_BT: Tensor, min_k: int = 0) -> tuple[Tensor, Tensor] | None:
     """Per-token causal decisions (B, T) bool -> (idx (B, K), valid (B, K)) with K the largest count in a row.
 
-    Used by the causal inference modes, where each row executes a different number of tokens, and by skip maps. Rows
-    with fewer than K executed tokens are filled with unexecuted positions marked invalid (excluded from attention
-    and left unchanged). Returns None when no token executes and `min_k` is 0. Reads K on the host.
+    Used by the causal inference modes, where each row executes a different number of tokens, and there by skip
+    maps. Rows with fewer than K executed tokens are filled with unexecuted positions marked invalid (excluded from
+    attention and left unchanged). Returns None when no token executes and `min_k` is 0. Reads K on the host.
     """
     k = max(int(decide_BT.sum(dim=1).max()), min_k)
     if k == 0:

@@ -9,6 +9,7 @@ from sdt.blocks.layers import Block, RotaryEmbedding
 from sdt.models import ModelCache
 from sdt.models.skip_map_fit import fit_skip_maps
 from sdt.routing import SkipMap, UpdateStatistics, execute_tokens, topk_indices
+from sdt.routing import skip_maps as skip_maps_module
 from tests.models.conftest import calibrate_on_random_text, random_ids, spread_routers, tiny_config, tiny_model
 
 ROUTED = ["sdt", "stt", "mod"]
@@ -40,6 +41,32 @@ def test_skipped_tokens_get_the_estimate_and_executed_tokens_the_block():
     none, nothing = execute_tokens(block, x, positions, rope, None, None, None, "ste", skip_map=skip_map)
     assert not nothing.any()
     torch.testing.assert_close(none, x + skip_map(x))
+
+
+def test_top_k_gathers_the_skipped_tokens_without_reading_a_count_on_the_host(monkeypatch):
+    """Top-K skips T - K tokens in every row: the skip map's gather must not count them (a host sync per layer,
+    and a graph break under torch.compile), and must give what counting gives."""
+    torch.manual_seed(0)
+    cfg = tiny_config("sdt")
+    block, rope = Block(cfg).eval(), RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    skip_map = randomize(SkipMap(cfg.d_model))
+    x = torch.randn(3, 10, cfg.d_model)
+    positions = torch.arange(10).expand(3, 10)
+    idx = topk_indices(torch.rand(3, 10, generator=torch.Generator().manual_seed(1)), 4)
+    counted, executed = execute_tokens(block, x, positions, rope, idx, None, None, "ste", skip_map=skip_map)
+
+    def no_host_count(*_args, **_kwargs):
+        raise AssertionError("Top-K execution counted the skipped tokens")
+
+    monkeypatch.setattr(skip_maps_module, "pack_decisions", no_host_count)
+    static, executed_too = execute_tokens(block, x, positions, rope, idx, None, None, "ste", skip_map=skip_map)
+    assert torch.equal(executed, executed_too)
+    torch.testing.assert_close(static, counted, atol=0, rtol=0)
+    torch.testing.assert_close(static[~executed], x[~executed] + skip_map(x)[~executed])
+    # Every token executes (capacity 1.0): nothing to estimate.
+    everything = torch.arange(10).expand(3, 10)
+    full, _ = execute_tokens(block, x, positions, rope, everything, None, None, "ste", skip_map=skip_map)
+    torch.testing.assert_close(full, block(x, positions, rope))
 
 
 def test_padding_gets_no_estimate():
