@@ -38,7 +38,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from sdt.checkpoint import load_checkpoint
-from sdt.compute import compute_report
+from sdt.compute import compute_report, measured_flops
 from sdt.data import Tokenizer
 from sdt.datamodules import build_datamodule
 from sdt.distill import DistillConfig
@@ -104,9 +104,20 @@ def evaluate_model(model: LanguageModel, datamodule, max_batches: int | None) ->
             out[key] = math.exp(min(res["nll"], 700.0))
             out[f"{split}_tokens"] = res["tokens"]
             if mode == modes[0] and model.is_routed:
-                fractions = [v for k, v in res["stats"].items() if k.endswith(".executed_fraction")]
-                out[f"{split}_executed_fraction"] = sum(fractions) / len(fractions)
+                out.update(executed_compute(model.config, res["stats"], int(datamodule.cfg.seq_len), split))
     return out
+
+
+def executed_compute(cfg, stats: dict[str, float], seq_len: int, split: str) -> dict[str, float]:
+    """The causal mode's mean executed fraction over the routed layers, and the inference FLOP ratio to dense at
+    each layer's executed fraction (a causal router can run more or fewer tokens than its capacity)."""
+    fractions = {int(k.split(".")[1]): v for k, v in stats.items() if k.endswith(".executed_fraction")}  # layers.{i}.
+    per_layer = [fractions[i] for i in sorted(fractions)]
+    flops = measured_flops(cfg, seq_len, [f * seq_len for f in per_layer])
+    return {
+        f"{split}_executed_fraction": sum(per_layer) / len(per_layer),
+        f"{split}_flops_ratio_executed": flops["flops_ratio_vs_dense"],
+    }
 
 
 def datamodule_for(cfg, tokenizer: Tokenizer | None):
@@ -211,16 +222,18 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 def markdown(setting: str, rows: list[dict[str, Any]]) -> str:
     head = (
         "| model | capacity | steps | routing | val ppl | test ppl | val / dense | test / dense | Top-K val ppl "
-        "| FLOPs vs dense (inference) | training FLOPs vs dense | executed fraction (val) | wall s |"
+        "| FLOPs vs dense (inference) | training FLOPs vs dense | executed fraction (val) "
+        "| FLOPs vs dense at the executed fraction (val) | wall s |"
     )
-    lines = [f"### setting: {setting}", "", head, "|" + " --- |" * 13]
+    lines = [f"### setting: {setting}", "", head, "|" + " --- |" * 14]
     for r in rows:
         fmt = lambda v, p=2: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
         lines.append(
             f"| {r['arch']} | {fmt(r['capacity'], 3)} | {r['steps']} | {r['routing']} | {fmt(r['val_ppl'])} "
             f"| {fmt(r['test_ppl'])} | {fmt(r.get('val_ppl_ratio'), 3)} | {fmt(r.get('test_ppl_ratio'), 3)} "
             f"| {fmt(r.get('val_ppl_topk'))} | {fmt(r['flops_ratio'], 3)} | {fmt(r.get('train_flops_ratio'), 3)} "
-            f"| {fmt(r.get('val_executed_fraction'), 3)} | {fmt(r['wall_s'], 0)} |"
+            f"| {fmt(r.get('val_executed_fraction'), 3)} | {fmt(r.get('val_flops_ratio_executed'), 3)} "
+            f"| {fmt(r['wall_s'], 0)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -35,7 +35,12 @@ def test_equal_flops_setting_gives_routed_runs_the_steps_their_training_flops_bu
         assert r["steps"] == round(6 / r["train_flops_ratio"]) > 6  # ... so it gets more steps for the same FLOPs
         assert r["val_ppl_ratio"] == pytest.approx(r["val_ppl"] / dense["val_ppl"])
         assert 0.2 < r["val_executed_fraction"] < 0.8 and r["routing"] in ("threshold", "student")
+        # FLOPs at what the causal router ran move with it away from those at the nominal capacity.
+        over_run = r["val_executed_fraction"] - r["capacity"]
+        assert (r["val_flops_ratio_executed"] - r["flops_ratio"]) * over_run >= 0
+        assert r["val_flops_ratio_executed"] > 0
     assert "| sdt | 0.500 |" in (out / "quality.md").read_text()
+    assert f"| {rows['sdt@0.5']['val_flops_ratio_executed']:.3f} |" in (out / "quality.md").read_text()
     # A second invocation reuses the finished runs instead of training again.
     again = run_cli(args, cache_dir)
     assert again.returncode == 0 and "+ " not in again.stdout
