@@ -108,10 +108,11 @@ def evaluate_model(model: LanguageModel, datamodule, max_batches: int | None) ->
     return out
 
 
-def executed_compute(cfg, stats: dict[str, float], seq_len: int, split: str) -> dict[str, float]:
+def executed_compute(cfg: ModelConfig, stats: dict[str, float], seq_len: int, split: str) -> dict[str, float]:
     """The causal mode's mean executed fraction over the routed layers, and the inference FLOP ratio to dense at
     each layer's executed fraction (a causal router can run more or fewer tokens than its capacity)."""
-    fractions = {int(k.split(".")[1]): v for k, v in stats.items() if k.endswith(".executed_fraction")}  # layers.{i}.
+    # "layers.{i}.executed_fraction" -> {i: fraction}, routed layers in stack order as measured_flops takes them
+    fractions = {int(k.split(".")[1]): v for k, v in stats.items() if k.endswith(".executed_fraction")}
     per_layer = [fractions[i] for i in sorted(fractions)]
     flops = measured_flops(cfg, seq_len, [f * seq_len for f in per_layer])
     return {
