@@ -37,8 +37,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from sdt.capacity_sweep import executed_fractions, mean_executed_fraction, measured_ratios
 from sdt.checkpoint import load_checkpoint
-from sdt.compute import compute_report, measured_flops
+from sdt.compute import compute_report
 from sdt.data import Tokenizer
 from sdt.datamodules import build_datamodule
 from sdt.distill import DistillConfig
@@ -104,21 +105,11 @@ def evaluate_model(model: LanguageModel, datamodule, max_batches: int | None) ->
             out[key] = math.exp(min(res["nll"], 700.0))
             out[f"{split}_tokens"] = res["tokens"]
             if mode == modes[0] and model.is_routed:
-                out.update(executed_compute(model.config, res["stats"], int(datamodule.cfg.seq_len), split))
+                # A causal router can run more or fewer tokens than its capacity: FLOPs at what it ran, too.
+                ratios = measured_ratios(model, executed_fractions(model, res["stats"]), int(datamodule.cfg.seq_len))
+                out[f"{split}_executed_fraction"] = mean_executed_fraction(model, res["stats"])
+                out[f"{split}_flops_ratio_executed"] = ratios["flops_ratio_vs_dense"]
     return out
-
-
-def executed_compute(cfg: ModelConfig, stats: dict[str, float], seq_len: int, split: str) -> dict[str, float]:
-    """The causal mode's mean executed fraction over the routed layers, and the inference FLOP ratio to dense at
-    each layer's executed fraction (a causal router can run more or fewer tokens than its capacity)."""
-    # "layers.{i}.executed_fraction" -> {i: fraction}, routed layers in stack order as measured_flops takes them
-    fractions = {int(k.split(".")[1]): v for k, v in stats.items() if k.endswith(".executed_fraction")}
-    per_layer = [fractions[i] for i in sorted(fractions)]
-    flops = measured_flops(cfg, seq_len, [f * seq_len for f in per_layer])
-    return {
-        f"{split}_executed_fraction": sum(per_layer) / len(per_layer),
-        f"{split}_flops_ratio_executed": flops["flops_ratio_vs_dense"],
-    }
 
 
 def datamodule_for(cfg, tokenizer: Tokenizer | None):
