@@ -10,6 +10,7 @@ from sdt.models import ModelCache
 from sdt.models.skip_map_fit import fit_skip_maps
 from sdt.routing import SkipMap, UpdateStatistics, execute_tokens, topk_indices
 from sdt.routing import skip_maps as skip_maps_module
+from sdt.routing.skip_maps import add_skip_estimate
 from tests.models.conftest import calibrate_on_random_text, random_ids, spread_routers, tiny_config, tiny_model
 
 ROUTED = ["sdt", "stt", "mod"]
@@ -23,14 +24,19 @@ def randomize(skip_map: SkipMap, std: float = 0.2, seed: int = 0) -> SkipMap:
     return skip_map
 
 
-def test_skipped_tokens_get_the_estimate_and_executed_tokens_the_block():
+def block_with_skip_map(batch: int, seq: int, k: int, seed: int):
+    """A tiny block with a nonzero skip map, inputs (batch, seq, D), positions and a random Top-K of k per row."""
     torch.manual_seed(0)
     cfg = tiny_config("sdt")
     block, rope = Block(cfg).eval(), RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-    skip_map = randomize(SkipMap(cfg.d_model))
-    x = torch.randn(2, 12, cfg.d_model)
-    positions = torch.arange(12).expand(2, 12)
-    idx = topk_indices(torch.rand(2, 12, generator=torch.Generator().manual_seed(3)), 5)
+    x = torch.randn(batch, seq, cfg.d_model)
+    positions = torch.arange(seq).expand(batch, seq)
+    idx = topk_indices(torch.rand(batch, seq, generator=torch.Generator().manual_seed(seed)), k)
+    return block, rope, randomize(SkipMap(cfg.d_model)), x, positions, idx
+
+
+def test_skipped_tokens_get_the_estimate_and_executed_tokens_the_block():
+    block, rope, skip_map, x, positions, idx = block_with_skip_map(2, 12, 5, seed=3)
     args = (block, x, positions, rope, idx, None, None, "ste")
     plain, executed = execute_tokens(*args)
     with_map, executed_too = execute_tokens(*args, skip_map=skip_map)
@@ -46,20 +52,16 @@ def test_skipped_tokens_get_the_estimate_and_executed_tokens_the_block():
 def test_top_k_gathers_the_skipped_tokens_without_reading_a_count_on_the_host(monkeypatch):
     """Top-K skips T - K tokens in every row: the skip map's gather must not count them (a host sync per layer,
     and a graph break under torch.compile), and must give what counting gives."""
-    torch.manual_seed(0)
-    cfg = tiny_config("sdt")
-    block, rope = Block(cfg).eval(), RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-    skip_map = randomize(SkipMap(cfg.d_model))
-    x = torch.randn(3, 10, cfg.d_model)
-    positions = torch.arange(10).expand(3, 10)
-    idx = topk_indices(torch.rand(3, 10, generator=torch.Generator().manual_seed(1)), 4)
-    counted, executed = execute_tokens(block, x, positions, rope, idx, None, None, "ste", skip_map=skip_map)
+    block, rope, skip_map, x, positions, idx = block_with_skip_map(3, 10, 4, seed=1)
+    args = (block, x, positions, rope, idx, None, None, "ste")
+    plain, executed = execute_tokens(*args)
+    counted = add_skip_estimate(plain, x, executed, None, skip_map)  # the counting path, as the causal modes take
 
     def no_host_count(*_args, **_kwargs):
         raise AssertionError("Top-K execution counted the skipped tokens")
 
     monkeypatch.setattr(skip_maps_module, "pack_decisions", no_host_count)
-    static, executed_too = execute_tokens(block, x, positions, rope, idx, None, None, "ste", skip_map=skip_map)
+    static, executed_too = execute_tokens(*args, skip_map=skip_map)
     assert torch.equal(executed, executed_too)
     torch.testing.assert_close(static, counted, atol=0, rtol=0)
     torch.testing.assert_close(static[~executed], x[~executed] + skip_map(x)[~executed])
