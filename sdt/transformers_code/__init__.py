@@ -7,9 +7,10 @@ An export directory holds:
   `kv_cache.py` from `sdt/blocks/`, and the routing pieces that need nothing else, `priors.py` (the prior /
   transition network; its norm is handed in), `surprise.py` (the surprise gate), `students.py` (causal routers),
   `routers.py` (MoD's router), `quantiles.py`, `topk.py`, `gates.py` and `skip_maps.py` from `sdt/routing/`. The
-  export runs the very code the package trains and calibrates, so the two cannot drift. `sdt/routing/execution.py` is not among them: it
-  builds on `sdt.blocks`, another package, and the only relative import transformers' loader follows names a sibling
-  file (`from .name import ...`), so `layers_sdt.py` has its own `execute_tokens`, for the causal modes only.
+  export runs the very code the package trains and calibrates, so the two cannot drift. `sdt/routing/execution.py`
+  is not among them: it builds on `sdt.blocks`, another package, and the only relative import transformers' loader
+  follows names a sibling file (`from .name import ...`), so `layers_sdt.py` has its own `execute_tokens`, for the
+  causal modes only.
 
 The exported code imports only torch, transformers and its sibling files, by relative import (`from .layers import
 Block`); the package files import only torch, the standard library and each other. transformers' dynamic-module
