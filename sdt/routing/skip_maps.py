@@ -108,7 +108,8 @@ def add_skip_estimate(
             return out_BTD
         idx_BS, valid_BS = packed  # (B, S): S = the largest number of skipped tokens in a row
     idx_BSD = idx_BS.unsqueeze(-1).expand(-1, -1, x_BTD.shape[-1])
-    f_BSD = skip_map(torch.gather(x_BTD, 1, idx_BSD))
+    # Under autocast the map's matmul runs in half precision while the residual stream stays in its own dtype.
+    f_BSD = skip_map(torch.gather(x_BTD, 1, idx_BSD)).to(out_BTD.dtype)
     if valid_BS is not None:
         f_BSD = f_BSD * valid_BS.unsqueeze(-1).to(out_BTD.dtype)
     return out_BTD.scatter_add(1, idx_BSD, f_BSD)

@@ -181,3 +181,17 @@ def test_skip_map_options_are_validated_by_name():
         tiny_config("sdt", skip_map_fit_blocks=4)
     with pytest.raises(UserError, match="model.skip_map must be one of"):
         tiny_config("sdt", skip_map="mlp")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_skipped", [None, 6])
+def test_skip_estimate_under_autocast_keeps_the_residual_stream_dtype(dtype, n_skipped):
+    """Under mixed precision the map's matmul runs in half precision while the residual stream stays fp32; adding
+    the estimate must cast it back (a dtype mismatch in scatter_add crashed the first bf16-mixed step)."""
+    block, rope, skip_map, x, positions, idx = block_with_skip_map(2, 10, 4, seed=2)
+    plain, executed = execute_tokens(block, x, positions, rope, idx, None, None, "ste")
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = add_skip_estimate(plain, x, executed, None, skip_map, n_skipped=n_skipped)
+    assert mixed.dtype == torch.float32
+    exact = add_skip_estimate(plain, x, executed, None, skip_map, n_skipped=n_skipped)
+    torch.testing.assert_close(mixed, exact, atol=2e-2, rtol=2e-2)
