@@ -14,6 +14,13 @@ Settings:
   calibrated at the target capacity on the held-out calibration blocks) comes beside the trained ones, and the
   untouched pretrained model is the step-0 dense row.
 
+`--seeds N` runs every configuration with N seeds (`seed=1337, 1338, ...`; runs under `--out/runs/<name>/seed<s>`)
+and reports the mean, standard deviation and per-seed values of every figure; a gap counts as significant only when
+it exceeds the seeds' spread (benchmarks/quality_summary.py). `--equal-flops-dense` adds, for each routed point
+(from scratch), a dense model with the same inference FLOPs per token (`sdt.compute.equal_flops_dense`: fewer layers,
+or the shallowest deeper one with a narrower MLP when no depth matches) trained on the same tokens, named
+`dense-equal-flops-<arch>@<capacity>`.
+
 Each run is `python train.py` in its own directory under `--out/runs/` (a run whose `quality.json` exists is
 reused, so an interrupted benchmark continues where it stopped). Its last checkpoint is evaluated here on the
 validation and test splits in the model's causal routing mode (the headline; Top-K is the non-causal oracle and is
@@ -36,10 +43,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
+from quality_summary import add_ratios, equal_flops_name, runs_markdown, summarize, summary_markdown
 
 from sdt.capacity_sweep import executed_fractions, mean_executed_fraction, measured_ratios
 from sdt.checkpoint import load_checkpoint
-from sdt.compute import compute_report
+from sdt.compute import compute_report, equal_flops_dense
 from sdt.data import Tokenizer
 from sdt.datamodules import build_datamodule
 from sdt.distill import DistillConfig
@@ -53,6 +61,7 @@ from sdt.training import fit_converted_skip_maps, resolve_model_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("tokens", "flops", "convert")
+Point = tuple[str, str, float, list[str]]  # name, arch, capacity, the point's own overrides
 
 
 def experiment_overrides(setting: str, arch: str, capacity: float) -> list[str]:
@@ -148,38 +157,51 @@ def step0_row(setting: str, arch: str, capacity: float, extra: list[str], max_ba
     return row
 
 
+def routed_model_config(cfg, model_dict: dict[str, Any], tokenizer: Tokenizer | None) -> ModelConfig:
+    """The model a run of `cfg` builds: its vocabulary comes from the (cached) tokenizer, as in train.py."""
+    vocab = datamodule_for(cfg, tokenizer).vocab_size
+    return ModelConfig.from_dict(resolve_model_dict(model_dict, vocab, int(cfg.data.seq_len)))
+
+
+def equal_flops_overrides(setting: str, arch: str, capacity: float, extra: list[str]) -> list[str]:
+    """The overrides of the dense run whose inference FLOPs per token equal routed point (arch, capacity)'s."""
+    cfg = compose_train(experiment_overrides(setting, arch, capacity) + extra)
+    model_dict, tokenizer, _ = model_dict_of(cfg)
+    dense = equal_flops_dense(routed_model_config(cfg, model_dict, tokenizer), int(cfg.data.seq_len))
+    return [f"model.n_layers={dense.n_layers}", f"model.intermediate_size={dense.intermediate_size}"]
+
+
 def train_row(
     setting: str,
-    arch: str,
-    capacity: float,
+    point: Point,
     extra: list[str],
     out_dir: str,
     max_batches: int | None,
     dense_steps: int | None,
+    seed: int | None,
 ) -> dict[str, Any]:
-    name = f"{arch}@{capacity}" if arch != "dense" else "dense"
-    run_dir = os.path.join(out_dir, "runs", name)
+    name, arch, capacity, point_overrides = point
+    run_dir = os.path.join(out_dir, "runs", name, *([] if seed is None else [f"seed{seed}"]))
     done = os.path.join(run_dir, "quality.json")
     if os.path.isfile(done):
         with open(done) as f:
             return json.load(f)
-    overrides = experiment_overrides(setting, arch, capacity) + extra
+    os.makedirs(run_dir, exist_ok=True)
+    overrides = experiment_overrides(setting, arch, capacity) + extra + point_overrides  # the point's own last
+    overrides += [] if seed is None else [f"seed={seed}"]
     cfg = compose_train(overrides)
     model_dict, tokenizer, _ = model_dict_of(cfg)
     steps = int(cfg.trainer.max_steps)
     if setting == "flops" and arch != "dense":
         # Equal training FLOPs: the steps the dense run's compute buys at this model's training-FLOP ratio.
-        # The model the run will build: its vocabulary comes from the (cached) tokenizer, as in train.py.
-        vocab = datamodule_for(cfg, tokenizer).vocab_size
-        probe = ModelConfig.from_dict(resolve_model_dict(model_dict, vocab, int(cfg.data.seq_len)))
-        ratio = train_compute(cfg, probe)["train_flops_ratio_vs_dense"]
+        ratio = train_compute(cfg, routed_model_config(cfg, model_dict, tokenizer))["train_flops_ratio_vs_dense"]
         steps = round((dense_steps or steps) / ratio)
         interval = int(cfg.trainer.val_check_interval)
         overrides += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={min(interval, steps)}"]
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *overrides, f"hydra.run.dir={run_dir}", "logger=csv"]
     print("+", " ".join(cmd), flush=True)
     start = time.perf_counter()
-    with open(os.path.join(out_dir, "runs", f"{name}.log"), "w") as log_file:
+    with open(os.path.join(run_dir, "train.out"), "w") as log_file:
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
 
@@ -187,47 +209,27 @@ def train_row(
     model = load_model(ckpt, torch.device("cpu"))
     tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
     datamodule = datamodule_for(cfg, tokenizer if model_dict.get("init_from") else None)
-    row = {"name": name, "arch": arch, "capacity": model.config.capacity if arch != "dense" else 1.0}
+    row = {"name": name, "arch": arch, "capacity": model.config.capacity if arch != "dense" else 1.0, "seed": seed}
     row.update(
         steps=int(ckpt["global_step"]),
         tokens=int(ckpt["global_step"]) * int(cfg.data.batch_size) * int(cfg.data.seq_len),
     )
     row.update(evaluate_model(model, datamodule, max_batches))
     report = train_compute(cfg, model.config)
+    if point_overrides:  # an equal-FLOPs dense run: its ratios against the dense model of the benchmark's dimensions
+        full = compose_train(experiment_overrides(setting, "dense", 1.0) + extra)
+        seq_len = int(cfg.data.seq_len)
+        reference = compute_report(routed_model_config(full, model_dict_of(full)[0], None), seq_len)
+        own = compute_report(model.config, seq_len)
+        report = {
+            "flops_ratio_vs_dense": own["flops_per_token"] / reference["flops_per_token"],
+            "train_flops_ratio_vs_dense": own["train_flops_per_token"] / reference["train_flops_per_token"],
+        }
     row.update(flops_ratio=report["flops_ratio_vs_dense"], train_flops_ratio=report["train_flops_ratio_vs_dense"])
     row["wall_s"] = wall
     with open(done, "w") as f:
         json.dump(row, f, indent=2)
     return row
-
-
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    dense = {r["steps"] == 0: r for r in rows if r["arch"] == "dense"}
-    for r in rows:
-        ref = dense.get(r["steps"] == 0) or dense.get(False)
-        if ref is None:
-            continue
-        for split in ("val", "test"):
-            r[f"{split}_ppl_ratio"] = r[f"{split}_ppl"] / ref[f"{split}_ppl"]
-
-
-def markdown(setting: str, rows: list[dict[str, Any]]) -> str:
-    head = (
-        "| model | capacity | steps | routing | val ppl | test ppl | val / dense | test / dense | Top-K val ppl "
-        "| FLOPs vs dense (inference) | training FLOPs vs dense | executed fraction (val) "
-        "| FLOPs vs dense at the executed fraction (val) | wall s |"
-    )
-    lines = [f"### setting: {setting}", "", head, "|" + " --- |" * 14]
-    for r in rows:
-        fmt = lambda v, p=2: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
-        lines.append(
-            f"| {r['arch']} | {fmt(r['capacity'], 3)} | {r['steps']} | {r['routing']} | {fmt(r['val_ppl'])} "
-            f"| {fmt(r['test_ppl'])} | {fmt(r.get('val_ppl_ratio'), 3)} | {fmt(r.get('test_ppl_ratio'), 3)} "
-            f"| {fmt(r.get('val_ppl_topk'))} | {fmt(r['flops_ratio'], 3)} | {fmt(r.get('train_flops_ratio'), 3)} "
-            f"| {fmt(r.get('val_executed_fraction'), 3)} | {fmt(r.get('val_flops_ratio_executed'), 3)} "
-            f"| {fmt(r['wall_s'], 0)} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,34 +240,57 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every run")
     parser.add_argument("--max-batches", type=int, default=8, help="evaluation batches per split (null: all)")
     parser.add_argument("--no-step0", action="store_true", help="convert: skip the untrained rows")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per configuration (1: the config's own seed)")
+    parser.add_argument("--seed-base", type=int, default=1337, help="first seed when --seeds > 1")
+    parser.add_argument(
+        "--equal-flops-dense", action="store_true", help="from scratch: a dense run at each routed point's FLOPs"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the evaluation here")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.equal_flops_dense and args.setting == "convert":
+        parser.error("--equal-flops-dense is for the from-scratch settings (tokens, flops)")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     archs = ["dense"] + [a for a in args.archs.split(",") if a and a != "dense"]
     capacities = [float(c) for c in args.capacities.split(",")]
-    points = [("dense", 1.0)] + [(a, c) for a in archs[1:] for c in capacities]
+    routed = [(f"{a}@{c}", a, c, []) for a in archs[1:] for c in capacities]
+    points: list[Point] = [("dense", "dense", 1.0, []), *routed]
+    if args.equal_flops_dense:
+        points += [
+            (equal_flops_name(name), "dense", 1.0, equal_flops_overrides(args.setting, arch, capacity, args.override))
+            for name, arch, capacity, _ in routed
+        ]
+    seeds = [None] if args.seeds == 1 else [args.seed_base + i for i in range(args.seeds)]
 
     rows: list[dict[str, Any]] = []
     if args.setting == "convert" and not args.no_step0:
-        for arch, capacity in points:
+        for _, arch, capacity, _ in points:
             row = step0_row(args.setting, arch, capacity, args.override, args.max_batches)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    dense_steps = None
-    for arch, capacity in points:
-        row = train_row(args.setting, arch, capacity, args.override, args.out, args.max_batches, dense_steps)
-        if arch == "dense":
-            dense_steps = row["steps"]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    for seed in seeds:
+        dense_steps = None
+        for point in points:
+            row = train_row(args.setting, point, args.override, args.out, args.max_batches, dense_steps, seed)
+            if point[0] == "dense":
+                dense_steps = row["steps"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     add_ratios(rows)
-    result = {"setting": args.setting, "overrides": args.override, "max_batches": args.max_batches, "rows": rows}
+    summary = summarize(rows)
+    result = {
+        "setting": args.setting, "overrides": args.override, "max_batches": args.max_batches,
+        "seeds": seeds, "rows": rows, "summary": summary,
+    }  # fmt: skip
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(result, f, indent=2)
-    text = markdown(args.setting, rows)
+    text = runs_markdown(args.setting, rows)
+    if len(seeds) > 1 or args.equal_flops_dense:
+        text += summary_markdown(summary)
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write(text)
     print(text)

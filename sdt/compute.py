@@ -260,3 +260,35 @@ def compute_report(cfg: ModelConfig, seq_len: int, teacher: ModelConfig | None =
         "seq_len": seq_len,
         "capacity": cfg.capacity,
     }
+
+
+def equal_flops_dense(cfg: ModelConfig, seq_len: int, tolerance: float = 0.02) -> ModelConfig:
+    """The dense model whose inference FLOPs per token equal those of `cfg` (a routed model): the isoFLOP baseline
+    of the Mixture-of-Depths argument, at the same width, vocabulary and context.
+
+    Fewer layers when some depth lands within `tolerance` of the routed model's FLOPs; otherwise the shallowest
+    depth above them with its MLP narrowed until the two match (FLOPs are linear in the MLP width, so the match is
+    exact up to rounding the width to a multiple of 8).
+    """
+    target = flops_breakdown(cfg, seq_len)["total"]
+
+    def dense(n_layers: int, intermediate_size: int) -> ModelConfig:
+        return dataclasses.replace(
+            cfg, arch="dense", n_layers=n_layers, intermediate_size=intermediate_size, capacity_start=None,
+            dense_first=0, dense_last=0, always_execute_first=0, skip_map="none",
+        )  # fmt: skip
+
+    above = None
+    for n_layers in range(cfg.n_layers, 0, -1):
+        candidate = dense(n_layers, cfg.intermediate_size)
+        flops = flops_breakdown(candidate, seq_len)["total"]
+        if abs(flops / target - 1) <= tolerance:
+            return candidate
+        if flops > target:
+            above = candidate
+    if above is None:  # even one layer spends more than the routed model would need a width below any sensible one
+        raise UserError(f"no dense model at d_model={cfg.d_model} spends as few FLOPs as {cfg.arch} at {seq_len}")
+    full = flops_breakdown(above, seq_len)
+    per_width = full["mlp"] / above.intermediate_size  # MLP FLOPs per unit of width, all layers together
+    width = above.intermediate_size - (full["total"] - target) / per_width
+    return dense(above.n_layers, max(8, 8 * round(width / 8)))

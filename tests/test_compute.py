@@ -10,6 +10,7 @@ from sdt.compute import (
     SURPRISE_FLOPS_PER_ELEMENT,
     block_flops,
     compute_report,
+    equal_flops_dense,
     flops_breakdown,
     kv_entries,
     measured_flops,
@@ -253,3 +254,32 @@ def test_skip_maps_cost_their_matmuls_on_the_skipped_tokens_only(arch, rank):
     # What a layer executed decides the skipped count: a layer that runs every token pays nothing for its map.
     all_run = measured_flops(cfg, T, [T] * n_routed)["flops"]
     assert all_run == pytest.approx(measured_flops(plain, T, [T] * n_routed)["flops"])
+
+
+@pytest.mark.parametrize("arch", ["sdt", "stt", "mod"])
+@pytest.mark.parametrize("capacity", [0.125, 0.5])
+def test_equal_flops_dense_spends_what_the_routed_model_spends(arch, capacity):
+    routed = small(arch, capacity=capacity, skip_map="none" if arch == "stt" else "linear")
+    dense = equal_flops_dense(routed, 128)
+    assert dense.arch == "dense" and dense.d_model == routed.d_model and dense.vocab_size == routed.vocab_size
+    # Cheaper than the full-depth dense model: fewer layers, or all of them with a narrower MLP ...
+    assert dense.n_layers < routed.n_layers or dense.intermediate_size < routed.intermediate_size
+    target = flops_breakdown(routed, 128)["total"]
+    assert flops_breakdown(dense, 128)["total"] == pytest.approx(target, rel=0.02)  # ... by exactly the routed saving
+
+
+def test_equal_flops_dense_prefers_fewer_layers_and_narrows_the_mlp_only_when_no_depth_matches():
+    full = small("dense", n_layers=8)
+    seven = flops_breakdown(dataclasses.replace(full, n_layers=7), 128)["total"]
+    # A routed model that happens to spend what 7 dense layers spend gets 7 layers at full width.
+    routed = small("mod", n_layers=8, capacity=0.5)
+    per_layer = flops_breakdown(full, 128)["total"] - seven
+    match = equal_flops_dense(routed, 128, tolerance=per_layer / seven)
+    assert match.intermediate_size == full.intermediate_size
+    # With a tight tolerance no depth matches: the shallowest depth above the target, its MLP narrowed.
+    narrow = equal_flops_dense(routed, 128, tolerance=1e-4)
+    assert narrow.intermediate_size < full.intermediate_size and narrow.intermediate_size % 8 == 0
+    above = dataclasses.replace(narrow, intermediate_size=full.intermediate_size)
+    assert flops_breakdown(above, 128)["total"] > flops_breakdown(routed, 128)["total"]
+    # Exact up to rounding the width to a multiple of 8 (at most 4 units of width in every layer).
+    assert flops_breakdown(narrow, 128)["total"] == pytest.approx(flops_breakdown(routed, 128)["total"], rel=1e-2)

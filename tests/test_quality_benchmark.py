@@ -44,3 +44,31 @@ def test_equal_flops_setting_gives_routed_runs_the_steps_their_training_flops_bu
     # A second invocation reuses the finished runs instead of training again.
     again = run_cli(args, cache_dir)
     assert again.returncode == 0 and "+ " not in again.stdout
+
+
+@pytest.mark.slow  # six tiny training runs in subprocesses
+def test_seeds_and_the_equal_flops_dense_baseline(tmp_path, corpus_files, cache_dir):
+    out = tmp_path / "q"
+    args = ["benchmarks/quality.py", "--setting", "tokens", "--archs", "mod", "--capacities", "0.5"]
+    args += ["--seeds", "2", "--equal-flops-dense", "--max-batches", "2", "--out", str(out)]
+    for o in [*TINY, *tiny_data(corpus_files)]:
+        args += ["--override", o]
+    proc = run_cli(args, cache_dir, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "quality.json").read_text())
+    assert result["seeds"] == [1337, 1338]
+    runs = {(r["name"], r["seed"]): r for r in result["rows"]}
+    assert set(runs) == {(n, s) for n in ("dense", "mod@0.5", "dense-equal-flops-mod@0.5") for s in (1337, 1338)}
+    assert (out / "runs" / "mod@0.5" / "seed1338" / "checkpoints" / "last.ckpt").is_file()
+    # Different seeds train different models.
+    assert runs[("mod@0.5", 1337)]["val_ppl"] != runs[("mod@0.5", 1338)]["val_ppl"]
+    for seed in (1337, 1338):
+        routed, baseline = runs[("mod@0.5", seed)], runs[("dense-equal-flops-mod@0.5", seed)]
+        # The baseline is a smaller dense model that spends the routed model's inference FLOPs, on the same tokens.
+        assert baseline["flops_ratio"] == pytest.approx(routed["flops_ratio"], rel=0.03) and baseline["flops_ratio"] < 1
+        assert baseline["tokens"] == routed["tokens"]
+        assert routed["val_ppl_ratio_equal_flops"] == pytest.approx(routed["val_ppl"] / baseline["val_ppl"])
+    summary = {e["name"]: e for e in result["summary"]}
+    assert summary["mod@0.5"]["val_ppl"]["values"] == [runs[("mod@0.5", s)]["val_ppl"] for s in (1337, 1338)]
+    assert summary["mod@0.5"]["val_significant_vs_equal_flops"] in (True, False)
+    assert "± " in (out / "quality.md").read_text()
