@@ -19,7 +19,11 @@ and reports the mean, standard deviation and per-seed values of every figure; a 
 it exceeds the seeds' spread (benchmarks/quality_summary.py). `--equal-flops-dense` adds, for each routed point
 (from scratch), a dense model with the same inference FLOPs per token (`sdt.compute.equal_flops_dense`: fewer layers,
 or the shallowest deeper one with a narrower MLP when no depth matches) trained on the same tokens, named
-`dense-equal-flops-<arch>@<capacity>`.
+`dense-equal-flops-<arch>@<capacity>`. `--static-pruning` (convert) adds the pretrained model pruned to each routed
+point's inference FLOPs (the depth closest to them), its layers chosen as ShortGPT does (`sdt.models.pruning`: the
+layers whose output is least like their input kept, measured on `--pruning-blocks` training blocks) and fine-tuned
+with the conversion's budget (`experiment=smollm2_dense model.init_layers=[...]`), named
+`dense-pruned-<arch>@<capacity>`.
 
 Each run is `python train.py` in its own directory under `--out/runs/` (a run whose `quality.json` exists is
 reused, so an interrupted benchmark continues where it stopped). Its last checkpoint is evaluated here on the
@@ -31,6 +35,7 @@ setting, measured in the same benchmark.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +48,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
-from quality_summary import add_ratios, equal_flops_name, runs_markdown, summarize, summary_markdown
+from quality_summary import add_ratios, baseline_name, runs_markdown, summarize, summary_markdown
 
 from sdt.capacity_sweep import executed_fractions, mean_executed_fraction, measured_ratios
 from sdt.checkpoint import load_checkpoint
@@ -56,6 +61,7 @@ from sdt.evaluation.loading import load_model
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds, mode_of_score
 from sdt.models.pretrained import Pretrained
+from sdt.models.pruning import layer_similarities, layers_to_keep
 from sdt.resolvers import register_resolvers
 from sdt.training import fit_converted_skip_maps, resolve_model_dict
 
@@ -171,6 +177,28 @@ def equal_flops_overrides(setting: str, arch: str, capacity: float, extra: list[
     return [f"model.n_layers={dense.n_layers}", f"model.intermediate_size={dense.intermediate_size}"]
 
 
+def pruned_overrides(setting: str, arch: str, capacity: float, extra: list[str], fit_blocks: int) -> list[str]:
+    """Convert: the pretrained model statically pruned to the inference FLOPs of routed point (arch, capacity), its
+    layers chosen as ShortGPT does (the least input/output cosine similarity kept) on `fit_blocks` training blocks."""
+    cfg = compose_train(experiment_overrides(setting, arch, capacity) + extra)
+    model_dict, tokenizer, pretrained = model_dict_of(cfg)
+    seq_len = int(cfg.data.seq_len)
+    target = compute_report(routed_model_config(cfg, model_dict, tokenizer), seq_len)["flops_per_token"]
+    dense_cfg = ModelConfig.from_dict(pretrained.own_model_dict())
+    flops = {
+        n: compute_report(dataclasses.replace(dense_cfg, n_layers=n), seq_len)["flops_per_token"]
+        for n in range(1, dense_cfg.n_layers + 1)
+    }
+    n_keep = min(flops, key=lambda n: abs(flops[n] - target))  # the depth closest to the routed model's FLOPs
+    model = build_model(dense_cfg)
+    pretrained.load_into(model)
+    blocks = datamodule_for(cfg, tokenizer).spread_train_blocks(fit_blocks)
+    similarities = layer_similarities(model, blocks.split(4))
+    keep = layers_to_keep(similarities, n_keep)
+    print(f"static pruning for {arch}@{capacity}: keep {n_keep} of {dense_cfg.n_layers} layers {keep}", flush=True)
+    return [f"model.init_layers=[{','.join(map(str, keep))}]"]
+
+
 def train_row(
     setting: str,
     point: Point,
@@ -219,7 +247,8 @@ def train_row(
     if point_overrides:  # an equal-FLOPs dense run: its ratios against the dense model of the benchmark's dimensions
         full = compose_train(experiment_overrides(setting, "dense", 1.0) + extra)
         seq_len = int(cfg.data.seq_len)
-        reference = compute_report(routed_model_config(full, model_dict_of(full)[0], None), seq_len)
+        full_dict, full_tokenizer, _ = model_dict_of(full)
+        reference = compute_report(routed_model_config(full, full_dict, full_tokenizer), seq_len)
         own = compute_report(model.config, seq_len)
         report = {
             "flops_ratio_vs_dense": own["flops_per_token"] / reference["flops_per_token"],
@@ -245,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--equal-flops-dense", action="store_true", help="from scratch: a dense run at each routed point's FLOPs"
     )
+    parser.add_argument(
+        "--static-pruning", action="store_true", help="convert: the pretrained model pruned to each point's FLOPs"
+    )
+    parser.add_argument("--pruning-blocks", type=int, default=32, help="training blocks that choose the layers")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the evaluation here")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
@@ -252,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if args.equal_flops_dense and args.setting == "convert":
         parser.error("--equal-flops-dense is for the from-scratch settings (tokens, flops)")
+    if args.static_pruning and args.setting != "convert":
+        parser.error("--static-pruning is for --setting convert")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
@@ -261,14 +296,27 @@ def main(argv: list[str] | None = None) -> None:
     points: list[Point] = [("dense", "dense", 1.0, []), *routed]
     if args.equal_flops_dense:
         points += [
-            (equal_flops_name(name), "dense", 1.0, equal_flops_overrides(args.setting, arch, capacity, args.override))
+            (
+                baseline_name("equal_flops", name),
+                "dense",
+                1.0,
+                equal_flops_overrides(args.setting, arch, capacity, args.override),
+            )
             for name, arch, capacity, _ in routed
         ]
+    if args.static_pruning:
+        points += [
+            (
+                baseline_name("pruned", name), "dense", 1.0,
+                pruned_overrides(args.setting, arch, capacity, args.override, args.pruning_blocks),
+            )
+            for name, arch, capacity, _ in routed
+        ]  # fmt: skip
     seeds = [None] if args.seeds == 1 else [args.seed_base + i for i in range(args.seeds)]
 
     rows: list[dict[str, Any]] = []
     if args.setting == "convert" and not args.no_step0:
-        for _, arch, capacity, _ in points:
+        for _, arch, capacity, _ in [p for p in points if not p[3]]:  # the baselines have no step-0 row
             row = step0_row(args.setting, arch, capacity, args.override, args.max_batches)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -289,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(result, f, indent=2)
     text = runs_markdown(args.setting, rows)
-    if len(seeds) > 1 or args.equal_flops_dense:
+    if len(seeds) > 1 or args.equal_flops_dense or args.static_pruning:
         text += summary_markdown(summary)
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write(text)

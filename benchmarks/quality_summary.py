@@ -12,31 +12,36 @@ import statistics
 from typing import Any
 
 # Per-run metrics summarised over seeds (ratios are taken per seed, against the reference run of the same seed).
+# The equal-compute baselines of a routed point: a dense model of its inference FLOPs trained from scratch
+# (fewer layers or a narrower MLP), and for conversions the pretrained model statically pruned to its FLOPs.
+BASELINES = {"equal_flops": "dense-equal-flops-{}", "pruned": "dense-pruned-{}"}
 METRICS = (
-    "val_ppl", "test_ppl", "val_ppl_ratio", "test_ppl_ratio", "val_ppl_ratio_equal_flops",
-    "test_ppl_ratio_equal_flops", "val_ppl_topk", "flops_ratio", "train_flops_ratio", "val_executed_fraction",
-    "val_flops_ratio_executed", "steps", "wall_s",
+    "val_ppl", "test_ppl", "val_ppl_ratio", "test_ppl_ratio",
+    *(f"{split}_ppl_ratio_{kind}" for kind in BASELINES for split in ("val", "test")),
+    "val_ppl_topk", "flops_ratio", "train_flops_ratio", "val_executed_fraction", "val_flops_ratio_executed", "steps",
+    "wall_s",
 )  # fmt: skip
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Per run: perplexity over that of the dense run of the same seed (step-0 rows against the step-0 dense row,
-    when there is one), and over that of its equal-FLOPs dense baseline when it has one."""
+    when there is one), and over that of each equal-compute baseline it has."""
     by_key = {(r.get("seed"), r["steps"] == 0, r["name"]): r for r in rows}
     for r in rows:
         seed, step0 = r.get("seed"), r["steps"] == 0
         dense = by_key.get((seed, step0, "dense")) or by_key.get((seed, False, "dense"))
-        baseline = by_key.get((seed, step0, equal_flops_name(r["name"])))
         for split in ("val", "test"):
             if dense is not None:
                 r[f"{split}_ppl_ratio"] = r[f"{split}_ppl"] / dense[f"{split}_ppl"]
-            if baseline is not None:
-                r[f"{split}_ppl_ratio_equal_flops"] = r[f"{split}_ppl"] / baseline[f"{split}_ppl"]
+            for kind in BASELINES:
+                baseline = by_key.get((seed, step0, baseline_name(kind, r["name"])))
+                if baseline is not None:
+                    r[f"{split}_ppl_ratio_{kind}"] = r[f"{split}_ppl"] / baseline[f"{split}_ppl"]
 
 
-def equal_flops_name(name: str) -> str:
-    """The name of the dense run with the inference FLOPs of routed point `name` (e.g. dense-equal-flops-sdt@0.5)."""
-    return f"dense-equal-flops-{name}"
+def baseline_name(kind: str, name: str) -> str:
+    """The name of routed point `name`'s equal-compute baseline of `kind` (e.g. dense-equal-flops-sdt@0.5)."""
+    return BASELINES[kind].format(name)
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -72,13 +77,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     index = {(e["name"], e["step0"]): e for e in summary}
     for e in summary:
         dense = index.get(("dense", e["step0"])) or index.get(("dense", False))
-        baseline = index.get((equal_flops_name(e["name"]), e["step0"]))
         for split in ("val", "test"):
             key = f"{split}_ppl"
             if dense is not None and e is not dense:
                 e[f"{split}_significant_vs_dense"] = significant(e[key], dense[key])
-            if baseline is not None:
-                e[f"{split}_significant_vs_equal_flops"] = significant(e[key], baseline[key])
+            for kind in BASELINES:
+                baseline = index.get((baseline_name(kind, e["name"]), e["step0"]))
+                if baseline is not None:
+                    e[f"{split}_significant_vs_{kind}"] = significant(e[key], baseline[key])
     return summary
 
 
@@ -121,21 +127,22 @@ def runs_markdown(setting: str, rows: list[dict[str, Any]]) -> str:
 def summary_markdown(summary: list[dict[str, Any]]) -> str:
     """Mean ± standard deviation over seeds; "(sig.)" marks a perplexity gap larger than the seeds' spread."""
     n = max(len(e["seeds"]) for e in summary)
-    head = (
-        f"| model | capacity | steps | val ppl (mean ± std, {n} seeds) | test ppl | val / dense | test / dense "
-        "| val / equal-FLOPs dense | test / equal-FLOPs dense | FLOPs vs dense (inference) | per-seed val ppl |"
-    )
-    lines = ["", head, "|" + " --- |" * 11]
+    kinds = [k for k in BASELINES if any(f"val_ppl_ratio_{k}" in e for e in summary)]
+    titles = {"equal_flops": "equal-FLOPs dense", "pruned": "pruned dense"}
+    head = f"| model | capacity | steps | val ppl (mean ± std, {n} seed{'s' if n > 1 else ''}) | test ppl | val / dense | test / dense "
+    head += "".join(f"| val / {titles[k]} | test / {titles[k]} " for k in kinds)
+    head += "| FLOPs vs dense (inference) | per-seed val ppl |"
+    lines = ["", head, "|" + " --- |" * (9 + 2 * len(kinds))]
     for e in summary:
         per_seed = ", ".join(f"{v:.2f}" for v in e["val_ppl"]["values"])
-        lines.append(
-            f"| {e['name'] if e['arch'] == 'dense' else e['arch']} | {_fmt(e['capacity'], 3)} "
-            f"| {_mean_std(e.get('steps'), 0)} | {_mean_std(e['val_ppl'])} | {_mean_std(e['test_ppl'])} "
-            f"| {_mean_std(e.get('val_ppl_ratio'), 3)}{_mark(e.get('val_significant_vs_dense'))} "
-            f"| {_mean_std(e.get('test_ppl_ratio'), 3)}{_mark(e.get('test_significant_vs_dense'))} "
-            f"| {_mean_std(e.get('val_ppl_ratio_equal_flops'), 3)}{_mark(e.get('val_significant_vs_equal_flops'))} "
-            f"| {_mean_std(e.get('test_ppl_ratio_equal_flops'), 3)}"
-            f"{_mark(e.get('test_significant_vs_equal_flops'))} | {_mean_std(e.get('flops_ratio'), 3)} "
-            f"| {per_seed} |"
-        )
+        cells = [
+            e["name"] if e["arch"] == "dense" else e["arch"], _fmt(e["capacity"], 3), _mean_std(e.get("steps"), 0),
+            _mean_std(e["val_ppl"]), _mean_std(e["test_ppl"]),
+        ]  # fmt: skip
+        for suffix in ("", *(f"_{k}" for k in kinds)):
+            for split in ("val", "test"):
+                flag = e.get(f"{split}_significant_vs_{suffix[1:] or 'dense'}")
+                cells.append(_mean_std(e.get(f"{split}_ppl_ratio{suffix}"), 3) + _mark(flag))
+        cells += [_mean_std(e.get("flops_ratio"), 3), per_seed]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

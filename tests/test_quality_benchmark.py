@@ -72,3 +72,31 @@ def test_seeds_and_the_equal_flops_dense_baseline(tmp_path, corpus_files, cache_
     assert summary["mod@0.5"]["val_ppl"]["values"] == [runs[("mod@0.5", s)]["val_ppl"] for s in (1337, 1338)]
     assert summary["mod@0.5"]["val_significant_vs_equal_flops"] in (True, False)
     assert "± " in (out / "quality.md").read_text()
+
+
+@pytest.mark.slow  # two tiny conversions in subprocesses
+def test_static_pruning_baseline_of_a_conversion(tmp_path, corpus_files, cache_dir):
+    from tests.pretrained_helpers import save_hf_model
+
+    save_hf_model(tmp_path / "hf", "llama", num_hidden_layers=6)
+    out = tmp_path / "q"
+    args = ["benchmarks/quality.py", "--setting", "convert", "--archs", "mod", "--capacities", "0.5", "--no-step0"]
+    args += ["--static-pruning", "--pruning-blocks", "4", "--max-batches", "1", "--out", str(out)]
+    overrides = [
+        f"model.init_from={tmp_path / 'hf'}", "model.dense_first=0", "model.dense_last=0",
+        "model.skip_map_fit_blocks=4", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", *tiny_data(corpus_files),
+        "data.batch_size=2", "data.calibration_blocks=2",
+    ]  # fmt: skip
+    for o in overrides:
+        args += ["--override", o]
+    proc = run_cli(args, cache_dir, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads((out / "quality.json").read_text())["rows"]}
+    assert set(rows) == {"dense", "mod@0.5", "dense-pruned-mod@0.5"}
+    pruned, routed = rows["dense-pruned-mod@0.5"], rows["mod@0.5"]
+    # The pruned model keeps the depth whose FLOPs are closest to the routed conversion's (one layer is ~1/6).
+    assert abs(pruned["flops_ratio"] - routed["flops_ratio"]) < 1 / 12 and pruned["flops_ratio"] < 1
+    kept = (out / "runs" / "dense-pruned-mod@0.5" / ".hydra" / "overrides.yaml").read_text()
+    assert "model.init_layers=[" in kept
+    assert routed["val_ppl_ratio_pruned"] == pytest.approx(routed["val_ppl"] / pruned["val_ppl"])

@@ -7,6 +7,7 @@ checkpoint alone. Fields are validated on construction with messages that name t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -62,6 +63,9 @@ class ModelConfig:
     # Start from a pretrained Llama/Qwen2 checkpoint (local HF directory, .gguf file or hub id): its backbone
     # dimensions, weights and tokenizer replace the ones configured here (sdt.models.pretrained, docs/pretrained.md).
     init_from: str | None = None
+    # Static layer pruning (with init_from): keep only these pretrained layers, in stack order; None keeps them all.
+    # `sdt.models.pruning.layers_to_keep` picks them as ShortGPT does (docs/pretrained.md).
+    init_layers: list[int] | None = None
 
     # --- routing (sdt / stt / mod; ignored by dense). See docs/models.md.
     capacity: float = 0.5  # gamma: share of tokens a routed block runs on; k = max(1, floor(gamma * T))
@@ -142,6 +146,16 @@ class ModelConfig:
             self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
             f"model.init_from must be a path or hub id, or null; got {self.init_from!r}",
         )
+        if self.init_layers is not None:
+            layers = list(self.init_layers)
+            _check(
+                len(layers) >= 1
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+                and all(a < b for a, b in itertools.pairwise(layers)),
+                f"model.init_layers must be a non-empty, increasing list of layer indices, got {self.init_layers!r}",
+            )
+            _check(self.init_from is not None, "model.init_layers selects layers of model.init_from, which is null")
+            self.init_layers = layers
 
         self._validate_routing()
 

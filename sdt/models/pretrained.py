@@ -219,7 +219,8 @@ def hf_config(cfg: ModelConfig, eos_token_id: int | None = None) -> dict[str, An
         d.update(use_sliding_window=False, sliding_window=None)
     if eos_token_id is not None:
         d.update(eos_token_id=eos_token_id, bos_token_id=eos_token_id)
-    d[SDT_CONFIG_KEY] = cfg.to_dict()
+    # The exported weights are the model's own layers: a pruned model's layer selection is already applied.
+    d[SDT_CONFIG_KEY] = {**cfg.to_dict(), "init_layers": None}
     return d
 
 
@@ -314,6 +315,22 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], where: str) -> li
     return loaded_routing
 
 
+def keep_layers(weights: dict[str, Tensor], layers: list[int]) -> dict[str, Tensor]:
+    """The Hugging Face state dict of the model made of `layers` only, renumbered 0..len(layers) - 1 in order."""
+    new_index = {old: new for new, old in enumerate(layers)}
+    out = {}
+    for name, tensor in weights.items():
+        match = _LAYER_NAME.match(name)
+        if match is None:
+            out[name] = tensor
+        elif int(match.group(1)) in new_index:
+            out[f"model.layers.{new_index[int(match.group(1))]}.{match.group(2)}"] = tensor
+    return out
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
 def _names(names: list[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
@@ -396,6 +413,12 @@ class Pretrained:
         changed = {k: (user.get(k), v) for k, v in self.backbone.items() if user.get(k) != v}
         out.update(self.backbone)
         out["init_from"] = self.spec
+        layers = user.get("init_layers")
+        if layers:  # static pruning: a shallower model of the kept layers
+            n = self.backbone["n_layers"]
+            if max(layers) >= n:
+                raise UserError(f"model.init_layers={list(layers)} names a layer beyond the {n} of {self.spec}")
+            out["n_layers"] = len(layers)
         if changed:
             log.info(
                 "model.init_from=%s sets the backbone: %s",
@@ -406,8 +429,8 @@ class Pretrained:
 
     def own_model_dict(self) -> dict[str, Any]:
         """The model this checkpoint is: an export's own config (any arch), else a dense model of its backbone."""
-        if self.exported_config is not None:
-            return {**self.exported_config, **self.backbone, "init_from": self.spec}
+        if self.exported_config is not None:  # its weights are its layers, whatever it was pruned from
+            return {**self.exported_config, **self.backbone, "init_from": self.spec, "init_layers": None}
         return {"arch": "dense", **self.backbone, "init_from": self.spec}
 
     @cached_property
@@ -416,7 +439,10 @@ class Pretrained:
 
     def load_into(self, model: nn.Module) -> list[str]:
         """Copy the weights into `model` (see `load_weights`); returns the routing tensors that were loaded."""
-        loaded = load_weights(model, self.weights, self.spec)
+        weights = self.weights
+        if model.config.init_layers is not None:
+            weights = keep_layers(weights, model.config.init_layers)
+        loaded = load_weights(model, weights, self.spec)
         log.info(
             "loaded %d backbone layers from %s into %s%s",
             model.config.n_layers,
