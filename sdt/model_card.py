@@ -108,10 +108,10 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def _architecture(model: LanguageModel, seq_len: int) -> list[str]:
     cfg = model.config
     report = compute_report(cfg, seq_len)
+    total, backbone = model.num_parameters() / 1e6, model.num_parameters(exclude_embeddings=True) / 1e6
     rows = [
         ("architecture", f"`{cfg.arch}`"),
-        ("parameters", (f"{model.num_parameters() / 1e6:.2f}M ({model.num_parameters(exclude_embeddings=True) / 1e6:.2f}M "
-         "without embeddings)")),
+        ("parameters", f"{total:.2f}M ({backbone:.2f}M without embeddings)"),
         ("layers", cfg.n_layers),
         ("d_model", cfg.d_model),
         ("attention heads / KV heads", f"{cfg.n_heads} / {cfg.n_kv_heads}"),
@@ -138,21 +138,21 @@ def _training(summary: dict[str, Any]) -> list[str]:
         ("corpus", summary["corpus"]),
         ("sequence length", summary["seq_len"]),
         ("batch size per rank x ranks", f"{_fmt(summary['batch_size'])} x {summary['world_size']}"),
-        ("learning rate", summary["lr"]),
+        ("learning rate", f"{summary['lr']:g}" if summary["lr"] is not None else None),
     ]
     if summary["group_lr"]:
         rows.append(("learning rate per role", ", ".join(f"{k}: {v}" for k, v in summary["group_lr"].items())))
     if summary["precision"]:
         rows.append(("precision", summary["precision"]))
-    return ["| | |", "|---|---|", *(f"| {k} | {_fmt(v, 6) if k == 'learning rate' else _fmt(v)} |" for k, v in rows)]
+    return ["| | |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in rows)]
 
 
 def _evaluation(result: dict[str, Any] | None) -> list[str]:
     if result is None:
         return [
             (
-                "Not evaluated with this export. `python evaluate.py ckpt_path=<checkpoint>` writes an `eval.json`; pass it "
-                "as `eval_json=<path>` to `python -m sdt.export` to put its figures here."
+                "Not evaluated with this export. `python evaluate.py ckpt_path=<checkpoint>` writes an `eval.json`; "
+                "pass it as `eval_json=<path>` to `python -m sdt.export` to put its figures here."
             ),
         ]
     lines = [
@@ -249,7 +249,10 @@ def model_card(
         ),
         "```",
         "",
-        f"With `sdt` installed, `model.init_from={out}` reads it back for training or `evaluate.py`, as the model it is.",
+        (
+            f"With `sdt` installed, `model.init_from={out}` reads it back for training or `evaluate.py`, as the model "
+            "it is."
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -255,8 +255,8 @@ def test_a_bad_eval_json_is_refused_before_anything_is_written(tmp_path):
 @pytest.mark.slow  # lm-eval's start-up and task preparation: tens of seconds per run on two cores
 @pytest.mark.parametrize("arch", ["dense", "sdt"])
 def test_lm_eval_scores_an_export_with_its_own_hf_model(arch, tmp_path):
-    """docs/pretrained.md's `lm_eval --model hf --model_args pretrained=<export>,trust_remote_code=True`, run as a user runs
-    it: every multiple-choice log-likelihood lm-eval's HF model computes on the export equals the sdt model's on the
+    """docs/pretrained.md's `lm_eval --model hf --model_args pretrained=<export>,trust_remote_code=True`, run as a
+    user runs it: every multiple-choice log-likelihood lm-eval's HF model computes on the export equals the sdt model's on the
     checkpoint it came from (sdt.harness.SDTLM, the same causal routing)."""
     from lm_eval.api.instance import Instance
 
