@@ -10,7 +10,8 @@ Writes `model.safetensors`, `config.json` and the tokenizer (`tokenizer.json`, `
   (`model_type: sdt`, `auto_map`) so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
   loads the routed model in its causal mode.
 Every export stores the full model config under the `sdt` key of `config.json`. `model.init_from=<dir>` reads any
-export back (training or evaluate.py) as the model it is.
+export back (training or evaluate.py) as the model it is. Every export also carries `generation_config.json` and a
+model card, `README.md` (sdt/model_card.py), with the evaluation figures of `eval_json=<eval.json of evaluate.py>`.
 """
 
 from __future__ import annotations
@@ -27,17 +28,22 @@ from sdt.cli import EXIT_USER_ERROR
 from sdt.data import Tokenizer
 from sdt.errors import UserError
 from sdt.evaluation.loading import load_model
+from sdt.model_card import read_eval_json, write_card_files
 from sdt.models.pretrained import ROUTED_MODEL_TYPE, export_state_dict, hf_config
 from sdt.transformers_code import MODELING_FILE, SHIPPED_FILES
 
-USAGE = "usage: python -m sdt.export ckpt_path=<path to .ckpt> out=<output directory>"
+USAGE = "usage: python -m sdt.export ckpt_path=<path to .ckpt> out=<output directory> [eval_json=<eval.json>]"
+REQUIRED = ("ckpt_path", "out")
+OPTIONAL = ("eval_json",)
 WEIGHTS_FILE = "model.safetensors"
 
 
-def export(ckpt_path: str, out: str) -> str:
-    """Write the checkpoint's model, config and tokenizer into `out`; returns `out`."""
+def export(ckpt_path: str, out: str, eval_json: str | None = None) -> str:
+    """Write the checkpoint's model, config, tokenizer, generation config and model card into `out` (the card with
+    the figures of `eval_json`, an `eval.json` of evaluate.py); returns `out`."""
     from safetensors.torch import save_file
 
+    eval_result = read_eval_json(eval_json) if eval_json else None
     ckpt = load_checkpoint(ckpt_path)
     model = load_model(ckpt, torch.device("cpu"))
     tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
@@ -51,6 +57,7 @@ def export(ckpt_path: str, out: str) -> str:
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     tokenizer.save(out)
+    write_card_files(out, model, ckpt, tokenizer.eos_id, eval_result, config["architectures"][0])
     return out
 
 
@@ -65,14 +72,14 @@ def routed_config_keys() -> dict:
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
-    """`key=value` arguments, as for train.py and evaluate.py; both keys are required."""
+    """`key=value` arguments, as for train.py and evaluate.py; ckpt_path and out are required."""
     args: dict[str, str] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in ("ckpt_path", "out") or not value:
+        if not sep or key not in REQUIRED + OPTIONAL or not value:
             raise UserError(f"unexpected argument {arg!r}; {USAGE}")
         args[key] = value
-    missing = [k for k in ("ckpt_path", "out") if k not in args]
+    missing = [k for k in REQUIRED if k not in args]
     if missing:
         raise UserError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required; {USAGE}")
     return args
@@ -81,7 +88,7 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        out = export(args["ckpt_path"], args["out"])
+        out = export(args["ckpt_path"], args["out"], args.get("eval_json"))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -12,7 +12,14 @@ from torch import Tensor
 from sdt.distill import DistillConfig, distillation_loss, load_teacher, teacher_logits
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds
-from sdt.optim import OptimConfig, build_optimizer, clip_grad_norm_by_role, parameter_role, warmup_cosine
+from sdt.optim import (
+    OptimConfig,
+    build_optimizer,
+    clip_grad_norm_by_role,
+    parameter_role,
+    role_learning_rates,
+    warmup_cosine,
+)
 
 
 class LitLM(L.LightningModule):
@@ -76,7 +83,10 @@ class LitLM(L.LightningModule):
                 self.log(f"train/aux/{name}", value, batch_size=n_tokens)
         for name, value in out.stats.items():
             self.log(f"routing/{name}", value, batch_size=n_tokens)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n_tokens)
+        optimizer = self.trainer.optimizers[0]
+        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=n_tokens)
+        for role, lr in role_learning_rates(optimizer).items():  # optim.group_lr: each role on its own rate
+            self.log(f"train/lr/{role}", lr, batch_size=n_tokens)
         self._log_throughput(n_tokens)
         return loss
 

@@ -111,12 +111,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
+def group_role(group: dict[str, Any]) -> str:
+    """The parameter role of an optimizer group of `param_groups` (its decayed and undecayed halves share one)."""
+    return group.get("name", "base").removesuffix("_no_decay")
+
+
+def role_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current learning rate of each parameter role (base, prior, surprise, router, ...), for logging."""
+    return {group_role(g): float(g["lr"]) for g in optimizer.param_groups}
+
+
 def clip_grad_norm_by_role(optimizer: torch.optim.Optimizer, max_norm: float) -> dict[str, float]:
     """Clip the gradients of each parameter role (the groups of `param_groups`) to `max_norm`, separately.
 
     Returns the pre-clipping norm of each role (for logging)."""
     by_role: dict[str, list[torch.Tensor]] = {}
     for group in optimizer.param_groups:
-        role = group.get("name", "base").removesuffix("_no_decay")
+        role = group_role(group)
         by_role.setdefault(role, []).extend(p for p in group["params"] if p.grad is not None)
     return {role: float(torch.nn.utils.clip_grad_norm_(ps, max_norm)) for role, ps in by_role.items() if ps}

@@ -21,6 +21,7 @@ from sdt.compute import compute_report
 from sdt.data import LMDataModule, Tokenizer
 from sdt.datamodules import build_datamodule
 from sdt.errors import UserError
+from sdt.experiment_logging import finish_loggers, log_run_config
 from sdt.fit_loop import install_finishing_fit_loop
 from sdt.lit_module import LitLM
 from sdt.models import LanguageModel, ModelConfig
@@ -169,16 +170,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
 
     trainer = build_trainer(cfg)
-    log_compute(trainer, lit.model_config, data_cfg.seq_len, teacher=lit.teacher_config)
+    failed = True
     try:
+        log_run_config(trainer, cfg)
+        log_compute(trainer, lit.model_config, data_cfg.seq_len, teacher=lit.teacher_config)
         with warnings.catch_warnings():
             # Lightning warns that a mid-epoch resume replays data unless the loader is stateful; ours continues
             # from the data module's saved position (LMDataModule.state_dict), so the warning does not apply.
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
             trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
+        failed = False
     except SIGTERMException:
-        pass  # CheckpointOnSignal saved last.ckpt and logged how to resume: a clean stop
+        failed = False  # CheckpointOnSignal saved last.ckpt and logged how to resume: a clean stop
     finally:
+        # Also when the job failed: the next job of a multirun (same process) must start its own W&B run.
+        finish_loggers(trainer, failed=failed)
         release_distributed()
     signalled = next((c.received for c in trainer.callbacks if isinstance(c, CheckpointOnSignal)), None)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +18,12 @@ from sdt.export import export, main, parse_args
 from sdt.models import ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
 from sdt.transformers_code import SHIPPED_FILES
-from tests.conftest import run_cli
+from tests.conftest import ROOT, cli_env, run_cli
 from tests.pretrained_helpers import write_checkpoint
 
 pytest.importorskip("transformers")
 
+TASKS_DIR = ROOT / "sdt" / "harness_tasks"
 TINY = {"vocab_size": 320, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
 
 
@@ -180,3 +184,109 @@ def test_routed_export_loads_where_sdt_is_not_installed(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "7"
+
+
+def write_eval_json(path: Path) -> Path:
+    """An eval.json with the keys evaluate.py writes that a model card reads (figures chosen to be recognisable)."""
+    result = {
+        "arch": "sdt", "corpus": "shakespeare", "seq_len": 32, "routing_mode": "threshold", "global_step": 7,
+        "perplexity": 12.3456, "bits_per_byte": 1.2345,
+        "splits": {"val": {"perplexity": 11.1111, "bits_per_byte": 1.111}, "test": {"perplexity": 12.3456,
+                   "bits_per_byte": 1.2345}},
+        "perplexity_by_routing": {"threshold": {"label": "causal threshold", "val": 11.1111, "test": 12.3456},
+                                  "topk": {"label": "Top-K oracle", "val": 10.5, "test": 11.75}},
+    }  # fmt: skip
+    path.write_text(json.dumps(result))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["dense", "sdt"])
+def test_export_carries_a_model_card_and_a_generation_config(arch, tmp_path):
+    from transformers import GenerationConfig
+
+    from sdt.generate import DEFAULTS
+
+    cfg = ModelConfig(**TINY, arch=arch, capacity=0.5)
+    write_checkpoint(tmp_path / "last.ckpt", cfg)
+    eval_json = write_eval_json(tmp_path / "eval.json")
+    out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"), str(eval_json))
+
+    generation = GenerationConfig.from_pretrained(out)  # transformers reads and validates it
+    eos = json.loads((tmp_path / "export" / "config.json").read_text())["eos_token_id"]
+    assert generation.eos_token_id == eos and generation.pad_token_id == eos
+    assert generation.max_length == TINY["max_seq_len"]
+    assert generation.temperature == DEFAULTS["temperature"] and generation.top_k == DEFAULTS["top_k"]
+
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")  # Hugging Face model-card metadata
+    assert f"| architecture | `{arch}` |" in card and "| layers | 4 |" in card and "| d_model | 32 |" in card
+    # write_checkpoint records step 7 and no data config: steps known, tokens not.
+    assert "| optimizer steps | 7 |" in card and "| training tokens | n/a |" in card
+    assert "| test | 12.35 | 1.234 |" in card and "| val | 11.11 | 1.111 |" in card  # the eval.json's figures
+    trust = ", trust_remote_code=True" if arch != "dense" else ""
+    assert f'AutoModelForCausalLM.from_pretrained("{out}"{trust})' in card
+    assert f"lm_eval --model hf --model_args pretrained={out}{trust.replace(', ', ',')} " in card
+    if arch == "dense":
+        assert "plain Llama checkpoint" in card and "capacity" not in card
+    else:
+        assert "Subjective Depth Transformer" in card and "| capacity | 0.5 |" in card
+        assert "Top-K oracle: val 10.50, test 11.75" in card
+
+
+def test_model_card_counts_training_tokens_of_a_real_run(trained_run, tmp_path):
+    out = export(str(trained_run / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
+    card = (Path(out) / "README.md").read_text()
+    # The conftest run: 6 steps of 4 sequences of 32 tokens on one rank, on data=text_files.
+    assert "| optimizer steps | 6 |" in card and f"| training tokens | {6 * 4 * 32} |" in card
+    assert "| corpus | text_files |" in card and "| batch size per rank x ranks | 4 x 1 |" in card
+    assert "Not evaluated with this export" in card
+
+
+def test_a_bad_eval_json_is_refused_before_anything_is_written(tmp_path):
+    write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="dense"))
+    (tmp_path / "other.json").write_text('{"loss": 1.0}')
+    for bad, message in (("missing.json", "file not found"), ("other.json", "not an eval.json of evaluate.py")):
+        with pytest.raises(UserError, match=f"eval_json=.*{bad}: {message}"):
+            export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"), str(tmp_path / bad))
+    assert not (tmp_path / "export").exists()
+    assert parse_args(["ckpt_path=a.ckpt", "out=x", "eval_json=e.json"])["eval_json"] == "e.json"
+
+
+@pytest.mark.slow  # lm-eval's start-up and task preparation: tens of seconds per run on two cores
+@pytest.mark.parametrize("arch", ["dense", "sdt"])
+def test_lm_eval_scores_an_export_with_its_own_hf_model(arch, tmp_path):
+    """docs/pretrained.md's `lm_eval --model hf --model_args pretrained=<export>,trust_remote_code=True`, run as a
+    user runs it: every multiple-choice log-likelihood lm-eval's HF model computes on the export equals the sdt model's on the
+    checkpoint it came from (sdt.harness.SDTLM, the same causal routing)."""
+    from lm_eval.api.instance import Instance
+
+    from sdt.harness import SDTLM
+
+    pytest.importorskip("lm_eval")
+    cfg = ModelConfig(**TINY, arch=arch, capacity=0.5)
+    write_checkpoint(tmp_path / "last.ckpt", cfg, calibrate=True)
+    out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    launcher = [str(lm_eval)] if lm_eval.exists() else [sys.executable, "-m", "lm_eval"]
+    model_args = f"pretrained={out}" + (",trust_remote_code=True" if arch != "dense" else "")
+    cmd = [
+        *launcher, "--model", "hf", "--model_args", model_args, "--device", "cpu", "--batch_size", "4",
+        "--tasks", "shakespeare_next_line,tempest_perplexity", "--include_path", str(TASKS_DIR), "--limit", "3",
+        "--output_path", str(tmp_path / "results"), "--log_samples",
+    ]  # fmt: skip
+    env = cli_env(tmp_path / "cache") | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = (tmp_path / "results").rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]
+    assert math.isfinite(results["tempest_perplexity"]["bits_per_byte,none"])
+
+    (samples_file,) = (tmp_path / "results").rglob("samples_shakespeare_next_line_*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    pairs = [(a["arg_0"], a["arg_1"]) for s in samples for a in s["arguments"].values()]
+    theirs = [float(r[0][0]) for s in samples for r in s["resps"]]
+    ours_lm = SDTLM(ckpt_path=str(tmp_path / "last.ckpt"), device="cpu", batch_size=4)
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=0) for p in pairs]
+    ours = [ll for ll, _ in ours_lm.loglikelihood(requests)]
+    assert len(pairs) == 12  # 3 items x 4 choices
+    torch.testing.assert_close(torch.tensor(theirs), torch.tensor(ours), atol=1e-3, rtol=0)
