@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from sdt.activation_checkpointing import apply_activation_checkpointing
 from sdt.distill import DistillConfig, distillation_loss, load_teacher, teacher_logits
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds
@@ -34,6 +35,8 @@ class LitLM(L.LightningModule):
         self._teacher: list[LanguageModel] = []
         if self.distill_config.enabled and self.distill_config.teacher != "self":
             self._teacher.append(load_teacher(self.distill_config.teacher))
+        if self.model_config.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
         if self.model_config.compile:
             # In place (nn.Module.compile), so parameter names and checkpoints stay those of the eager model.
             self.model.compile()
