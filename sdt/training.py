@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from sdt.callbacks import CheckpointOnSignal, Float32MatmulPrecision, ValidateAtEnd
+from sdt.callbacks import CheckpointOnSignal, Float32MatmulPrecision, MatmulPrecision, ValidateAtEnd
 from sdt.checkpoint import (
     SHARDED_METADATA,
     AtomicCheckpointIO,
@@ -82,14 +82,19 @@ def fit_converted_skip_maps(model: LanguageModel, datamodule: L.LightningDataMod
     )
 
 
+def split_trainer_config(trainer: DictConfig) -> tuple[dict[str, Any], MatmulPrecision | None]:
+    """The `trainer` config as Lightning's Trainer takes it, and `trainer.float32_matmul_precision`, which is not a
+    Trainer argument: a callback applies it in every training process (`Float32MatmulPrecision`)."""
+    trainer_cfg = OmegaConf.to_container(trainer, resolve=True)
+    return trainer_cfg, trainer_cfg.pop("float32_matmul_precision", None)
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(ValidateAtEnd())
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    # Not a Trainer argument: applied by a callback in every training process (trainer.float32_matmul_precision).
-    matmul_precision = trainer_cfg.pop("float32_matmul_precision", None)
+    trainer_cfg, matmul_precision = split_trainer_config(cfg.trainer)
     if matmul_precision is not None:
         callbacks.append(Float32MatmulPrecision(matmul_precision))
     callbacks += extra_callbacks or []
@@ -128,7 +133,9 @@ def log_compute(
 
 def final_step(trainer: L.Trainer, last_checkpoint: str | None) -> int:
     if trainer.global_step == 0 and last_checkpoint and checkpoint_exists(last_checkpoint):
-        metadata = os.path.join(last_checkpoint, SHARDED_METADATA) if os.path.isdir(last_checkpoint) else last_checkpoint
+        metadata = (
+            os.path.join(last_checkpoint, SHARDED_METADATA) if os.path.isdir(last_checkpoint) else last_checkpoint
+        )
         return int(torch.load(metadata, map_location="cpu", weights_only=True, mmap=True)["global_step"])
     return trainer.global_step
 
