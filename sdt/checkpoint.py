@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from typing import Any
 
@@ -109,7 +110,9 @@ def read_sharded_checkpoint(path: str) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     ckpt = torch.load(os.path.join(path, SHARDED_METADATA), map_location="cpu", weights_only=True)
-    tensors = _load_state_dict_from_keys(checkpoint_id=path)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+        tensors = _load_state_dict_from_keys(checkpoint_id=path)
     ckpt["state_dict"] = tensors.pop("state_dict")
     n_optimizers = sum(1 for key in tensors if key.startswith("optimizer_"))
     ckpt["optimizer_states"] = [_indexed_optimizer_state(tensors[f"optimizer_{i}"]) for i in range(n_optimizers)]

@@ -124,3 +124,43 @@ def test_adamw_is_fused_only_when_every_parameter_is_on_cuda():
     assert not optimizer.defaults["fused"]  # CPU: torch's default kernels
     if torch.cuda.is_available():
         assert build_optimizer(model.cuda(), OptimConfig()).defaults["fused"]
+
+
+def test_a_distributed_checkpoint_reads_into_one_process_as_the_optimizer_keys_it(tmp_path):
+    """The reader `evaluate.py`, export and single-process resumes use: DCP's name-keyed optimizer state comes back
+    keyed by parameter index, as `torch.optim.AdamW.state_dict()` keys it, with every tensor in its place."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="sdt", vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=32))
+    optimizer = build_optimizer(model, OptimConfig())
+    ids = torch.randint(0, 64, (2, 16))
+    out = model(ids, ids)
+    (out.loss + out.aux_loss).backward()
+    optimizer.step()
+    path = tmp_path / "last.ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no process group: DCP saves in this one process
+        dcp.save(
+            {"state_dict": model.state_dict(), "optimizer_0": get_optimizer_state_dict(model, optimizer)},
+            checkpoint_id=str(path),
+        )
+    torch.save({"global_step": 1, "hyper_parameters": {}, "sdt": {}}, path / "meta.pt")
+    assert is_sharded_checkpoint(str(path))
+
+    ckpt = load_checkpoint(str(path))
+    assert ckpt["global_step"] == 1
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(ckpt["state_dict"][name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+    expected = optimizer.state_dict()
+    got = ckpt["optimizer_states"][0]
+    assert [g["params"] for g in got["param_groups"]] == [g["params"] for g in expected["param_groups"]]
+    assert got["state"].keys() == expected["state"].keys()
+    for i, state in expected["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(got["state"][i][key], state[key]), (i, key)
+    fresh = build_optimizer(build_model(model.config), OptimConfig())
+    fresh.load_state_dict(got)  # what Lightning does with it in a single-process resume
