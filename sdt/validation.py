@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-import os
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
