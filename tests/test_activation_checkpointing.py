@@ -91,3 +91,17 @@ def test_the_config_key_checkpoints_the_trained_model_and_leaves_its_state_dict_
         ids = random_ids(1, 8)
         on.model.load_state_dict(off.model.state_dict())
         assert torch.equal(on.model(ids).logits, off.model(ids).logits)
+
+
+@pytest.mark.slow  # compiling a routed model: about a minute on CPU
+def test_checkpointed_layers_compile_to_the_same_gradients():
+    """`model.compile=true` with `model.activation_checkpointing=true`: the compiled model recomputes its layers too."""
+    torch.manual_seed(0)
+    plain = build_model(tiny_config("sdt", skip_map="linear")).train()
+    compiled = apply_activation_checkpointing(copy.deepcopy(plain))
+    compiled.compile()
+    ids = random_ids(2, 32)
+    _, grads = loss_and_grads(plain, ids)
+    _, grads_compiled = loss_and_grads(compiled, ids)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
