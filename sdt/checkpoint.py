@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from typing import Any
 
@@ -66,6 +67,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise
             raise DiskFullError(str(path), checkpoint.get("global_step")) from None
 
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
+        # A distributed checkpoint resumes in a single process too (trainer=gpu or cpu after trainer=fsdp).
+        if is_sharded_checkpoint(str(path)):
+            return read_sharded_checkpoint(str(path))
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
 
 class DiskFullError(UserError):
     """The disk (or quota) filled up while a checkpoint was written; the previous file at that path is intact."""
@@ -82,18 +89,63 @@ class DiskFullError(UserError):
         )
 
 
+# A distributed checkpoint (trainer=fsdp) is a directory: torch.distributed.checkpoint's shard files and `.metadata`,
+# and Lightning's `meta.pt` with everything that is not weights or optimizer state.
+SHARDED_METADATA = "meta.pt"
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    return os.path.isdir(path) and all(os.path.isfile(os.path.join(path, f)) for f in (SHARDED_METADATA, ".metadata"))
+
+
+def checkpoint_exists(path: str) -> bool:
+    """A checkpoint file, or a distributed checkpoint's directory."""
+    return os.path.isfile(path) or is_sharded_checkpoint(path)
+
+
+def read_sharded_checkpoint(path: str) -> dict[str, Any]:
+    """A distributed checkpoint, saved by any number of ranks, as one Lightning checkpoint dictionary in this
+    process (no process group): full tensors in `state_dict`, and each optimizer's state keyed by parameter index as
+    `torch.optim.Optimizer.load_state_dict` takes it."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    ckpt = torch.load(os.path.join(path, SHARDED_METADATA), map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+        tensors = _load_state_dict_from_keys(checkpoint_id=path)
+    ckpt["state_dict"] = tensors.pop("state_dict")
+    n_optimizers = sum(1 for key in tensors if key.startswith("optimizer_"))
+    ckpt["optimizer_states"] = [_indexed_optimizer_state(tensors[f"optimizer_{i}"]) for i in range(n_optimizers)]
+    return ckpt
+
+
+def _indexed_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+    """torch.distributed.checkpoint's optimizer state (keyed by parameter name) -> the optimizer's own format (keyed
+    by the parameter's position across the param groups, in order)."""
+    index: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        ids = [index.setdefault(name, len(index)) for name in group["params"]]
+        groups.append({**group, "params": ids})
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load an `sdt` Lightning checkpoint safely (`weights_only=True`).
+    """Load an `sdt` Lightning checkpoint safely (`weights_only=True`): a .ckpt file, or the directory of a
+    distributed (sharded) checkpoint, whatever number of ranks wrote it.
 
     Our checkpoints hold only tensors and plain Python containers, so safe loading always suffices; a file that
     needs arbitrary unpickling was not written by `sdt` and is rejected rather than executed.
     """
     if not path:
         raise UserError("no checkpoint given: pass ckpt_path=<path to .ckpt>")
-    if not os.path.isfile(path):
+    if not checkpoint_exists(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        if is_sharded_checkpoint(path):
+            ckpt = read_sharded_checkpoint(path)
+        else:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # Safe loading refused an object: the file is a pickle that would run code (a class or function it
         # names) to load. Our checkpoints never need that; executing a foreign file's code is what we refuse.
@@ -138,5 +190,5 @@ def resolve_resume_path(ckpt_path: str | None, output_dir: str) -> str | None:
         os.path.join(output_dir, "checkpoints", "last.ckpt"),
         *glob.glob(os.path.join(output_dir, "hpc_ckpt_*.ckpt")),
     ]
-    existing = [c for c in candidates if os.path.isfile(c)]
+    existing = [c for c in candidates if checkpoint_exists(c)]
     return max(existing, key=os.path.getmtime) if existing else None

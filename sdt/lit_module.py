@@ -9,7 +9,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from sdt.activation_checkpointing import apply_activation_checkpointing
 from sdt.distill import DistillConfig, distillation_loss, load_teacher, teacher_logits
+from sdt.distributed import shard_model
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds
 from sdt.optim import (
@@ -41,6 +43,8 @@ class LitLM(L.LightningModule):
         self._teacher: list[LanguageModel] = []
         if self.distill_config.enabled and self.distill_config.teacher != "self":
             self._teacher.append(load_teacher(self.distill_config.teacher))
+        if self.model_config.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
         if self.model_config.compile:
             # In place (nn.Module.compile), so parameter names and checkpoints stay those of the eager model.
             self.model.compile()
@@ -53,6 +57,13 @@ class LitLM(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         self.model.set_training_progress(min(1.0, self.global_step / max(1, total)))
+
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp` (FSDP2 through Lightning's ModelParallelStrategy): shard the model over the
+        data-parallel mesh, one unit per layer of the stack (`sdt.distributed.shard_model`). Other strategies
+        build no device mesh and leave the model as it is."""
+        if self.device_mesh is not None:
+            shard_model(self.model, self.device_mesh["data_parallel"])
 
     @property
     def teacher_config(self) -> ModelConfig | None:
@@ -170,11 +181,11 @@ class LitLM(L.LightningModule):
 
         Auxiliary losses live on very different scales (the prior's MSE grows with the residual stream); clipped
         together, a large auxiliary gradient would shrink the language-model gradients of every other parameter.
-        Sharded strategies keep Lightning's own (global) clipping.
+        FSDP2's sharded gradients are clipped by role too (by their global norm); DeepSpeed keeps its own clipping.
         """
         if not gradient_clip_val:
             return
-        if type(self.trainer.strategy).__name__.startswith(("FSDP", "DeepSpeed")):
+        if type(self.trainer.strategy).__name__.startswith("DeepSpeed"):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         clip_grad_norm_by_role(optimizer, gradient_clip_val)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from sdt.config_checks import from_mapping
 from sdt.errors import UserError
@@ -107,8 +108,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    # fused/foreach kernels are picked by torch per device; nothing device-specific here.
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    """AdamW over `param_groups`; fused (one CUDA kernel for every parameter's update) when every parameter is on a
+    CUDA device, torch's default (foreach) elsewhere, where the fused kernel brings nothing or does not exist."""
+    groups = param_groups(model, cfg)
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True if on_cuda else None)
 
 
 def group_role(group: dict[str, Any]) -> str:
@@ -129,4 +133,23 @@ def clip_grad_norm_by_role(optimizer: torch.optim.Optimizer, max_norm: float) ->
     for group in optimizer.param_groups:
         role = group_role(group)
         by_role.setdefault(role, []).extend(p for p in group["params"] if p.grad is not None)
-    return {role: float(torch.nn.utils.clip_grad_norm_(ps, max_norm)) for role, ps in by_role.items() if ps}
+    return {role: float(_clip_role(ps, max_norm)) for role, ps in by_role.items() if ps}
+
+
+def _clip_role(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` for one role, also when FSDP2 shards some of its parameters (DTensor gradients) and keeps
+    others whole (0-d scalars, `sdt.distributed.shard_model`): the norm is then that of the whole gradient, the
+    same on every rank, and each part is scaled by one factor."""
+    sharded = [p for p in params if isinstance(p.grad, DTensor)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    whole = [p for p in params if not isinstance(p.grad, DTensor)]
+    squares = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor().pow(2)
+    if whole:
+        squares = squares + torch.nn.utils.get_total_norm([p.grad for p in whole]).to(squares.device).pow(2)
+    total = squares.sqrt()
+    scale = min(1.0, max_norm / (float(total) + 1e-6))
+    if scale < 1.0:
+        for p in params:
+            p.grad.mul_(scale)
+    return total

@@ -15,8 +15,14 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from sdt.callbacks import CheckpointOnSignal, ValidateAtEnd
-from sdt.checkpoint import AtomicCheckpointIO, load_checkpoint, resolve_resume_path
+from sdt.callbacks import CheckpointOnSignal, Float32MatmulPrecision, MatmulPrecision, ValidateAtEnd
+from sdt.checkpoint import (
+    SHARDED_METADATA,
+    AtomicCheckpointIO,
+    checkpoint_exists,
+    load_checkpoint,
+    resolve_resume_path,
+)
 from sdt.compute import compute_report
 from sdt.data import LMDataModule, Tokenizer
 from sdt.datamodules import build_datamodule
@@ -77,15 +83,25 @@ def fit_converted_skip_maps(model: LanguageModel, datamodule: L.LightningDataMod
     )
 
 
+def split_trainer_config(trainer: DictConfig) -> tuple[dict[str, Any], MatmulPrecision | None]:
+    """The `trainer` config as Lightning's Trainer takes it, and `trainer.float32_matmul_precision`, which is not a
+    Trainer argument: a callback applies it in every training process (`Float32MatmulPrecision`)."""
+    trainer_cfg = OmegaConf.to_container(trainer, resolve=True)
+    return trainer_cfg, trainer_cfg.pop("float32_matmul_precision", None)
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(ValidateAtEnd())
+    trainer_cfg, matmul_precision = split_trainer_config(cfg.trainer)
+    if matmul_precision is not None:
+        callbacks.append(Float32MatmulPrecision(matmul_precision))
     callbacks += extra_callbacks or []
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer = instantiate(
-        cfg.trainer,
+        trainer_cfg,
         callbacks=callbacks,
         logger=loggers if loggers else False,
         gradient_clip_val=cfg.optim.grad_clip or None,
@@ -117,8 +133,11 @@ def log_compute(
 
 
 def final_step(trainer: L.Trainer, last_checkpoint: str | None) -> int:
-    if trainer.global_step == 0 and last_checkpoint and os.path.isfile(last_checkpoint):
-        return int(torch.load(last_checkpoint, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    if trainer.global_step == 0 and last_checkpoint and checkpoint_exists(last_checkpoint):
+        metadata = (
+            os.path.join(last_checkpoint, SHARDED_METADATA) if os.path.isdir(last_checkpoint) else last_checkpoint
+        )
+        return int(torch.load(metadata, map_location="cpu", weights_only=True, mmap=True)["global_step"])
     return trainer.global_step
 
 
@@ -196,7 +215,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     last_path = getattr(last_cb, "best_model_path", None) or None
     if last_path is None and last_cb is not None and last_cb.dirpath:  # ddp_spawn: only rank 0's callbacks saw it
         candidate = os.path.join(last_cb.dirpath, "last.ckpt")
-        last_path = candidate if os.path.isfile(candidate) else None
+        last_path = candidate if checkpoint_exists(candidate) else None
     result = {
         "metrics": metrics,
         # Under ddp_spawn the training ran in child processes and this trainer never stepped: the final checkpoint,

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-import os
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -23,6 +22,8 @@ from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, OmegaConf
 
+from sdt.callbacks import MATMUL_PRECISIONS
+from sdt.checkpoint import checkpoint_exists
 from sdt.data.config import TokenizerConfig
 from sdt.datamodules import data_config_class
 from sdt.distill import DistillConfig
@@ -214,6 +215,12 @@ def validate_trainer(trainer: dict[str, Any]) -> None:
     from hydra.utils import instantiate
     from lightning.pytorch import Trainer
 
+    precision = trainer.get("float32_matmul_precision")
+    if precision is not None and precision not in MATMUL_PRECISIONS:
+        raise UserError(
+            f"trainer.float32_matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)} or null, got {precision!r}"
+        )
+    trainer = {k: v for k, v in trainer.items() if k != "float32_matmul_precision"}  # sdt's key, not Lightning's
     options = {k: v for k, v in trainer.items() if k != "_target_"}
     for key in _TRAINER_OWN_KEYS:
         if key in options:
@@ -323,7 +330,7 @@ def validate_ckpt_path(ckpt_path: Any) -> None:
         return
     if not isinstance(ckpt_path, str) or not ckpt_path:
         raise UserError(f"ckpt_path must be a path to a .ckpt file, 'last' or null, got {ckpt_path!r}")
-    if not os.path.isfile(ckpt_path):
+    if not checkpoint_exists(ckpt_path):  # a .ckpt file, or a distributed checkpoint's directory (trainer=fsdp)
         raise UserError(f"checkpoint not found: {ckpt_path}")
 
 

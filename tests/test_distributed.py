@@ -2,10 +2,10 @@
 processes' batches at once, for a dense and a routed (SDT, Top-K) model: no rank-dependent shapes, no collective
 that only some ranks reach (which would deadlock), no batch statistic that depends on how the batch was split.
 
-Lightning's FSDP strategy, and PyTorch's first FullyShardedDataParallel it drives, refuse to run on CPUs; FSDP is
-checked here with PyTorch's `fully_shard` (FSDP2, which runs on CPU with gloo), sharded as `trainer=fsdp` shards
-(one unit per layer of the stack, `sdt.distributed`). The model code is the same under both: what this test
-guards, sharding-safe math, does not depend on which FSDP wraps it."""
+FSDP is `trainer=fsdp`'s sharding: PyTorch's FSDP2 (`fully_shard`) applied by `sdt.distributed.shard_model`, the
+function `LitLM.configure_model` calls under Lightning's ModelParallelStrategy (one unit per layer of the stack, then
+the root; SDT's 0-d surprise scalars stay whole, their gradients averaged across ranks). The run through Lightning
+itself, with sharded checkpoints that resume on another number of ranks, is `tests/test_fsdp.py`."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sdt.models import ModelConfig, build_model, layer_classes
+from sdt.distributed import shard_model
+from sdt.models import ModelConfig, build_model
 
 WORLD = 2
 BATCH = 8  # combined; each rank gets BATCH // WORLD sequences
@@ -79,12 +79,6 @@ def fsdp_full_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def all_reduce_mean(grad: torch.Tensor) -> torch.Tensor:
-    grad = grad.clone()
-    dist.all_reduce(grad)
-    return grad / dist.get_world_size()
-
-
 def worker(rank: int, world: int, init_file: str, arch: str, wrapper: str, result_file: str) -> None:
     torch.set_num_threads(1)
     # A collective one rank never reaches fails after the timeout instead of hanging the test run.
@@ -97,16 +91,8 @@ def worker(rank: int, world: int, init_file: str, arch: str, wrapper: str, resul
         if wrapper == "ddp":
             module, params_of = DDP(model), full_grads
         else:
-            # One shard unit per layer of the stack, then the root: how sdt.distributed.fsdp_strategy wraps.
-            # FSDP2 cannot shard 0-d parameters (SDT's surprise scalars): they stay replicated, and their gradients
-            # are averaged across ranks as DDP would (FSDP1, which Lightning uses on GPUs, flattens them in).
-            scalars = {p for p in model.parameters() if p.dim() == 0}
-            for layer in model.modules():
-                if isinstance(layer, layer_classes()):
-                    fully_shard(layer, ignored_params=scalars)
-            module = fully_shard(model, ignored_params=scalars)
-            for p in scalars:
-                p.register_hook(lambda g: all_reduce_mean(g))
+            module = model
+            shard_model(model)  # what trainer=fsdp's LitLM.configure_model does, on the default mesh
             params_of = fsdp_full_grads
         x, y = data()
         out = train_steps(module, params_of, x, y, rank, world)

@@ -9,7 +9,7 @@ from sdt.models.transformer import DenseLayer, ForwardContext, LanguageModel, La
 
 
 def layer_classes() -> tuple[type, ...]:
-    """Every layer type a model stack can hold (FSDP wraps each one as a unit)."""
+    """Every layer type a model stack can hold (each is one unit for FSDP and activation checkpointing)."""
     return (DenseLayer, SDTPair, STTLayer, MoDLayer)
 
 

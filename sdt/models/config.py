@@ -60,6 +60,9 @@ class ModelConfig:
     init_std: float = 0.02
     # Execution, not architecture: torch.compile the model for training and evaluation (~20 s on CPU first).
     compile: bool = False
+    # Execution too: re-run each layer of the stack in the backward pass instead of keeping its activations
+    # (sdt.activation_checkpointing): activation memory of one layer instead of all, about a third more compute.
+    activation_checkpointing: bool = False
     # Start from a pretrained Llama/Qwen2 checkpoint (local HF directory, .gguf file or hub id): its backbone
     # dimensions, weights and tokenizer replace the ones configured here (sdt.models.pretrained, docs/pretrained.md).
     init_from: str | None = None

@@ -7,6 +7,7 @@ other shipped files, relatively.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .quantiles import empty_grid
@@ -28,4 +29,8 @@ class LinearRouter(nn.Module):
         self.register_buffer("quantiles", empty_grid())  # r's quantile grid: the run-time capacity dial
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        return self.proj(x_BTD).squeeze(-1).float()  # (B, T)
+        # In fp32 whatever the autocast: r is what Top-K ranks and the threshold cuts, and a half-precision r (8 or
+        # 11 mantissa bits) ties whole groups of a sequence's tokens, so mixed-precision runs would route differently
+        # from fp32 ones and calibrated thresholds would admit a tie group at once. A D -> 1 projection: no cost.
+        with torch.autocast(x_BTD.device.type, enabled=False):
+            return F.linear(x_BTD.float(), self.proj.weight.float()).squeeze(-1)  # (B, T)

@@ -31,10 +31,15 @@ class CausalRouter(nn.Module):
         self.register_buffer("quantiles", empty_grid())  # the score's quantile grid: the run-time capacity dial
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        x = x_BTD.detach()
-        if self.normalize:
-            x = F.rms_norm(x.float(), (x.shape[-1],)).to(x.dtype)
-        return self.fc2(F.silu(self.fc1(x))).squeeze(-1)  # (B, T) logits
+        # In fp32 whatever the autocast, as the MoD router: the logit is thresholded against a calibrated value and
+        # ranked by budget decoding; in half precision many tokens would share one logit. The student is small
+        # (D * D/2 MACs per token, a few percent of a block), so this costs little under bf16-mixed.
+        with torch.autocast(x_BTD.device.type, enabled=False):
+            x = x_BTD.detach().float()
+            if self.normalize:
+                x = F.rms_norm(x, (x.shape[-1],))
+            h = F.silu(F.linear(x, self.fc1.weight.float(), self.fc1.bias.float()))
+            return F.linear(h, self.fc2.weight.float(), self.fc2.bias.float()).squeeze(-1)  # (B, T) logits
 
 
 def router_bce(logits_BT: Tensor, target_BT: Tensor, valid_BT: Tensor | None = None) -> Tensor:

@@ -23,8 +23,13 @@ def capacity_k(seq_len: int, capacity: float) -> int:
 
 
 def topk_indices(scores_BT: Tensor, k: int) -> Tensor:
-    """(B, T) scores -> (B, K) indices of the k highest scores of each row, sorted ascending (time order)."""
-    idx_BK = torch.topk(scores_BT, k, dim=1, sorted=False).indices
+    """(B, T) scores -> (B, K) indices of the k highest scores of each row, sorted ascending (time order).
+
+    Ties go to the earlier position. torch.topk leaves them to the kernel (CPU and CUDA pick differently), and ties
+    do occur: a saturated sigmoid gate is exactly 1.0 for many tokens, even in fp32. A stable sort makes the choice
+    the same on every device and in every recomputation (activation checkpointing re-runs the selection).
+    """
+    idx_BK = torch.sort(scores_BT, dim=1, descending=True, stable=True).indices[:, :k]
     return torch.sort(idx_BK, dim=1).values
 
 
@@ -47,6 +52,6 @@ def pack_decisions(decide_BT: Tensor, min_k: int = 0) -> tuple[Tensor, Tensor] |
         return None
     if decide_BT.shape[1] == 1:  # one token per row (a decoding step): nothing to rank
         return torch.zeros_like(decide_BT, dtype=torch.long), decide_BT
-    # Executed tokens score 1 and win; ties among the fillers are broken arbitrarily, which is harmless.
+    # Executed tokens score 1 and win; the fillers are the earliest unexecuted positions (topk_indices' tie rule).
     idx_BK = topk_indices(decide_BT.float(), k)
     return idx_BK, torch.gather(decide_BT, 1, idx_BK)
