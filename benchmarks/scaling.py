@@ -85,6 +85,8 @@ GRIDS: dict[str, list[Point]] = {
     "cpu": [Point(**_size(256), seq_len=t, sweep="seq_len") for t in (256, 512, 1024, 2048)]
     + [Point(**_size(d), seq_len=512, sweep="size") for d in (512, 768)]
     + [Point(**_size(512), seq_len=t, sweep="seq_len") for t in (256, 1024, 2048)],
+    # The sequence-length sweep at d_model 256 alone: a second pass of the target's numbers.
+    "seq": [Point(**_size(256), seq_len=t, sweep="seq_len") for t in (256, 512, 1024, 2048)],
     "tiny": [Point(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, seq_len=t, sweep="seq_len") for t in (32, 64)]
     + [Point(d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, seq_len=32, sweep="size")],
 }
