@@ -2,12 +2,13 @@
 build their models at the dimensions as written; in the slow suite each trains two steps on a local shard.
 
 The real runs read the hub (Qwen2.5-0.5B, the GPT-2 tokenizer, FineWeb-edu); tests have no network, so a preset that
-loads a checkpoint is built from that checkpoint's config.json below (random weights) through the same mapping the
-loader uses, and the data is swapped for a local JSONL shard with batch and sequence shrunk.
+loads a checkpoint is built from that checkpoint's config.json (kept in benchmarks/gpu_hours.py; random weights)
+through the mapping the loader uses, and the data is swapped for a local JSONL shard with batch and sequence shrunk.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -18,47 +19,39 @@ from omegaconf import OmegaConf
 
 from sdt.data import DataConfig
 from sdt.models import ModelConfig, build_model
-from sdt.models.pretrained import backbone_config
 from sdt.optim import OptimConfig
-from sdt.training import VOCAB_MULTIPLE, round_up, train
-from tests.conftest import compose_cfg
+from sdt.training import train
+from tests.conftest import ROOT, compose_cfg
 from tests.data.data_helpers import write_jsonl
 from tests.test_configs import options
 
-# config.json of Qwen/Qwen2.5-0.5B (its model card), the fields `backbone_config` reads.
-QWEN2_5_0_5B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "hidden_act": "silu",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-06,
-    "tie_word_embeddings": True,
-    "use_sliding_window": False,
-    "vocab_size": 151936,
-}
 QWEN2_5_0_5B_PARAMS = 494_032_768  # the model card's 0.49B, counted exactly
-GPT2_TOKENIZER_VOCAB = 50257
 GPT2_SMALL_PARAMS = 124e6  # pretrain_125m's dense model: GPT-2 small's 124M (with a 50304-token embedding)
 
 PRESETS = [n for n in options("experiment") if n.startswith(("paper_transfer", "pretrain_125m"))]
 PER_ARCH = [n for n in PRESETS if n.rsplit("_", 1)[-1] in ("dense", "mod", "sdt", "stt")]
 
 
+def load_gpu_hours():
+    """benchmarks/gpu_hours.py, which keeps the hub checkpoints' config.json (its model card) for offline use."""
+    spec = importlib.util.spec_from_file_location("benchmarks_gpu_hours", ROOT / "benchmarks" / "gpu_hours.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GPU_HOURS = load_gpu_hours()
+
+
 def preset_model(cfg: Any) -> dict[str, Any]:
-    """The model a preset builds, without the network: a checkpoint's backbone from its config.json (what
-    `Pretrained.model_dict` does once the file is downloaded), else the vocabulary of the preset's tokenizer."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    if model["init_from"]:
-        assert model["init_from"] == "Qwen/Qwen2.5-0.5B"
-        return {**model, **backbone_config(QWEN2_5_0_5B, model["init_from"]), "init_from": None}
-    assert cfg.data.tokenizer.path == "openai-community/gpt2" and model["vocab_size"] is None
-    return {**model, "vocab_size": round_up(GPT2_TOKENIZER_VOCAB, VOCAB_MULTIPLE)}
+    """The model a preset builds, without the network: a checkpoint's backbone from its config.json through the
+    loader's mapping (what `Pretrained.model_dict` does once the file is downloaded), else the vocabulary of the
+    preset's tokenizer."""
+    if cfg.model.init_from:
+        assert cfg.model.init_from == "Qwen/Qwen2.5-0.5B"
+    else:
+        assert cfg.data.tokenizer.path == "openai-community/gpt2" and cfg.model.vocab_size is None
+    return {**GPU_HOURS.preset_model(cfg).to_dict(), "init_from": None}
 
 
 def n_params(model: dict[str, Any]) -> int:
