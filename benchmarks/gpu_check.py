@@ -3,17 +3,19 @@
     scripts/gpu_check.sh                       # CUDA, ~100M parameters; writes gpu_check.json
     scripts/gpu_check.sh --tiny                # any machine, tiny dimensions, seconds: the pipeline end to end
 
-Phases, in order of importance (a phase that would overrun `--budget-s` is skipped and says so in the JSON):
+Phases, in this order (a model that would start after `--budget-s` is skipped and says so in the JSON, which is
+rewritten after every model so that a run stopped by the timeout keeps what it measured):
 
 1. train: dense, MoD, SDT and STT at the same dimensions, each trained `--steps` steps in bf16 autocast (what
    `trainer.precision=bf16-mixed` runs) with AdamW on a fixed pool of random sequences (so the loss must fall: the
    models memorise it). Per model: step time, tokens/s and peak memory (CUDA: `max_memory_allocated`; CPU: the rise
    of the resident set during one step), each also as a ratio to dense, and the loss at the start and the end.
-2. compile: `torch._dynamo.explain` of each model's training forward (graph and graph-break counts, break reasons),
-   then `torch.compile(fullgraph=True)` training steps (fails on any graph break), timed against eager.
+2. explain: `torch._dynamo.explain` of each model's training forward (graph and graph-break counts, break reasons).
 3. decode: our dense model's greedy `generate` against `transformers`' `generate()` on its Qwen2 export (the same
    weights, through the export mapping of `sdt.models.pretrained`), and each trained routed model's decoding in its
    causal mode (thresholds calibrated on the training pool) against dense, tokens/s at batch 1.
+4. compile: `torch.compile(fullgraph=True)` training steps (fails on any graph break), timed against eager; last,
+   because compiling takes minutes.
 
 The JSON holds every figure and a `checks` section; the exit status is 1 when a check fails (a non-finite or
 non-falling loss, a graph break), else 0.
