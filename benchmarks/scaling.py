@@ -41,7 +41,7 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import torch
-from compute_common import CLOCKS, Timer, interleaved, machine, ratio
+from compute_common import CLOCKS, Timer, check_models_and_capacities, csv_of, interleaved, machine, ratio
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -380,17 +380,13 @@ def write(result: dict[str, Any], out: Path | None, markdown: Path | None) -> No
         markdown.write_text(format_markdown(result))
 
 
-def _csv(cast: Callable[[str], Any]) -> Callable[[str], tuple]:
-    return lambda text: tuple(cast(x) for x in text.split(",") if x.strip())
-
-
 def parse_args(argv: list[str]) -> tuple[Settings, Path | None, Path | None]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", choices=sorted(GRIDS), default="cpu")
     p.add_argument(
-        "--models", type=_csv(str), default=ROUTED, help="routed models, comma-separated (dense always runs)"
+        "--models", type=csv_of(str), default=ROUTED, help="routed models, comma-separated (dense always runs)"
     )
-    p.add_argument("--capacities", type=_csv(float), default=CAPACITIES, help="comma-separated, each in (0, 1]")
+    p.add_argument("--capacities", type=csv_of(float), default=CAPACITIES, help="comma-separated, each in (0, 1]")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model before timing")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per model; the median is reported")
@@ -400,11 +396,7 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path | None, Path | None]:
     p.add_argument("--out", type=Path, default=None, help="JSON results, rewritten after every point")
     p.add_argument("--markdown", type=Path, default=None, help="markdown report, rewritten after every point")
     a = p.parse_args(argv)
-    unknown = sorted(set(a.models) - set(ROUTED))
-    if unknown:
-        p.error(f"--models: unknown {unknown}; choose from {', '.join(ROUTED)}")
-    if not a.capacities or not all(0 < c <= 1 for c in a.capacities):
-        p.error(f"--capacities must be numbers in (0, 1], got {a.capacities}")
+    check_models_and_capacities(p, a.models, ROUTED, a.capacities)
     for name in ("batch", "repeats"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1")
