@@ -1,7 +1,7 @@
 """GPU check: what the first GPU run of the project should confirm, in under 8 minutes on one GPU.
 
     scripts/gpu_check.sh                       # CUDA, ~100M parameters; writes gpu_check.json
-    scripts/gpu_check.sh --tiny                # any machine, tiny dimensions, seconds: the pipeline end to end
+    scripts/gpu_check.sh --tiny                # any machine, tiny dimensions, about a minute: the pipeline end to end
 
 Phases, in this order (a model that would start after `--budget-s` is skipped and says so in the JSON, which is
 rewritten after every model so that a run stopped by the timeout keeps what it measured):

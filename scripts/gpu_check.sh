@@ -2,7 +2,7 @@
 # The first-GPU check (benchmarks/gpu_check.py): bf16 training of dense / MoD / SDT / STT at ~100M parameters,
 # torch.compile without graph breaks, decoding against transformers' generate(); a JSON of the figures.
 #   scripts/gpu_check.sh [--out gpu_check.json] [--steps N] [--capacity C]    # one GPU, under 8 minutes
-#   scripts/gpu_check.sh --tiny --out /tmp/gpu_check.json                    # CPU dry run, seconds
+#   scripts/gpu_check.sh --tiny --out gpu_check_tiny.json                     # CPU dry run, about a minute
 # Exit status: 0 when every check passes, 1 when one fails, 124 when it ran past GPU_CHECK_TIMEOUT seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
