@@ -27,7 +27,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import torch
-from compute_common import ARCHS, CAPACITIES, CLOCKS, SIZES, Settings, machine
+from compute_common import ARCHS, CAPACITIES, CLOCKS, SIZES, Settings, check_models_and_capacities, csv_of, machine
 from compute_models import bench_capacity
 from compute_output import format_markdown, format_table, target_checks
 from compute_twins import bench_layer, bench_transformers
@@ -79,15 +79,11 @@ def run(s: Settings, command: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- CLI
 
 
-def _csv(cast: Callable[[str], Any]) -> Callable[[str], tuple]:
-    return lambda text: tuple(cast(x) for x in text.split(",") if x.strip())
-
-
 def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None, Path | None]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--models", type=_csv(str), default=ARCHS, help="comma-separated; dense is always measured")
-    p.add_argument("--capacities", type=_csv(float), default=CAPACITIES, help="comma-separated, each in (0, 1]")
+    p.add_argument("--models", type=csv_of(str), default=ARCHS, help="comma-separated; dense is always measured")
+    p.add_argument("--capacities", type=csv_of(float), default=CAPACITIES, help="comma-separated, each in (0, 1]")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per phase; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per phase and model before timing")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
@@ -120,11 +116,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None, Path | No
     p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     p.add_argument("--markdown", type=Path, default=None, help="write a markdown report here")
     a = p.parse_args(argv)
-    unknown = sorted(set(a.models) - set(ARCHS))
-    if unknown:
-        p.error(f"--models: unknown {unknown}; choose from {', '.join(ARCHS)}")
-    if not a.capacities or not all(0 < c <= 1 for c in a.capacities):
-        p.error(f"--capacities must be numbers in (0, 1], got {a.capacities}")
+    check_models_and_capacities(p, a.models, ARCHS, a.capacities)
     for name in ("repeats", "decode_tokens", "prompt_tokens"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

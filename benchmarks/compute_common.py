@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -200,3 +201,19 @@ class Settings:
     compare_transformers: bool = False
     clock: str = "wall"  # wall | cpu (see CLOCKS)
     seed: int = 0
+
+
+def csv_of(cast: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """An argparse type: comma-separated values, each through `cast`."""
+    return lambda text: tuple(cast(x) for x in text.split(",") if x.strip())
+
+
+def check_models_and_capacities(
+    p: argparse.ArgumentParser, models: tuple[str, ...], known: tuple[str, ...], capacities: tuple[float, ...]
+) -> None:
+    """--models must name known models and --capacities be numbers in (0, 1]; argparse's usage error otherwise."""
+    unknown = sorted(set(models) - set(known))
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {', '.join(known)}")
+    if not capacities or not all(0 < c <= 1 for c in capacities):
+        p.error(f"--capacities must be numbers in (0, 1], got {capacities}")

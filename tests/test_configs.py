@@ -74,7 +74,9 @@ def test_default_optim_config_validates(tmp_path):
     assert cfg.model.arch == "sdt" and cfg.data.corpus == "shakespeare"
 
 
-SMALL_EXPERIMENTS = [name for name in options("experiment") if not name.startswith("smollm2")]
+# At real scale, with hub data: tests/test_presets.py.
+AT_SCALE = ("paper_transfer", "pretrain_125m")
+SMALL_EXPERIMENTS = [name for name in options("experiment") if not name.startswith(("smollm2", *AT_SCALE))]
 SMOLLM2_EXPERIMENTS = [name for name in options("experiment") if name.startswith("smollm2")]
 # Small experiments train on the shared test corpus (the Shakespeare corpus would cost a BPE training here); those
 # with their own data (the synthetic reasoning task) keep it, shrunk.
