@@ -27,6 +27,7 @@ from sdt.cli import EXIT_USER_ERROR
 from sdt.data import Tokenizer
 from sdt.errors import UserError
 from sdt.evaluation.loading import load_model
+from sdt.models import LanguageModel
 from sdt.models.pretrained import ROUTED_MODEL_TYPE, export_state_dict, hf_config
 from sdt.transformers_code import MODELING_FILE, SHIPPED_FILES
 
@@ -36,11 +37,19 @@ WEIGHTS_FILE = "model.safetensors"
 
 def export(ckpt_path: str, out: str) -> str:
     """Write the checkpoint's model, config and tokenizer into `out`; returns `out`."""
-    from safetensors.torch import save_file
-
     ckpt = load_checkpoint(ckpt_path)
     model = load_model(ckpt, torch.device("cpu"))
     tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
+    try:
+        write_export(model, tokenizer, out)
+    except OSError as e:  # out cannot be created or written (a file in the way, no permission, a full disk)
+        raise UserError(f"out={out}: cannot write the export: {e.strerror or e}") from None
+    return out
+
+
+def write_export(model: LanguageModel, tokenizer: Tokenizer, out: str) -> None:
+    from safetensors.torch import save_file
+
     os.makedirs(out, exist_ok=True)
     save_file(export_state_dict(model), os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})
     config = hf_config(model.config, eos_token_id=tokenizer.eos_id)
@@ -51,7 +60,6 @@ def export(ckpt_path: str, out: str) -> str:
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     tokenizer.save(out)
-    return out
 
 
 def routed_config_keys() -> dict:
