@@ -95,6 +95,14 @@ def test_export_cli_and_its_errors(tmp_path, capsys):
         parse_args(["ckpt_path=a.ckpt", "outdir=x"])
     with pytest.raises(UserError, match="checkpoint not found"):
         export(str(tmp_path / "nope.ckpt"), str(tmp_path / "y"))
+    # an out= that cannot be created (a file where a directory must go): one line, exit 2, no traceback
+    (tmp_path / "a_file").write_text("")
+    cmd = ["-m", "sdt.export", f"ckpt_path={tmp_path / 'last.ckpt'}", f"out={tmp_path / 'a_file' / 'x'}"]
+    proc = run_cli(cmd, tmp_path / "cache", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: out={tmp_path / 'a_file' / 'x'}: cannot write the export: Not a directory"
+    ]
 
 
 ROUTED_EXPORTS = {
