@@ -10,6 +10,7 @@ import torch
 
 import sdt.blocks.kv_cache
 import sdt.blocks.layers
+from sdt.data import Tokenizer
 from sdt.errors import UserError
 from sdt.export import export, main, parse_args
 from sdt.models import ModelConfig, build_model
@@ -53,6 +54,17 @@ def test_export_round_trips_every_model_type(options, tmp_path):
     routing = cfg.inference_routing if cfg.arch != "dense" else "topk"
     with torch.no_grad():
         torch.testing.assert_close(back(ids, routing=routing).logits, model(ids, routing=routing).logits)
+
+
+def test_the_tokenizer_of_a_routed_export_loads_without_asking_about_its_modeling_code(tmp_path, capsys):
+    """config.json of a routed export names modeling code; loading only the tokenizer (model.init_from=<export>,
+    data.tokenizer.path=<export>) must neither run it nor stop to ask whether to (transformers prompts on stdout)."""
+    write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="sdt"))
+    out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
+    capsys.readouterr()
+    tokenizer = Tokenizer.from_pretrained(out)
+    assert tokenizer.decode(tokenizer.encode("ROMEO: hi")) == "ROMEO: hi"
+    assert "custom code" not in capsys.readouterr().out
 
 
 def test_routing_tensors_of_an_export_are_skipped_for_another_architecture(tmp_path, caplog):
