@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, OmegaConf
 
 from sdt.data.config import TokenizerConfig
+from sdt.data.corpus import SPLITS as CORPUS_SPLITS
 from sdt.datamodules import data_config_class
 from sdt.distill import DistillConfig
 from sdt.errors import UserError
@@ -397,6 +398,8 @@ def validate_eval_config(cfg: DictConfig) -> None:
     if not conforms(temperature, float) or temperature < 0:
         raise UserError(f"samples.temperature must be a number >= 0, got {temperature!r}")
     reasoning = c.get("reasoning") or {}
+    if "split" in reasoning and reasoning["split"] not in CORPUS_SPLITS:
+        raise UserError(f"reasoning.split must be one of {', '.join(CORPUS_SPLITS)}, got {reasoning['split']!r}")
     for key in ("num_problems", "max_new_tokens", "batch_size"):
         if key in reasoning:
             _check_int(f"reasoning.{key}", reasoning[key], 1)

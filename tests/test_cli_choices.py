@@ -1,9 +1,9 @@
 """Every choice a command line validates has one owner, the code that uses it: the validation reads the list from
 there, accepts each value the code accepts and refuses what it does not.
 
-Covered: evaluate.py's splits, tasks, search modes and devices (sdt/validation.py), the routing modes of
-`python -m sdt.generate` and of the lm-eval model, the devices of both. A scan of the command-line modules also
-fails on a literal list of any of these choices, the way a second declaration would start.
+Covered: evaluate.py's splits (and reasoning.split), tasks, search modes and devices (sdt/validation.py), the
+routing modes of `python -m sdt.generate` and of the lm-eval model, the devices of both. A scan of the command-line
+modules also fails on a literal list of any of these choices, the way a second declaration would start.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sdt import generate, harness, validation
+from sdt.data.corpus import SPLITS as CORPUS_SPLITS
 from sdt.errors import UserError
 from sdt.evaluation import dispatch, lm, loading
 from sdt.models.config import ModelConfig
@@ -57,6 +58,7 @@ def test_each_owner_is_its_literal_type():
 
 def test_the_validators_use_the_owners_objects():
     assert validation.SPLIT_NAMES is lm.SPLIT_NAMES
+    assert validation.CORPUS_SPLITS is CORPUS_SPLITS  # reasoning.split: a split of the corpus
     assert validation.check_task is dispatch.check_task
     assert validation.check_device is loading.check_device is generate.check_device is harness.check_device
     assert dispatch.SEARCH_MODES is search_evaluate.SEARCH_MODES
@@ -94,6 +96,16 @@ def test_every_search_mode_passes_validation_and_needs_a_searchable_task(search,
 def test_an_unknown_search_mode_is_refused(eval_cfg):
     with pytest.raises(UserError, match="search must be one of cola, cola_router"):
         validation.validate_eval_config(eval_cfg("search=beam", "task=basic_mc"))
+
+
+@pytest.mark.parametrize("split", CORPUS_SPLITS)
+def test_every_corpus_split_passes_as_the_reasoning_split(split, eval_cfg):
+    validation.validate_eval_config(eval_cfg("task=reasoning", f"reasoning.split={split}"))
+
+
+def test_a_reasoning_split_the_corpora_do_not_have_is_refused(eval_cfg):
+    with pytest.raises(UserError, match="reasoning.split must be one of train, val, test, got 'dev'"):
+        validation.validate_eval_config(eval_cfg("task=reasoning", "reasoning.split=dev"))
 
 
 def _runnable_devices() -> list[str]:
