@@ -334,7 +334,8 @@ def _train_tiny(program: list[str], args: list[str], fixture: Fixture) -> list[s
     if not pretrained:
         extra += [o for o in TINY_MODEL if not (reasoning and o.startswith("model.max_seq_len"))]
     if "data=reasoning_hub" in args:  # local trace files: as many rows as they have
-        extra += ["data.max_train_docs=64", "data.batch_size=4", "data.tokenizer.vocab_size=320"]
+        extra += ["data.max_train_docs=64", "data.max_eval_docs=8", "data.calibration_examples=8"]
+        extra += ["data.batch_size=4", "data.tokenizer.vocab_size=320"]
     elif reasoning:
         extra += [*TINY_REASONING_DATA, "data.tokenizer.vocab_size=320"]
     elif "data" not in given and "experiment" not in given:
@@ -626,12 +627,13 @@ def doc_reasoning_json(doc_reasoning_run) -> str:
 
 @pytest.fixture(scope="session")
 def doc_traces_file(tmp_path_factory) -> str:
-    """Reasoning traces in the columns data=reasoning_hub reads (problem, generations, answer)."""
+    """Reasoning traces in the columns data=reasoning_hub reads (problem, generations, answer, correctness)."""
     rows = []
     for a in range(2, 40):
         for b in range(3, 6):
             trace = f"<think>{a} plus {b} is {a + b}. Wait, let me verify: {a + b}.</think> The answer is {a + b}."
-            rows.append({"problem": f"What is {a} + {b}?", "generations": [trace], "answer": str(a + b)})
+            row = {"problem": f"What is {a} + {b}?", "generations": [trace], "answer": str(a + b)}
+            rows.append({**row, "correctness_math_verify": [True]})
     path = tmp_path_factory.mktemp("doc-traces") / "traces.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
