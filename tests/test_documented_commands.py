@@ -365,8 +365,11 @@ def _check_train(run: Run) -> None:
         assert not (run.cwd / "outputs").exists(), "--cfg job must not start a run"
         return
     if "-m" in run.args or "--multirun" in run.args:
-        jobs = sorted((run.cwd / "multirun" / "train").glob("*/*/*/checkpoints/last.ckpt"))
-        assert len(jobs) == _sweep_size(run.args), jobs
+        # every job Hydra launched finished (dense runs once whatever the capacities: sdt/sweeps.py), and there are
+        # as many as the sweep has points, less those repeats
+        jobs = sorted(p.parent for p in (run.cwd / "multirun" / "train").glob("*/*/*/.hydra"))
+        assert 1 < len(jobs) <= _sweep_size(run.args), jobs
+        assert all((job / "checkpoints" / "last.ckpt").is_file() for job in jobs), jobs
         return
     run_dir = run.run_dir("train")
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -631,7 +634,9 @@ def doc_traces_file(tmp_path_factory) -> str:
     rows = []
     for a in range(2, 40):
         for b in range(3, 6):
-            trace = f"<think>{a} plus {b} is {a + b}. Wait, let me verify: {a + b}.</think> The answer is {a + b}."
+            first = f"{a} plus {b}: so the answer is {a + b}."
+            check = f"Wait, let me verify: {a} + {b} = {a + b}, so the answer is {a + b}."
+            trace = f"<think>\n{first}\n\n{check}\n</think>\n\nThe answer is {a + b}."
             row = {"problem": f"What is {a} + {b}?", "generations": [trace], "answer": str(a + b)}
             rows.append({**row, "correctness_math_verify": [True]})
     path = tmp_path_factory.mktemp("doc-traces") / "traces.jsonl"
