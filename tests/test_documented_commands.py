@@ -365,11 +365,14 @@ def _check_train(run: Run) -> None:
         assert not (run.cwd / "outputs").exists(), "--cfg job must not start a run"
         return
     if "-m" in run.args or "--multirun" in run.args:
-        # every job Hydra launched finished (dense runs once whatever the capacities: sdt/sweeps.py), and there are
-        # as many as the sweep has points, less those repeats
+        # one job per point of the sweep, each with its checkpoint; dense trains once whatever the capacities, its
+        # repeats write none (sdt/sweeps.py)
         jobs = sorted(p.parent for p in (run.cwd / "multirun" / "train").glob("*/*/*/.hydra"))
-        assert 1 < len(jobs) <= _sweep_size(run.args), jobs
-        assert all((job / "checkpoints" / "last.ckpt").is_file() for job in jobs), jobs
+        assert len(jobs) == _sweep_size(run.args), jobs
+        trained = [job for job in jobs if (job / "checkpoints" / "last.ckpt").is_file()]
+        repeats = [job for job in jobs if job not in trained]
+        assert all("model=dense" in (job / ".hydra" / "overrides.yaml").read_text() for job in repeats), repeats
+        assert trained, jobs
         return
     run_dir = run.run_dir("train")
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
