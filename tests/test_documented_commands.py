@@ -335,7 +335,7 @@ def _train_tiny(program: list[str], args: list[str], fixture: Fixture) -> list[s
         extra += [o for o in TINY_MODEL if not (reasoning and o.startswith("model.max_seq_len"))]
     if "data=reasoning_hub" in args:  # local trace files: as many rows as they have
         extra += ["data.max_train_docs=64", "data.max_eval_docs=8", "data.calibration_examples=8"]
-        extra += ["data.batch_size=4", "data.tokenizer.vocab_size=320"]
+        extra += ["data.seq_len=256", "data.batch_size=4", "data.tokenizer.vocab_size=320"]
     elif reasoning:
         extra += [*TINY_REASONING_DATA, "data.tokenizer.vocab_size=320"]
     elif "data" not in given and "experiment" not in given:
