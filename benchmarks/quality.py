@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--static-pruning is for --setting convert")
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.out = os.path.abspath(args.out)  # the training runs start in the repository root, not in this directory
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     archs = ["dense"] + [a for a in args.archs.split(",") if a and a != "dense"]
     capacities = [float(c) for c in args.capacities.split(",")]

@@ -236,6 +236,10 @@ class NonFiniteLossError(UserError):
     """Training produced a NaN or infinite loss (or gradients) and was stopped."""
 
 
+NanPolicy = Literal["stop", "skip"]
+NAN_POLICIES: tuple[NanPolicy, ...] = get_args(NanPolicy)
+
+
 class NonFiniteGuard(L.Callback):
     """Catches a NaN/inf loss or gradient before the optimizer applies it.
 
@@ -245,9 +249,9 @@ class NonFiniteGuard(L.Callback):
     `max_consecutive_skips` bad batches in a row, stop as with "stop".
     """
 
-    def __init__(self, policy: str = "stop", max_consecutive_skips: int = 10) -> None:
-        if policy not in ("stop", "skip"):
-            raise UserError(f"callbacks.nan_guard.policy must be 'stop' or 'skip', got {policy!r}")
+    def __init__(self, policy: NanPolicy = "stop", max_consecutive_skips: int = 10) -> None:
+        if policy not in NAN_POLICIES:
+            raise UserError(f"callbacks.nan_guard.policy must be one of {', '.join(NAN_POLICIES)}, got {policy!r}")
         if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
             raise UserError(
                 f"callbacks.nan_guard.max_consecutive_skips must be an integer >= 1, got {max_consecutive_skips!r}"

@@ -29,6 +29,7 @@ from sdt.data import Tokenizer
 from sdt.errors import UserError
 from sdt.evaluation.loading import load_model
 from sdt.model_card import read_eval_json, write_card_files
+from sdt.models import LanguageModel
 from sdt.models.pretrained import ROUTED_MODEL_TYPE, export_state_dict, hf_config
 from sdt.transformers_code import MODELING_FILE, SHIPPED_FILES
 
@@ -41,12 +42,22 @@ WEIGHTS_FILE = "model.safetensors"
 def export(ckpt_path: str, out: str, eval_json: str | None = None) -> str:
     """Write the checkpoint's model, config, tokenizer, generation config and model card into `out` (the card with
     the figures of `eval_json`, an `eval.json` of evaluate.py); returns `out`."""
-    from safetensors.torch import save_file
-
     eval_result = read_eval_json(eval_json) if eval_json else None
     ckpt = load_checkpoint(ckpt_path)
     model = load_model(ckpt, torch.device("cpu"))
     tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])
+    try:
+        config = write_export(model, tokenizer, out)
+        write_card_files(out, model, ckpt, tokenizer.eos_id, eval_result, config["architectures"][0])
+    except OSError as e:  # out cannot be created or written (a file in the way, no permission, a full disk)
+        raise UserError(f"out={out}: cannot write the export: {e.strerror or e}") from None
+    return out
+
+
+def write_export(model: LanguageModel, tokenizer: Tokenizer, out: str) -> dict:
+    """Weights, config.json (returned), tokenizer and, for a routed model, its modeling code."""
+    from safetensors.torch import save_file
+
     os.makedirs(out, exist_ok=True)
     save_file(export_state_dict(model), os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})
     config = hf_config(model.config, eos_token_id=tokenizer.eos_id)
@@ -57,8 +68,7 @@ def export(ckpt_path: str, out: str, eval_json: str | None = None) -> str:
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     tokenizer.save(out)
-    write_card_files(out, model, ckpt, tokenizer.eos_id, eval_result, config["architectures"][0])
-    return out
+    return config
 
 
 def routed_config_keys() -> dict:

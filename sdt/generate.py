@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdt.cli import run_task
 from sdt.errors import UserError
-from sdt.evaluation.loading import load_model_and_tokenizer, pick_device
+from sdt.evaluation.loading import check_device, load_model_and_tokenizer, pick_device
 from sdt.models import ModelCache
-from sdt.routing.selection import ROUTING_MODES
+from sdt.routing.selection import CAUSAL_MODES
 from sdt.usage import RequestUsage, request_usage
 
 DEFAULTS: dict[str, Any] = {
@@ -81,8 +81,9 @@ def check_request(cfg: DictConfig) -> None:
         raise UserError('prompt is required (pass prompt="...")')
     if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
-    if cfg.routing is not None and (cfg.routing not in ROUTING_MODES or cfg.routing == "topk"):
-        raise UserError(f"routing must be threshold, student or budget, got {cfg.routing!r}")
+    if cfg.routing is not None and cfg.routing not in CAUSAL_MODES:
+        raise UserError(f"routing must be one of {', '.join(CAUSAL_MODES)} (decoding is causal), got {cfg.routing!r}")
+    check_device(cfg.device)
 
 
 def format_usage(usage: RequestUsage) -> str:

@@ -6,8 +6,10 @@
 Model arguments: `ckpt_path=<.ckpt>` or `init_from=<HF dir | .gguf | hub id>` (as for evaluate.py), `routing=`
 (routed models: a causal mode, `threshold`, `student` or `budget`; default the model's `inference_routing`),
 `capacity=` (routed models: the run-time capacity in (0, 1], thresholds read from the calibrated quantile grids as
-`set_inference_capacity` does; default the trained capacity), `batch_size`, `device` (auto | cpu | cuda) and `max_length` (the longest window scored; default the sequence length the model was
-trained on, else `model.max_seq_len`).
+`set_inference_capacity` does; default the trained capacity), `batch_size`, `device` (auto | cpu | cuda |
+cuda:<index>; a CUDA device that does not exist here falls back to CUDA or the CPU, as for lm-eval's `hf` model) and
+`max_length` (the longest window scored; default the sequence length the model was trained on, else
+`model.max_seq_len`).
 
 Routed models always run a causal routing mode here: the Top-K oracle chooses tokens by looking at the whole
 sequence, so a continuation's score would depend on tokens after it. Every row of a batch is scored as if alone:
@@ -21,6 +23,7 @@ releases that load model plugins also find it by the name `sdt` through the `lm_
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,7 +34,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from sdt.errors import UserError
-from sdt.evaluation.loading import load_model_and_tokenizer, pick_device
+from sdt.evaluation.loading import check_device, load_model_and_tokenizer, pick_device
 from sdt.models.transformer import left_pad
 from sdt.routing.selection import CAUSAL_MODES
 
@@ -43,6 +46,22 @@ except ImportError as e:  # pragma: no cover - the message is what a user withou
     raise UserError("the lm-eval model needs lm-evaluation-harness: pip install -e '.[eval]'") from e
 
 MODEL_NAME = "sdt"
+log = logging.getLogger(__name__)
+
+
+def harness_device(device: str | None) -> torch.device:
+    """The device to run on. lm-eval's command line passes `cuda:0` when `--device` is not given; as lm-eval's own
+    `hf` model does, a CUDA device that does not exist here falls back to what does (CUDA, else the CPU), with a
+    warning, so that the same command runs on a machine without a GPU."""
+    name = device or "auto"
+    check_device(name)
+    if name.startswith("cuda"):
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            fallback = "cuda" if torch.cuda.is_available() else "cpu"
+            log.warning("device %s does not exist here; running on %s", name, fallback)
+            name = fallback
+    return pick_device(name)
 
 
 def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -75,7 +94,7 @@ class SDTLM(TemplateLM):
             )
         if not ckpt_path and not init_from:
             raise UserError("the sdt model needs ckpt_path=<.ckpt> or init_from=<pretrained checkpoint>")
-        self._device = pick_device(device or "auto")
+        self._device = harness_device(device)
         cfg = OmegaConf.create({"ckpt_path": ckpt_path, "model": {"init_from": init_from}})
         self.model, self.tokenizer, self.valid_vocab, ckpt = load_model_and_tokenizer(cfg, self._device)
         self.routing = self._routing(routing)

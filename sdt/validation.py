@@ -25,9 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from sdt.callbacks import MATMUL_PRECISIONS
 from sdt.checkpoint import checkpoint_exists
 from sdt.data.config import TokenizerConfig
+from sdt.data.corpus import SPLITS as CORPUS_SPLITS
 from sdt.datamodules import data_config_class
 from sdt.distill import DistillConfig
 from sdt.errors import UserError
+from sdt.evaluation.dispatch import check_task
+from sdt.evaluation.lm import SPLIT_NAMES
+from sdt.evaluation.loading import check_device
 from sdt.models import ModelConfig
 from sdt.optim import OptimConfig
 
@@ -68,10 +72,6 @@ _TRAINER_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 # Set by the framework itself (build_trainer), never from the trainer config.
 _TRAINER_OWN_KEYS = ("callbacks", "logger", "plugins", "gradient_clip_val")
-
-EVAL_DEVICES = ("auto", "cpu", "cuda")
-EVAL_SPLITS = ("val", "test")
-EVAL_TASKS = ("lm", "reasoning")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -376,20 +376,18 @@ def validate_eval_config(cfg: DictConfig) -> None:
         if c["ckpt_path"] == "last":
             raise UserError("ckpt_path=last resumes training; evaluation takes the path of a .ckpt file")
         validate_ckpt_path(c["ckpt_path"])
+    # The choices below are those of the code that uses them (evaluation's devices, splits, tasks, search modes).
     device = c.get("device", "auto")
-    if not isinstance(device, str) or not (device in EVAL_DEVICES or device.startswith("cuda:")):
-        raise UserError(f"device must be one of {', '.join(EVAL_DEVICES)} (or cuda:<index>), got {device!r}")
+    check_device(device)
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise UserError(f"device={device}, but no CUDA device is available here; use device=cpu or device=auto")
-    if c.get("search") is None and c.get("task", "lm") not in EVAL_TASKS:
-        raise UserError(f"task must be one of {', '.join(EVAL_TASKS)} (or name a task with search=cola), got "
-                        f"{c.get('task')!r}")  # fmt: skip
+    check_task(c.get("task", "lm"), c.get("search"))
     splits = c.get("splits")
-    if not isinstance(splits, list) or not splits or any(s not in EVAL_SPLITS for s in splits):
-        raise UserError(f"splits must be a non-empty list of {', '.join(EVAL_SPLITS)}, got {splits!r}")
+    if not isinstance(splits, list) or not splits or any(s not in SPLIT_NAMES for s in splits):
+        raise UserError(f"splits must be a non-empty list of {', '.join(SPLIT_NAMES)}, got {splits!r}")
     _check_int("max_batches", c.get("max_batches"), 1, allow_none=True)
     _check_int("batch_size", c.get("batch_size"), 1, allow_none=True)
     for key in ("recalibrate", "plots"):
@@ -407,6 +405,8 @@ def validate_eval_config(cfg: DictConfig) -> None:
     if not conforms(temperature, float) or temperature < 0:
         raise UserError(f"samples.temperature must be a number >= 0, got {temperature!r}")
     reasoning = c.get("reasoning") or {}
+    if "split" in reasoning and reasoning["split"] not in CORPUS_SPLITS:
+        raise UserError(f"reasoning.split must be one of {', '.join(CORPUS_SPLITS)}, got {reasoning['split']!r}")
     for key in ("num_problems", "max_new_tokens", "batch_size"):
         if key in reasoning:
             _check_int(f"reasoning.{key}", reasoning[key], 1)

@@ -13,6 +13,7 @@ import torch
 
 import sdt.blocks.kv_cache
 import sdt.blocks.layers
+from sdt.data import Tokenizer
 from sdt.errors import UserError
 from sdt.export import export, main, parse_args
 from sdt.models import ModelConfig, build_model
@@ -59,6 +60,17 @@ def test_export_round_trips_every_model_type(options, tmp_path):
         torch.testing.assert_close(back(ids, routing=routing).logits, model(ids, routing=routing).logits)
 
 
+def test_the_tokenizer_of_a_routed_export_loads_without_asking_about_its_modeling_code(tmp_path, capsys):
+    """config.json of a routed export names modeling code; loading only the tokenizer (model.init_from=<export>,
+    data.tokenizer.path=<export>) must neither run it nor stop to ask whether to (transformers prompts on stdout)."""
+    write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="sdt"))
+    out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
+    capsys.readouterr()
+    tokenizer = Tokenizer.from_pretrained(out)
+    assert tokenizer.decode(tokenizer.encode("ROMEO: hi")) == "ROMEO: hi"
+    assert "custom code" not in capsys.readouterr().out
+
+
 def test_routing_tensors_of_an_export_are_skipped_for_another_architecture(tmp_path, caplog):
     write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="sdt"))
     out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
@@ -99,6 +111,14 @@ def test_export_cli_and_its_errors(tmp_path, capsys):
         parse_args(["ckpt_path=a.ckpt", "outdir=x"])
     with pytest.raises(UserError, match="checkpoint not found"):
         export(str(tmp_path / "nope.ckpt"), str(tmp_path / "y"))
+    # an out= that cannot be created (a file where a directory must go): one line, exit 2, no traceback
+    (tmp_path / "a_file").write_text("")
+    cmd = ["-m", "sdt.export", f"ckpt_path={tmp_path / 'last.ckpt'}", f"out={tmp_path / 'a_file' / 'x'}"]
+    proc = run_cli(cmd, tmp_path / "cache", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: out={tmp_path / 'a_file' / 'x'}: cannot write the export: Not a directory"
+    ]
 
 
 ROUTED_EXPORTS = {

@@ -68,7 +68,7 @@ def test_a_lower_capacity_request_reports_less_compute(routed_ckpt, capsys):
         (["ckpt_path=x.ckpt", "prompt=hi", "temprature=0"], "unknown option(s) ['temprature']"),
         (["ckpt_path=x.ckpt", "hello"], "arguments are key=value"),
         (["ckpt_path=x.ckpt"], "prompt is required"),
-        (["ckpt_path=x.ckpt", "prompt=hi", "routing=topk"], "routing must be threshold, student or budget"),
+        (["ckpt_path=x.ckpt", "prompt=hi", "routing=topk"], "routing must be one of threshold, student, budget"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):

@@ -172,10 +172,11 @@ def test_lm_eval_cli_scores_a_checkpoint_on_the_shipped_tasks(tmp_path):
     launcher = [str(script)] if script.exists() else ["-m", "sdt.harness"]
     cmd = [
         *launcher, "--model", "sdt",
-        "--model_args", f"ckpt_path={path}", "--device", "cpu", "--batch_size", "8",
+        "--model_args", f"ckpt_path={path}", "--batch_size", "8",
         "--tasks", "shakespeare_next_line,tempest_perplexity", "--include_path", str(TASKS_DIR),
         "--limit", "3", "--output_path", str(out),
     ]  # fmt: skip
+    # No --device: lm-eval's command line then passes cuda:0, which must fall back to the CPU where there is no GPU.
     proc = run_cli(cmd, tmp_path / "cache", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results_file,) = out.rglob("results_*.json")

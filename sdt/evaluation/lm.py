@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from sdt.evaluation.plots import routing_plots, sweep_plot
 from sdt.evaluation.report import ROUTING_LABELS, format_report, routing_table
 from sdt.models import LanguageModel
 from sdt.models.calibration import calibrate_thresholds
+from sdt.routing.selection import ROUTING_MODES
 from sdt.usage import RequestUsage, usage_distribution
 from sdt.whole_file import read_documents, window_batches
 
@@ -98,7 +99,8 @@ def unigram_perplexity(datamodule: LMDataModule, split: str, vocab_size: int) ->
     return float(np.exp(-log_p[tokens].mean()))
 
 
-SPLIT_NAMES = ("val", "test", "all")  # all: every token of data=text_files' files (sdt/whole_file.py)
+Split = Literal["val", "test", "all"]  # all: every token of data=text_files' files (sdt/whole_file.py)
+SPLIT_NAMES: tuple[Split, ...] = get_args(Split)
 
 
 def check_stride(stride: Any, seq_len: int, splits: list[str]) -> int:
@@ -194,7 +196,7 @@ def evaluate_lm(cfg: DictConfig) -> dict[str, Any]:
         if split != "all"
     }
     # Routed models: every mode, labelled; the headline perplexity is the causal inference mode's.
-    modes = ["topk", "threshold", "student", "budget"] if model.is_routed else ["dense"]
+    modes = list(ROUTING_MODES) if model.is_routed else ["dense"]
     headline_mode = model.config.inference_routing if model.is_routed else "dense"
     by_mode: dict[str, dict[str, dict[str, Any]]] = {}
     for mode in modes:

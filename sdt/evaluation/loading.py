@@ -4,7 +4,7 @@ device, and the data config to evaluate on."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -15,8 +15,26 @@ from sdt.errors import UserError
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
 
+# auto: CUDA when available, else the CPU; a CUDA device may also be named by index (cuda:<index>)
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[Device, ...] = get_args(Device)
+
+
+def is_device_name(name: object) -> bool:
+    """Whether `name` names a device evaluation runs on: one of DEVICES or cuda:<index>."""
+    if not isinstance(name, str):
+        return False
+    kind, sep, index = name.partition(":")
+    return name in DEVICES or (sep == ":" and kind == "cuda" and index.isdigit())
+
+
+def check_device(name: object, key: str = "device") -> None:
+    if not is_device_name(name):
+        raise UserError(f"{key} must be one of {', '.join(DEVICES)} (or cuda:<index>), got {name!r}")
+
 
 def pick_device(name: str) -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from sdt.analysis.plots import _new_figure, _save
+from sdt.reasoning.braking import VARIANTS
 
 VARIANT_LABELS = {"none": "plain SFT", "exact": "self-braking (exact)", "dynamic": "self-braking (dynamic)"}
 
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     for p in args.results:
         with open(p) as f:
             results.append(json.load(f))
-    order = {"none": 0, "exact": 1, "dynamic": 2}
-    results.sort(key=lambda r: order.get(r["variant"], 3))
+    order = {variant: i for i, variant in enumerate(VARIANTS)}
+    results.sort(key=lambda r: order.get(r["variant"], len(order)))
     print(results_table(results))
     print(f"plot: {plot_accuracy_vs_tokens(results, args.out, args.title)}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 RUN_OPTIONS = ("reuse_prefix", "prefix_cache_mb", "batch_paths", "router")
 
 
+# cola: a CoLa search per task item (cola.json) | cola_router: search a training split, train a path router on it and
+# apply it to held-out items (cola_router.json)
+SearchMode = Literal["cola", "cola_router"]
+SEARCH_MODES: tuple[SearchMode, ...] = get_args(SearchMode)
+
+
 def make_scorer(
     model: Any, tokenizer: Any, task: Any, device: torch.device, valid_vocab: int, run_options: dict[str, Any]
 ) -> PathScorer:
@@ -46,13 +52,13 @@ def make_scorer(
 
 
 def evaluate_search(cfg: DictConfig) -> dict[str, Any]:
-    if cfg.get("search") not in ("cola", "cola_router"):
-        raise UserError(f"search must be cola or cola_router (or null for no search), got {cfg.get('search')!r}")
-    task_spec = cfg.get("task")
-    if task_spec in (None, "lm", "reasoning"):
+    """search=cola | cola_router over `cfg.task` (a task item source, not one of evaluate.py's own tasks: the
+    dispatcher checks that)."""
+    if cfg.get("search") not in SEARCH_MODES:
         raise UserError(
-            f"search={cfg.search} needs task=<shipped task name, .jsonl file or lm-eval .yaml> (docs/cola.md)"
+            f"search must be one of {', '.join(SEARCH_MODES)} (or null for no search), got {cfg.get('search')!r}"
         )
+    task_spec = cfg.get("task")
     options = OmegaConf.to_container(cfg.cola, resolve=True)
     num_items = options.pop("num_items", None)
     run_options = {key: options.pop(key) for key in RUN_OPTIONS if key in options}
