@@ -2,7 +2,8 @@
 
 What counts as a documented command (read from the markdown when the tests are collected, so a command added to
 the docs is picked up without touching this file):
-- in README.md: every line of a ```bash block, and every inline code span that starts with a program
+- in README.md and docs/usage.md (the README's reference part): every line of a ```bash block, and every inline
+  code span that starts with a program
   (`python ...`, `sdt-lm-eval ...`, `lm_eval ...`, `pytest`, `pip ...`, `sbatch`, `docker`, `ruff`);
 - in docs/*.md: every line of a ```bash block.
 Continuation lines (`\\`) are joined, comments dropped, `a && b` split into two commands, `for v in a b; do ... done`
@@ -59,6 +60,7 @@ from tests.conftest import ROOT, TINY_MODEL, cli_env, tiny_data
 # Extraction
 
 
+INLINE_PAGES = ("usage.md",)  # docs pages whose inline commands count too: the reference part of the README
 PROGRAM = re.compile(r"^(?:[A-Z_]+=\S+ )*(?:python|sdt-lm-eval|lm_eval|pytest|pip|sbatch|docker|ruff)(?: |$)")
 FENCE = re.compile(r"^```(\w*)\s*$")
 INLINE = re.compile(r"`([^`\n]+)`")
@@ -140,7 +142,8 @@ def commands_in(path: Path, inline: bool) -> Iterator[tuple[int, str]]:
 
 def documented_commands() -> list[Documented]:
     found: dict[str, Documented] = {}
-    files = [(ROOT / "README.md", True)] + [(p, False) for p in sorted((ROOT / "docs").glob("*.md"))]
+    files = [(ROOT / "README.md", True)]
+    files += [(p, p.name in INLINE_PAGES) for p in sorted((ROOT / "docs").glob("*.md"))]
     for path, inline in files:
         for number, text in commands_in(path, inline):
             entry = found.setdefault(text, Documented(text))
@@ -165,6 +168,13 @@ SKIPS = [
     Skip(r"^sbatch\b|hydra/launcher=slurm", "needs SLURM"),
     Skip(r"^docker\b", "needs Docker"),
     Skip(r"trainer=(gpu|ddp|fsdp)\b|--gpus\b", "needs GPUs"),
+    Skip(r"^scripts/gpu_check\.sh(?!.*--tiny)", "needs a CUDA GPU"),
+    Skip(
+        r"^scripts/gpu_check\.sh .*--tiny",
+        "the same CPU dry run is tests/test_gpu_check.py::test_dry_run_trains_compiles_and_decodes_every_model (slow)",
+    ),
+    Skip(r"^wandb sync\b", "network: uploads offline runs to a W&B server"),
+    Skip(r"^mkdir\b", "a shell step that prepares a directory for the command after it"),
     Skip(r"init_from=Qwen/", "network: downloads the model from the Hugging Face Hub"),
     Skip(r"data=reasoning_hub(?!.*data\.name=)", "network: reads OpenR1-Math from the Hugging Face Hub"),
     Skip(r"^lm_eval --model sdt$", "documented as what does not work with lm-eval 0.4.13 (no model plugins)"),
@@ -713,7 +723,7 @@ def test_every_documented_command_is_run_or_skipped_with_a_reason():
     """The extraction finds the commands the docs show, and each has a runner or a reasoned skip."""
     texts = [d.text for d in COMMANDS]
     assert "python train.py" in texts and "python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt" in texts
-    assert any("splits=[all]" in t for t in texts)  # an inline README command
+    assert any("splits=[all]" in t for t in texts)  # an inline command of docs/usage.md
     assert any(t.startswith("python benchmarks/compute.py") for t in texts)  # a continued docs/ line
     for pattern in FAST:  # the default suite's share stays what it was chosen to be when the docs change
         assert any(re.search(pattern, t) for t in texts), f"no documented command matches FAST entry {pattern!r}"
