@@ -25,6 +25,7 @@ Training reads the shards through `ShardedTokens`, a read-only 1-D view over the
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import os
@@ -445,6 +446,9 @@ class ShardedTokens:
     def __init__(self, parts: list[np.ndarray], start: int = 0, stop: int | None = None) -> None:
         self.parts = [p for p in parts if len(p)] or parts[:1]
         self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
+        self._bounds = self.offsets.tolist()  # bisect on a list: cheaper per block than a numpy call
+        # Plain ndarray views of the memory maps: slicing an np.memmap builds a memmap object, which costs more.
+        self._arrays = [np.asarray(p) for p in self.parts]
         total = int(self.offsets[-1])
         self.start = start
         self.stop = total if stop is None else stop
@@ -479,21 +483,21 @@ class ShardedTokens:
             raise IndexError(key)
         return self._read(self.start + i, self.start + i + 1)[0]
 
-    def _view(self, start: int, stop: int) -> np.ndarray | ShardedTokens:
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        if first >= 0 and first < len(self.parts) and stop <= self.offsets[first + 1]:
-            base = int(self.offsets[first])
-            return self.parts[first][start - base : stop - base]  # within one shard: a view of its memory map
+    def _view(self, start: int, stop: int) -> np.ndarray:
+        first = bisect.bisect_right(self._bounds, start) - 1
+        if 0 <= first < len(self._arrays) and stop <= self._bounds[first + 1]:
+            base = self._bounds[first]
+            return self._arrays[first][start - base : stop - base]  # within one shard: a view of its memory map
         return self._read(start, stop)
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         out = []
-        first = max(0, int(np.searchsorted(self.offsets, start, side="right")) - 1)
-        for k in range(first, len(self.parts)):
-            lo, hi = int(self.offsets[k]), int(self.offsets[k + 1])
+        first = max(0, bisect.bisect_right(self._bounds, start) - 1)
+        for k in range(first, len(self._arrays)):
+            lo, hi = self._bounds[k], self._bounds[k + 1]
             if lo >= stop:
                 break
-            out.append(self.parts[k][max(start, lo) - lo : min(stop, hi) - lo])
+            out.append(self._arrays[k][max(start, lo) - lo : min(stop, hi) - lo])
         return np.concatenate(out) if out else np.zeros(0, dtype=self.dtype)
 
     def slice_view(self, start: int, stop: int | None = None) -> ShardedTokens:
