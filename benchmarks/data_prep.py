@@ -26,6 +26,7 @@ in --repeats rounds of --train-steps steps; the ratio is shards over .npy, the m
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +122,60 @@ def old_prepare(dm: Any, out_dir: Path) -> int:
     return total
 
 
+# -------------------------------------------------------------------------------------------------------------------
+# litdata (litgpt's pretraining data path), for comparison when it is installed: `optimize` over byte ranges of the
+# JSONL files, one token tensor per document, TokensLoader chunks. Train split only (no held-out documents).
+
+
+def _litdata_ranges(corpus_dir: Path, pieces: int) -> list[tuple[str, int, int]]:
+    ranges = []
+    for path in sorted(corpus_dir.glob("*.jsonl")):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            cuts = [0]
+            for k in range(1, pieces):
+                f.seek(size * k // pieces)
+                f.readline()
+                cuts.append(max(f.tell(), cuts[-1]))
+            cuts.append(size)
+        ranges += [(str(path), a, b) for a, b in itertools.pairwise(cuts) if b > a]
+    return ranges
+
+
+_LITDATA_TOKENIZER: Any = None
+
+
+def _litdata_tokenize(item: tuple[str, int, int]) -> Iterator[Any]:
+    import torch
+
+    path, start, end = item
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    for line in data.splitlines():
+        text = json.loads(line)["text"]
+        ids = _LITDATA_TOKENIZER.encode(text, add_special_tokens=False).ids + [0]
+        yield torch.tensor(ids, dtype=torch.int32)
+
+
+def litdata_prepare(dm: Any, out_dir: Path, corpus_dir: Path, num_proc: int) -> int:
+    import litdata
+    from litdata.streaming.item_loader import TokensLoader
+
+    global _LITDATA_TOKENIZER
+    _LITDATA_TOKENIZER = dm.tokenizer.backend
+    litdata.optimize(
+        fn=_litdata_tokenize,
+        inputs=_litdata_ranges(corpus_dir, 8 * num_proc),
+        output_dir=str(out_dir),
+        chunk_bytes="64MB",
+        item_loader=TokensLoader(),
+        num_workers=num_proc,
+    )
+    index = json.loads((out_dir / "index.json").read_text())
+    return sum(int(c["dim"] or 0) for c in index["chunks"])
+
+
 def child(args: argparse.Namespace) -> None:
     """One preparation in this process; prints {"seconds", "tokens"} as its last line."""
     from sdt.data import LMDataModule
@@ -130,6 +186,8 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if args.child == "old":
         tokens = old_prepare(dm, cache / "old-tokens")
+    elif args.child == "litdata":
+        tokens = litdata_prepare(dm, cache / "litdata", Path(args.corpus), args.num_proc)
     else:
         dm.prepare_data()
         tokens = sum(int(s["num_tokens"]) for s in dm.split_stats.values())
@@ -156,7 +214,7 @@ def tree_rss(pid: int) -> int:
 def run_child(path: str, corpus_dir: Path, num_proc: int, cache: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", path, "--corpus", str(corpus_dir), "--num-proc", str(num_proc)]
     cmd += ["--cache", str(cache)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     peak = 0
     stop = threading.Event()
@@ -190,6 +248,7 @@ def prepare_runs(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         size = (corpus_dir / "corpus.jsonl").stat().st_size
         runs = [("old", 0)] if not args.skip_old and mb <= args.old_max_mb else []
         runs += [("new", n) for n in args.workers if mb <= args.workers_max_mb or n == max(args.workers)]
+        runs += [("litdata", n) for n in args.workers if args.litdata]
         for path, n in runs:
             cache = work / f"cache-{mb}mb-{path}-{n}"
             shutil.rmtree(cache, ignore_errors=True)
@@ -216,9 +275,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         same_size = [x for x in rows if x["size_mb"] == r["size_mb"]]
         old = next((x for x in same_size if x["path"] == "old"), None)
-        one = next((x for x in same_size if x["path"] == "new" and x["workers"] == 1), None)
+        one = next((x for x in same_size if x["path"] == r["path"] and x["workers"] == 1), None)
         r["speedup_vs_old"] = old["seconds"] / r["seconds"] if old else None
-        r["speedup_vs_1_worker"] = one["seconds"] / r["seconds"] if one and r["path"] == "new" else None
+        r["speedup_vs_1_worker"] = one["seconds"] / r["seconds"] if one and r["path"] != "old" else None
         base = next(
             x for x in rows if x["size_mb"] == smallest and x["path"] == r["path"] and x["workers"] == r["workers"]
         )
@@ -354,13 +413,14 @@ def main() -> None:
     p.add_argument("--workers-max-mb", type=int, default=10**9, help="above this size, only the most workers")
     p.add_argument("--keep-cache", action="store_true", help="keep the cache of the largest run with most workers")
     p.add_argument("--skip-prep", action="store_true", help="only the training comparison")
+    p.add_argument("--litdata", action="store_true", help="also litdata.optimize (needs `pip install litdata`)")
     p.add_argument("--train-steps", type=int, default=20, help="steps per round of the training comparison (0: none)")
     p.add_argument("--train-shard-tokens", type=int, default=2**17)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--work-dir", type=Path, default=None, help="corpora and caches (default: a temporary directory)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--markdown", type=Path, default=None, help="write the results table as markdown")
-    p.add_argument("--child", choices=["old", "new"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["old", "new", "litdata"], help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--num-proc", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)

@@ -63,7 +63,7 @@ def start(args: list[str], cache_dir: Path) -> subprocess.Popen:
     return launch_train(args, cache_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
+def finish(proc: subprocess.Popen, timeout: float = 900) -> None:
     _, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
 
@@ -88,7 +88,7 @@ def test_sigkilled_run_resumes_exactly_where_it_stopped(tmp_path, small_corpus, 
     args = overrides(killed_dir, killed_log, small_corpus)
     args += ["+callbacks.slow._target_=tests.faults.SlowDown", "+callbacks.slow.seconds=0.2"]
     proc = start(args, cache_dir)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline and proc.poll() is None:
         if killed_log.is_file() and max(records(killed_log), default=0) >= epoch_batches + 5:
             break
