@@ -26,6 +26,7 @@ in --repeats rounds of --train-steps steps; the ratio is shards over .npy, the m
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -145,8 +146,13 @@ def _litdata_ranges(corpus_dir: Path, pieces: int) -> list[tuple[str, int, int]]
 _LITDATA_TOKENIZER: Any = None
 
 
-def _litdata_tokenize(item: tuple[str, int, int]) -> Iterator[Any]:
+def _litdata_tokenize(tokenizer_json: str, item: tuple[str, int, int]) -> Iterator[Any]:
+    import tokenizers
     import torch
+
+    global _LITDATA_TOKENIZER
+    if _LITDATA_TOKENIZER is None:  # litdata's workers are fresh processes: build the tokenizer once in each
+        _LITDATA_TOKENIZER = tokenizers.Tokenizer.from_str(tokenizer_json)
 
     path, start, end = item
     with open(path, "rb") as f:
@@ -162,10 +168,8 @@ def litdata_prepare(dm: Any, out_dir: Path, corpus_dir: Path, num_proc: int) -> 
     import litdata
     from litdata.streaming.item_loader import TokensLoader
 
-    global _LITDATA_TOKENIZER
-    _LITDATA_TOKENIZER = dm.tokenizer.backend
     litdata.optimize(
-        fn=_litdata_tokenize,
+        fn=functools.partial(_litdata_tokenize, dm.tokenizer.backend.to_str()),
         inputs=_litdata_ranges(corpus_dir, 8 * num_proc),
         output_dir=str(out_dir),
         chunk_bytes="64MB",
