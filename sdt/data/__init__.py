@@ -1,4 +1,5 @@
-"""Data pipeline: corpora, tokenizers and the LightningDataModule that packs token streams into training blocks."""
+"""Data pipeline: corpora, tokenizers, token shards of large corpora and the LightningDataModule that packs token
+streams into training blocks."""
 
 from sdt.data.config import DataConfig, TokenizerConfig
 from sdt.data.corpora import build_corpus
@@ -6,6 +7,7 @@ from sdt.data.corpus import Corpus
 from sdt.data.datamodule import LMDataModule, PackedDataset
 from sdt.data.hf_hub import HFHubCorpus
 from sdt.data.shakespeare import ShakespeareCorpus
+from sdt.data.shards import ShardedTokens
 from sdt.data.text_files import TextFilesCorpus
 from sdt.data.tokenizer import Tokenizer, get_tokenizer, train_bpe
 
@@ -16,6 +18,7 @@ __all__ = [
     "LMDataModule",
     "PackedDataset",
     "ShakespeareCorpus",
+    "ShardedTokens",
     "TextFilesCorpus",
     "Tokenizer",
     "TokenizerConfig",

@@ -98,8 +98,11 @@ class DataConfig:
     val_split: str | None = "validation"
     test_split: str | None = None
     streaming: bool = True
-    max_train_docs: int | None = 20000
+    max_train_docs: int | None = None  # None: the whole train split
     max_eval_docs: int = 500
+    # Sharded preparation (hf_hub): tokenizing worker processes (None: the cores available) and tokens per shard.
+    num_proc: int | None = None
+    shard_tokens: int = 2**25
 
     # Held-out shares for text_files, and for hf_hub when a val/test split is missing.
     val_fraction: float = 0.05
@@ -133,6 +136,8 @@ class DataConfig:
             raise UserError(f"{p}.streaming must be true or false, got {self.streaming!r}")
         check_int(f"{p}.max_train_docs", self.max_train_docs, minimum=1, allow_none=True)
         check_int(f"{p}.max_eval_docs", self.max_eval_docs, minimum=1)
+        check_int(f"{p}.num_proc", self.num_proc, minimum=1, allow_none=True)
+        check_int(f"{p}.shard_tokens", self.shard_tokens, minimum=1024)
 
         check_fraction(f"{p}.val_fraction", self.val_fraction)
         check_fraction(f"{p}.test_fraction", self.test_fraction)

@@ -4,6 +4,8 @@ each corpus: `sdt/data/corpora.py`)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from itertools import islice
 
 SPLITS = ("train", "val", "test")
 
@@ -17,6 +19,9 @@ class Corpus(ABC):
     """A named source of documents with a fixed train/val/test split."""
 
     name: str
+    # Large corpora (the hub, local files of any size) are streamed into token shards by parallel workers
+    # (`sdt/data/shards.py`); small ones are tokenized in one go into one .npy per split.
+    sharded: bool = False
 
     @abstractmethod
     def fingerprint(self) -> str:
@@ -25,6 +30,10 @@ class Corpus(ABC):
     @abstractmethod
     def documents(self, split: str) -> list[str]:
         """The documents of `split` (train | val | test), in a deterministic order."""
+
+    def iter_documents(self, split: str, skip: int = 0) -> Iterator[str]:
+        """The documents of `split` from its `skip`-th on; corpora too large for a list stream them."""
+        return islice(self.documents(split), skip, None)
 
 
 class LoadedCorpus(Corpus):

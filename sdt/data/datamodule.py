@@ -1,8 +1,10 @@
 """LightningDataModule: corpus -> tokenizer -> one cached token stream per split -> packed (input, target) blocks.
 
 Each split's documents are encoded and concatenated with an end-of-text token after every document, giving one
-1-D stream. The streams are cached as .npy files keyed by the corpus fingerprint and the tokenizer, so a second run
-(or every DDP rank after rank 0) only memory-maps them.
+1-D stream, cached keyed by the corpus fingerprint and the tokenizer so that a second run (or every DDP rank after
+rank 0) only memory-maps it. Small corpora (Shakespeare, text_files) are tokenized in one go into one .npy per
+split; large ones (hf_hub: the hub, local files of any size) are streamed through parallel workers into
+fixed-size token shards (`sdt/data/shards.py`), resumable and read back through one memory map per shard.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from sdt.data.cache import (
 from sdt.data.config import DataConfig
 from sdt.data.corpora import build_corpus
 from sdt.data.corpus import SPLITS, Corpus
+from sdt.data.shards import MANIFEST, ShardedTokens, available_cores, build_shards, entry_problem
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
 from sdt.errors import UserError
 
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 # Python lists of ids for one chunk stay modest.
 _ENCODE_CHUNK_DOCS = 256
 _STREAM_FORMAT_VERSION = 1
+TokenStream = np.ndarray | ShardedTokens  # one .npy, or the shards of a large corpus
 
 
 class PackedDataset(Dataset):
@@ -54,7 +58,7 @@ class PackedDataset(Dataset):
     input_ids[t], and the model's loss must compare logits[:, t] with targets[:, t] without shifting again.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train") -> None:
+    def __init__(self, tokens: TokenStream, seq_len: int, split: str = "train") -> None:
         if len(tokens) < seq_len + 1:
             raise UserError(
                 f"the {split} split has only {len(tokens)} tokens; data.seq_len={seq_len} needs at least "
@@ -170,7 +174,7 @@ class LMDataModule(ResumableDataModule):
         # the working directory of the caller.
         self.corpus: Corpus = build_corpus(cfg)
         self._tokens_dir: Path | None = None
-        self._streams: dict[str, np.ndarray] | None = None
+        self._streams: dict[str, TokenStream] | None = None
         self._meta: dict[str, Any] | None = None
         self._datasets: dict[str, PackedDataset] = {}
         self._verified: Path | None = None  # the token cache entry this module has checked (or built)
@@ -198,14 +202,14 @@ class LMDataModule(ResumableDataModule):
     def tokens_dir(self) -> Path:
         """Cache directory of the token streams for this corpus and tokenizer."""
         if self._tokens_dir is None:
-            key = cache_key(
-                {
-                    "corpus": self.corpus.fingerprint(),
-                    "tokenizer": cache_key(self.tokenizer.to_json(), 64),
-                    "version": _STREAM_FORMAT_VERSION,
-                }
-            )
-            self._tokens_dir = self.cache_dir / "tokens" / key
+            entry: dict[str, Any] = {
+                "corpus": self.corpus.fingerprint(),
+                "tokenizer": cache_key(self.tokenizer.to_json(), 64),
+                "version": _STREAM_FORMAT_VERSION,
+            }
+            if self.corpus.sharded:
+                entry["shard_tokens"] = self.cfg.shard_tokens  # the number of workers changes no byte: not a key
+            self._tokens_dir = self.cache_dir / ("shards" if self.corpus.sharded else "tokens") / cache_key(entry)
         return self._tokens_dir
 
     def prepare_data(self) -> None:
@@ -218,6 +222,9 @@ class LMDataModule(ResumableDataModule):
 
     def _build_streams(self, out_dir: Path) -> None:
         """Make `out_dir` hold intact token streams: checked against meta.json, (re)built under the lock if not."""
+        if self.corpus.sharded:
+            self._build_shards(out_dir)
+            return
         if self._verified == out_dir or streams_problem(out_dir) is None:
             self._verified = out_dir
             return
@@ -228,6 +235,30 @@ class LMDataModule(ResumableDataModule):
                     log.warning("token cache %s is damaged (%s): rebuilding it", out_dir, problem)
                 (out_dir / "meta.json").unlink(missing_ok=True)  # incomplete until the new meta.json is written
                 self._write_streams(out_dir)
+        self._verified = out_dir
+
+    def _build_shards(self, out_dir: Path) -> None:
+        """Make `out_dir` hold a complete entry of intact shards: resumed, healed or prepared under the lock."""
+        if self._verified == out_dir or entry_problem(out_dir) is None:
+            self._verified = out_dir
+            return
+        with cache_lock(out_dir):
+            problem = entry_problem(out_dir)  # another process may have prepared it while we waited
+            if problem is not None:
+                tok = self.tokenizer
+                corpus = self.corpus
+                num_proc = self.cfg.num_proc or available_cores()
+                log.info("preparing token shards in %s with %d worker process(es)", out_dir, num_proc)
+                build_shards(
+                    out_dir,
+                    sources={s: (lambda skip, s=s: corpus.iter_documents(s, skip)) for s in SPLITS},
+                    tokenizer_json=tok.backend.to_str(),
+                    eos_id=tok.eos_id,
+                    vocab_size=tok.vocab_size,
+                    shard_tokens=self.cfg.shard_tokens,
+                    num_proc=num_proc,
+                    total_bytes={s: getattr(corpus, "size_hint", lambda _s: None)(s) for s in SPLITS},
+                )
         self._verified = out_dir
 
     def _write_streams(self, out_dir: Path) -> None:
@@ -264,11 +295,27 @@ class LMDataModule(ResumableDataModule):
         if self._streams is None:
             out_dir = self.tokens_dir
             self._build_streams(out_dir)  # no-op when prepare_data already ran
-            self._meta = read_record(out_dir / "meta.json")
-            self._streams = {s: np.load(out_dir / f"{s}.npy", mmap_mode="r", allow_pickle=False) for s in SPLITS}
+            if self.corpus.sharded:
+                manifest = read_record(out_dir / MANIFEST)
+                assert manifest is not None  # _build_streams checked it
+                self._meta = manifest
+                self._streams = {s: ShardedTokens.open(out_dir, manifest, s) for s in SPLITS}
+            else:
+                self._meta = read_record(out_dir / "meta.json")
+                self._streams = {s: np.load(out_dir / f"{s}.npy", mmap_mode="r", allow_pickle=False) for s in SPLITS}
+            self._log_usage()
         # Fail now, with a clear message, if a split the stage needs is too short for seq_len.
         for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ()):
             self._dataset(split)
+
+    def _log_usage(self) -> None:
+        """Say how much of the corpus this run uses: documents and tokens per split, and any cap on them."""
+        assert self._meta is not None
+        splits = self._meta["splits"]
+        parts = [f"{s} {splits[s].get('num_docs', 0):,} docs / {splits[s]['num_tokens']:,} tokens" for s in SPLITS]
+        cap = getattr(self.corpus, "max_train_docs", None)
+        note = f" (train capped at data.max_train_docs={cap})" if cap is not None else ""
+        log.info("corpus %s: %s%s", self.corpus.name, "; ".join(parts), note)
 
     def _dataset(self, split: str) -> PackedDataset:
         if split not in self._datasets:
@@ -284,7 +331,7 @@ class LMDataModule(ResumableDataModule):
                 self._datasets[split] = PackedDataset(self._streams[split], self.cfg.seq_len, split)
         return self._datasets[split]
 
-    def _split_calibration(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _split_calibration(self, tokens: TokenStream) -> tuple[TokenStream, TokenStream | None]:
         """The train stream minus its last `calibration_blocks` blocks (at most 10%), and those blocks."""
         T = self.cfg.seq_len
         n_blocks = max(0, (len(tokens) - 1) // T)
@@ -292,6 +339,8 @@ class LMDataModule(ResumableDataModule):
         if n_cal == 0:
             return tokens, None
         cut = (n_blocks - n_cal) * T
+        if isinstance(tokens, ShardedTokens):  # views, not copies of the whole split
+            return tokens.slice_view(0, cut + 1), tokens.slice_view(cut)
         return tokens[: cut + 1], tokens[cut:]
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -359,7 +408,7 @@ class LMDataModule(ResumableDataModule):
             stats[split] = {"num_tokens": s["num_tokens"], "num_bytes": s["num_bytes"], "bytes_per_token": bpt}
         return stats
 
-    def token_stream(self, split: str) -> np.ndarray:
+    def token_stream(self, split: str) -> TokenStream:
         """The whole tokenised split as one 1-D stream (documents separated by EOS), memory-mapped."""
         if self._streams is None:
             self.setup()

@@ -181,7 +181,8 @@ def get_tokenizer(cfg: TokenizerConfig, corpus: Corpus, cache_dir: str | os.Path
         if problem is not None:
             log.warning("cached tokenizer %s is damaged (%s): training it again", path, problem)
         t0 = time.perf_counter()
-        texts = _capped(corpus.documents("train"), cfg.max_train_chars)
+        # Streamed: with max_train_chars set, only that much of a large corpus is read.
+        texts = _capped(corpus.iter_documents("train"), cfg.max_train_chars)
         tok = train_bpe(texts, cfg.vocab_size, cfg.min_frequency)
         path.with_name(_META_NAME).unlink(missing_ok=True)  # the record goes last: the entry is complete with it
         atomic_write_text(path, tok.backend.to_str())

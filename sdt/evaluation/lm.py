@@ -16,7 +16,7 @@ from torch import Tensor
 
 from sdt.capacity_sweep import capacity_sweep, mean_executed_fraction
 from sdt.compute import compute_report
-from sdt.data import DataConfig, LMDataModule
+from sdt.data import DataConfig, LMDataModule, ShardedTokens
 from sdt.errors import UserError
 from sdt.evaluation.generation import generate_samples, generation_stats
 from sdt.evaluation.loading import data_config_for_eval, load_model_and_tokenizer, pick_device, training_metrics_csv
@@ -93,7 +93,10 @@ def run_capacity_sweep(
 
 def unigram_perplexity(datamodule: LMDataModule, split: str, vocab_size: int) -> float:
     """Perplexity on `split` of a unigram model fit on the train split (add-one smoothed): the floor to beat."""
-    counts = np.bincount(np.asarray(datamodule.token_stream("train")), minlength=vocab_size).astype(np.float64) + 1.0
+    train = datamodule.token_stream("train")
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for part in train.chunks() if isinstance(train, ShardedTokens) else [train]:  # shards: one at a time
+        counts += np.bincount(np.asarray(part), minlength=vocab_size)
     log_p = np.log(counts / counts.sum())
     tokens = np.asarray(datamodule.token_stream(split))[1:]  # the targets
     return float(np.exp(-log_p[tokens].mean()))

@@ -64,3 +64,21 @@ def test_missing_column_and_split(tmp_path):
         HFHubCorpus(str(data)).documents("train")
     with pytest.raises(UserError, match="no split 'training'"):
         HFHubCorpus(str(data), train_split="training", text_column="story").documents("train")
+
+
+def test_a_glob_of_local_shards_is_one_train_split_read_in_file_order(tmp_path):
+    write_jsonl(tmp_path / "part-1.jsonl", DOCS[50:])
+    write_jsonl(tmp_path / "part-0.jsonl", DOCS[:50])
+    (tmp_path / "notes.md").write_text("not matched by the glob")
+    corpus = HFHubCorpus(str(tmp_path / "part-*.jsonl"), val_split=None, max_eval_docs=2)
+    assert corpus.max_train_docs is None  # hub corpora are used whole unless capped
+    assert corpus.documents("val") == DOCS[:2] and corpus.documents("test") == DOCS[2:4]
+    assert corpus.documents("train") == DOCS[4:]
+    assert list(corpus.iter_documents("train", skip=90)) == DOCS[94:]  # where a resumed preparation starts
+    assert DataConfig(corpus="hf_hub", name="x").max_train_docs is None
+
+    write_parquet(tmp_path / "part-2.parquet", DOCS[:3])
+    with pytest.raises(UserError, match=r"data.name: the glob .* must match files of one type"):
+        HFHubCorpus(str(tmp_path / "part-*"))
+    with pytest.raises(UserError, match="matches no file"):
+        HFHubCorpus(str(tmp_path / "nothing-*.jsonl"))
