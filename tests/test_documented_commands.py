@@ -176,10 +176,15 @@ SKIPS = [
     Skip(r"^wandb sync\b", "network: uploads offline runs to a W&B server"),
     Skip(r"^mkdir\b", "a shell step that prepares a directory for the command after it"),
     Skip(r"init_from=Qwen/", "network: downloads the model from the Hugging Face Hub"),
+    Skip(
+        r"data=hf_hub .*data\.name=[A-Za-z][\w.-]*/[\w.-]+(\s|$)",
+        "network: streams the dataset from the Hugging Face Hub (python -m sdt.data.prepare on local files runs in "
+        "tests/data/test_shards.py)",
+    ),
     Skip(r"data=reasoning_hub(?!.*data\.name=)", "network: reads OpenR1-Math from the Hugging Face Hub"),
     Skip(r"^lm_eval --model sdt$", "documented as what does not work with lm-eval 0.4.13 (no model plugins)"),
     Skip(
-        r"^(python -m sdt\.\w+|python -m sdt\.harness|sdt-lm-eval)$",
+        r"^(python -m sdt\.[\w.]+|sdt-lm-eval)$",
         "names the tool in a sentence; its full commands are in the blocks",
     ),
     Skip(
