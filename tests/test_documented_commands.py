@@ -252,6 +252,7 @@ PLACEHOLDERS: list[tuple[str, str]] = [
     (r"<run>/cola_router\.pt", "doc_cola_router"),
     (r"data\.tokenizer\.path=<dir>", "doc_tokenizer_override"),
     (r"(?<=pretrained=)<[^>]+>|<[^>]*export[^>]*>", "doc_hf_dir"),  # lm_eval --model hf on an export
+    (r"<eval dir>/eval\.json", "doc_eval_json"),
     (r"<dir>", "doc_out_dir"),
     (r"path/to/model(?:\.Q4_1)?\.gguf", "doc_gguf"),
     (r"path/to/hf_model_dir|<HF dir \| \.gguf(?: \| hub id)?>", "doc_hf_dir"),
@@ -650,6 +651,16 @@ def _run_python(args: list[str], cwd: Path, cache_dir: Path, env: dict[str, str]
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=1800, check=False
     )
+
+
+@pytest.fixture(scope="session")
+def doc_eval_json(tmp_path_factory, doc_ckpt, cache_dir) -> str:
+    """The eval.json that `python evaluate.py` writes for the tiny checkpoint (what an export's model card quotes)."""
+    out = tmp_path_factory.mktemp("doc-eval")
+    args = [str(ROOT / "evaluate.py"), f"ckpt_path={doc_ckpt}", *TINY_EVAL, f"hydra.run.dir={out / 'eval'}"]
+    proc = _run_python(args, out, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return str(out / "eval" / "eval.json")
 
 
 @pytest.fixture(scope="session")
