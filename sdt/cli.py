@@ -100,6 +100,12 @@ def _hydra_error_line(e: BaseException) -> str:
     found = re.match(r"Could not override '(.+)'\.", lines[0]) if lines else None
     if found and "not in struct" in str(e.__cause__ or e):
         key = found.group(1)
+        inner = re.search(r"full_key: (\S+)", str(e.__cause__ or ""))
+        if inner and inner.group(1).startswith(key + "."):  # a dict value that adds keys to an existing dict
+            return (
+                f"{key}: the dict adds {inner.group(1)}, which the config does not have; to add keys inside "
+                f"{key}, write ++{key}={{...}} (or +{inner.group(1)}=...)"
+            )
         return f"{key} is not a key of the config (a typo? to add a new key, use +{key}=...)"
     cause = e.__cause__
     if isinstance(cause, OmegaConfBaseException):

@@ -41,6 +41,7 @@ TRAIN_BAD_VALUES = [
     ("trainer.deterministic=maybe", "trainer.deterministic"),
     ("trainer.enable_progress_bar=sometimes", "trainer.enable_progress_bar"),
     ("trainer.foo=1", "trainer.foo"),  # Hydra: not a key of the config
+    ("optim.group_lr={prior: 1e-3}", "++optim.group_lr="),  # a dict adding keys to an empty one: how to add them
     ("+trainer.foo=1", "trainer.foo"),  # Lightning: not an argument of the Trainer
     ("seed=abc", "seed"),
     ("seed=-1", "seed"),
