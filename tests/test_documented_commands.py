@@ -196,7 +196,7 @@ SKIPS = [
     Skip(r"data=reasoning_hub(?!.*data\.name=)", "network: reads OpenR1-Math from the Hugging Face Hub"),
     Skip(r"^lm_eval --model sdt$", "documented as what does not work with lm-eval 0.4.13 (no model plugins)"),
     Skip(
-        r"^(python -m sdt\.[\w.]+|sdt-lm-eval)$",
+        r"^(python -m sdt\.[\w.]+|sdt-lm-eval|python \S+\.py \.\.\.)$",
         "names the tool in a sentence; its full commands are in the blocks",
     ),
     Skip(
@@ -398,8 +398,8 @@ def _train_tiny(program: list[str], args: list[str], fixture: Fixture) -> list[s
     extra += TINY_TRAINER
     if "ckpt_path" in given:  # a resumed run needs steps beyond the checkpoint's
         extra += ["trainer.max_steps=8"]
-    if "--cfg" not in args:
-        extra += ["logger=csv"]
+    if "--cfg" not in args and not any(k.startswith("logger.wandb.") for k in given):
+        extra += ["logger=csv"]  # a command that sets W&B keys keeps the default logger (offline W&B plus CSV)
     return extra
 
 
