@@ -23,7 +23,7 @@ or the shallowest deeper one with a narrower MLP when no depth matches) trained 
 point's inference FLOPs (the depth closest to them), its layers chosen as ShortGPT does (`sdt.models.pruning`: the
 layers whose output is least like their input kept, measured on `--pruning-blocks` training blocks) and fine-tuned
 with the conversion's budget (`experiment=smollm2_dense model.init_layers=[...]`), named
-`dense-pruned-<arch>@<capacity>`.
+`dense-pruned-<arch>@<capacity>`. Points whose baselines are the same model (the same overrides) share one run.
 
 Each run is `python train.py` in its own directory under `--out/runs/` (a run whose `quality.json` exists is
 reused, so an interrupted benchmark continues where it stopped). Its last checkpoint is evaluated here on the
@@ -323,8 +323,15 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
     for seed in seeds:
         dense_steps = None
+        baselines: dict[tuple[str, ...], dict[str, Any]] = {}  # a baseline shared by several points trains once
         for point in points:
-            row = train_row(args.setting, point, args.override, args.out, args.max_batches, dense_steps, seed)
+            shared = baselines.get(tuple(point[3])) if point[3] else None
+            if shared is not None:
+                row = {**shared, "name": point[0]}
+            else:
+                row = train_row(args.setting, point, args.override, args.out, args.max_batches, dense_steps, seed)
+                if point[3]:
+                    baselines[tuple(point[3])] = row
             if point[0] == "dense":
                 dense_steps = row["steps"]
             print(json.dumps(row), flush=True)
