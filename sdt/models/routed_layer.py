@@ -14,7 +14,8 @@ A routed layer runs its routed block on a share of the tokens (the capacity) and
 4. `execute_tokens`: the routed block on those tokens, the gate applied; the skip map's estimate for the others.
 5. Losses and statistics: the executed share, the architecture's own (`own_losses_and_stats` hook), and for each
    router that learns Top-K (`topk_learners`) its threshold, and against the Top-K mask its BCE and accuracy.
-   A decoding step without diagnostics stops before this, and so does Top-K (it needs the whole sequence).
+   A decoding step without diagnostics skips this step; Top-K is never computed while decoding (it ranks the
+   whole sequence).
 """
 
 from __future__ import annotations

@@ -95,3 +95,43 @@ def test_the_documented_new_architecture_trains_calibrates_and_decodes_like_its_
         assert generated.shape == (4, 14)
         with pytest.raises(ValueError, match="not available for this layer"):
             model(ids, routing="student")  # the layer offers no student
+
+
+# What each architecture's routing modes threshold (the mapping the three layers wrote inline before the skeleton).
+MODE_SCORES = {
+    "sdt": {"topk": "gate", "threshold": "gate", "student": "student", "budget": "gate"},
+    "stt": {"topk": "gate", "threshold": "gate", "student": "student", "budget": "student"},
+    "mod": {"topk": "router", "threshold": "router", "student": "student", "budget": "student"},
+}
+
+
+@pytest.mark.parametrize("arch", ["sdt", "stt", "mod"])
+def test_every_mode_executes_what_its_score_chooses(arch):
+    """Top-K of the ranked score; a causal mode: its score against its owner's threshold (budget: the running
+    budget over that score), the leading position always in, padding never."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, n_layers=4, always_execute_first=1, **TINY)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 61, (3, 20), generator=g)
+    pad = torch.ones(3, 20, dtype=torch.bool)
+    pad[1, :6] = False
+    positions = (pad.long().cumsum(1) - 1).clamp(min=0)
+    calibrate_thresholds(model, [torch.randint(0, 61, (4, 20), generator=g)])
+    with torch.no_grad():
+        for mode, name in MODE_SCORES[arch].items():
+            out = model(ids, pad_mask=pad, routing=mode)
+            for i, layer in model.routed_layers():
+                score, owner = out.scores[i][name], layer.score_owners()[name]
+                if mode == "topk":
+                    _, want = selection.topk_membership(score, cfg.capacity, positions, 1)
+                elif mode == "budget":
+                    want, _ = selection.budget_decisions(
+                        score, capacity=cfg.capacity, threshold=owner.threshold, grid=owner.quantiles,
+                        pad_mask_BT=pad, forced_BT=positions < 1,
+                    )  # fmt: skip
+                else:
+                    want = (score >= owner.threshold) | (positions < 1)
+                want = want & pad  # padding never executes, whatever Top-K chose
+                assert 0 < want.sum() < pad.sum(), (mode, i)  # some tokens execute, not all
+                assert torch.equal(out.decisions[i], want), (arch, mode, i)
