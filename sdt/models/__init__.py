@@ -2,10 +2,12 @@
 
 from sdt.blocks.kv_cache import KVCache, ModelCache
 from sdt.models.config import ARCHS, ModelConfig, layer_kinds
+from sdt.models.layer_io import ForwardContext, LayerOutput
 from sdt.models.mod import MoDLayer
+from sdt.models.routed_layer import Route, RoutedLayer
 from sdt.models.sdt import SDTPair
 from sdt.models.stt import STTLayer
-from sdt.models.transformer import DenseLayer, ForwardContext, LanguageModel, LayerOutput, ModelOutput, RoutedLayer
+from sdt.models.transformer import DenseLayer, LanguageModel, ModelOutput
 
 
 def layer_classes() -> tuple[type, ...]:
@@ -44,6 +46,7 @@ __all__ = [
     "ModelCache",
     "ModelConfig",
     "ModelOutput",
+    "Route",
     "RoutedLayer",
     "SDTPair",
     "STTLayer",

@@ -8,6 +8,7 @@ other tokens pass through unchanged. A causal student router learns the Top-K ma
 
 Inference (student): the student alone decides per token whether the layer runs: no teacher pass, and skipped
 tokens neither run the block nor write K/V, so the KV cache of a routed layer holds only executed tokens.
+The routed forward itself is `RoutedLayer`'s; this file gives it the student and the teacher pass.
 
 Choices we made (docs/algorithms.md, section 8): the TPN's input for token t is the previous token's *dense-pass*
 output of this layer (what the layer would produce with full compute), detached; STT needs `ste` gates, because
@@ -16,26 +17,19 @@ its inference path has no teacher pass from which a soft gate value could be com
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from sdt.blocks.layers import Block, RMSNorm
 from sdt.errors import UserError
 from sdt.models.config import ModelConfig
-from sdt.models.transformer import ForwardContext, LayerOutput, RoutedLayer
-from sdt.routing import (
-    CausalRouter,
-    PriorFFN,
-    SurpriseGate,
-    all_tokens,
-    budget_decide,
-    classification_stats,
-    execute_tokens,
-    router_bce,
-    select_tokens,
-    topk_membership,
-)
-from sdt.routing.stats import masked_mean, surprise_stats
+from sdt.models.layer_io import ForwardContext
+from sdt.models.routed_layer import Route, RoutedLayer
+from sdt.routing import CausalRouter, PriorFFN, SurpriseGate
+from sdt.routing.stats import surprise_losses_and_stats
 
 
 def shift_right(x_BTD: Tensor, first: Tensor | None = None) -> Tensor:
@@ -46,6 +40,10 @@ def shift_right(x_BTD: Tensor, first: Tensor | None = None) -> Tensor:
 
 class STTLayer(RoutedLayer):
     """A routed STT layer. Cache sub-slot 0 holds the block's K/V for executed tokens only."""
+
+    ranked_score = "gate"
+    causal_scores: ClassVar[Mapping[str, str]] = {"threshold": "gate", "student": "student", "budget": "student"}
+    topk_learners: ClassVar[Mapping[str, str]] = {"student": "router"}
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
@@ -77,19 +75,16 @@ class STTLayer(RoutedLayer):
             ctx.cache.state[key] = x_in[:, -1:].detach()
         return self.student(torch.cat([x, prev], dim=-1))
 
-    def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
-        if ctx.routing == "full":  # the block on every token, no gate: the layer's dense function
-            out = self.block(x, ctx.positions, ctx.rope, cache=ctx.kv(0), pad_mask=ctx.pad_mask)
-            return LayerOutput(hidden=out, decisions=all_tokens(x, ctx.pad_mask))
+    def route(self, x: Tensor, h: Tensor, ctx: ForwardContext) -> Route:
         student_logits = self._student_logits(x, ctx)
-        student_prob = torch.sigmoid(student_logits)
+        student = {"student": torch.sigmoid(student_logits)}
         if ctx.routing in ("student", "budget"):
-            return self._student_forward(x, ctx, student_prob)
+            # Inference: the student alone decides, no teacher pass; skipped tokens neither run nor write K/V.
+            return Route(scores=student, logits={"student": student_logits})
         if ctx.cache is not None:
             raise UserError(
                 "STT decodes with routing=student or budget: the teacher needs a dense pass over the whole sequence"
             )
-
         # Teacher: dense pass for the surprise signals. Only read detached, so no graph: no activations kept for a
         # backward that never reaches it (and its FLOPs count once in training, see sdt.compute).
         with torch.no_grad():
@@ -97,65 +92,17 @@ class STTLayer(RoutedLayer):
         delta = dense_out - x.detach()
         delta_hat, logvar = self.transition(shift_right(dense_out))  # token t sees only tokens < t
         sig, _ = self.surprise(delta, delta_hat, logvar, valid_BT=ctx.pad_mask)
-        topk_idx, topk_mask = topk_membership(sig.g.detach(), self.capacity, ctx.positions, self.always_first)
-        if ctx.routing == "topk":
-            idx, valid = topk_idx, None
-        else:
-            # full_context=True keeps one slot: the teacher's threshold mode only runs in full forwards
-            idx, valid = select_tokens(
-                ctx.routing,
-                capacity=self.capacity,
-                positions_BT=ctx.positions,
-                causal_decide={"threshold": sig.g >= self.surprise.threshold},
-                pad_mask_BT=ctx.pad_mask,
-                always_first=self.always_first,
-                full_context=True,
-            )
-        out, executed = execute_tokens(
-            self.block, x, ctx.positions, ctx.rope, idx, valid, sig.g, self.gate_mode,
-            pad_mask_BT=ctx.pad_mask, full_context=self.full_context,
-            skip_map=self.skip_map,
-        )  # fmt: skip
-        aux = {
-            "prior": masked_mean(sig.d_ch, ctx.pad_mask),
-            "router": router_bce(student_logits, topk_mask, ctx.pad_mask),
-        }
-        stats = {"executed_fraction": masked_mean(executed, ctx.pad_mask)}
-        stats.update(surprise_stats(sig, executed, ctx.pad_mask))
-        stats.update(self.surprise.scalar_stats())
-        stats["student_threshold"] = self.student.threshold
-        student_pred = student_prob >= self.student.threshold
-        stats.update({f"student_{k}": v for k, v in classification_stats(student_pred, topk_mask).items()})
-        scores = {"gate": sig.g.detach(), "student": student_prob.detach()}
-        return LayerOutput(hidden=out, aux_losses=aux, stats=stats, decisions=executed, scores=scores)
-
-    def _student_forward(self, x: Tensor, ctx: ForwardContext, student_prob: Tensor) -> LayerOutput:
-        """Inference: run the block only where the student says so (against its calibrated threshold, or one that
-        holds each sequence's budget); no teacher pass, no K/V for skipped tokens."""
-        if ctx.routing == "budget":
-            decide = budget_decide(
-                student_prob, self.student, capacity=self.capacity, positions_BT=ctx.positions,
-                pad_mask_BT=ctx.pad_mask, always_first=self.always_first, cache_state=ctx.cache_state,
-                key=(ctx.cache_key, "budget"),
-            )  # fmt: skip
-        else:
-            decide = student_prob >= self.student.threshold
-        idx, valid = select_tokens(
-            ctx.routing,
-            capacity=self.capacity,
-            positions_BT=ctx.positions,
-            causal_decide={ctx.routing: decide},
-            pad_mask_BT=ctx.pad_mask,
-            always_first=self.always_first,
-            full_context=self.full_context,
+        return Route(
+            scores={"gate": sig.g, **student},
+            logits={"student": student_logits},
+            gate=sig.g,
+            gate_mode=self.gate_mode,
+            signals=sig,
         )
-        out, executed = execute_tokens(
-            self.block, x, ctx.positions, ctx.rope, idx, valid, None, self.gate_mode,
-            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(0, self.kv_share), full_context=self.full_context,
-            skip_map=self.skip_map,
-        )  # fmt: skip
-        scores = {"student": student_prob.detach()}
-        if ctx.cache is not None and not ctx.diagnostics:  # a decoding step: no statistics to log
-            return LayerOutput(hidden=out, decisions=executed, scores=scores)
-        stats = {"executed_fraction": masked_mean(executed, ctx.pad_mask), "student_threshold": self.student.threshold}
-        return LayerOutput(hidden=out, stats=stats, decisions=executed, scores=scores)
+
+    def own_losses_and_stats(
+        self, route: Route, executed: Tensor, ctx: ForwardContext
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if route.signals is None:  # the student path: no teacher, no surprise signals
+            return {}, {}
+        return surprise_losses_and_stats(self.surprise, route.signals, executed, ctx.pad_mask)

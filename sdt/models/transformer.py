@@ -1,64 +1,30 @@
-"""The decoder-only language model and the layer interface every architecture plugs into.
+"""The decoder-only language model: an embedding, a stack of layers, a norm and the LM head.
 
-The model is a stack of *layers*. A layer is any module with `forward(x, ctx) -> LayerOutput`: a plain block
-(`DenseLayer`), or a routed unit (an SDT decision/dynamic pair, an STT layer, a MoD layer). Layers return their
-hidden states together with auxiliary losses and routing statistics, so the model, not the training loop, decides
-how they are combined, and the training loop logs each one separately.
+The model is a stack of *layers*. A layer is any module with `forward(x, ctx) -> LayerOutput` (sdt.models.layer_io):
+a plain block (`DenseLayer`), or a routed unit (`RoutedLayer`, sdt.models.routed_layer: an SDT decision/dynamic
+pair, an STT layer, a MoD layer). Layers return their hidden states together with auxiliary losses and routing
+statistics, so the model, not the training loop, decides how they are combined, and the training loop logs each one
+separately.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdt.blocks.kv_cache import KVCache, ModelCache
+from sdt.blocks.kv_cache import ModelCache
 from sdt.blocks.layers import Block, RMSNorm, RotaryEmbedding
 from sdt.errors import UserError
 from sdt.models.config import ModelConfig
-from sdt.routing.priors import PriorFFN
+from sdt.models.layer_io import ForwardContext, LayerOutput
+from sdt.models.routed_layer import RoutedLayer
 from sdt.routing.quantiles import is_calibrated, threshold_at
-from sdt.routing.skip_maps import SkipMap
 from sdt.routing.stats import position_consensus
-from sdt.routing.surprise import SurpriseGate
-
-
-@dataclass
-class ForwardContext:
-    """What every layer needs besides its input: positions, padding, cache and the routing mode."""
-
-    positions: Tensor  # (B, T) absolute positions of the input tokens
-    rope: RotaryEmbedding
-    pad_mask: Tensor | None = None  # (B, T) True for real tokens; None means no padding
-    cache: ModelCache | None = None
-    cache_key: Hashable = 0  # which cache slots this layer call uses (a layer visited twice gets two)
-    routing: str = "topk"  # how routed layers choose tokens; dense layers ignore it
-    # Causal modes also compute the Top-K oracle to score themselves against it (student accuracy etc.); turned
-    # off where only the output matters (calibration, generation, benchmarks).
-    diagnostics: bool = True
-
-    @property
-    def cache_state(self) -> dict[Hashable, object] | None:
-        """Per-layer decoding state that is not K/V (surprise history, budget counts), or None when not decoding."""
-        return None if self.cache is None else self.cache.state
-
-    def kv(self, sub: int = 0, share: float = 1.0) -> KVCache | None:
-        """The KV cache of the `sub`-th block of the current layer, or None when not decoding; `share`: the fraction
-        of tokens the block stores (a routed block's capacity), which sizes its buffers."""
-        return None if self.cache is None else self.cache.get((self.cache_key, sub), share)
-
-
-@dataclass
-class LayerOutput:
-    hidden: Tensor  # (B, T, D)
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted, keyed by loss name
-    stats: dict[str, Tensor] = field(default_factory=dict)  # detached scalars for logging
-    decisions: Tensor | None = None  # (B, T) bool: tokens that ran the routed block (routed layers only)
-    scores: dict[str, Tensor] = field(default_factory=dict)  # (B, T) per-token routing scores, e.g. gate, student
 
 
 @dataclass
@@ -83,57 +49,6 @@ class DenseLayer(nn.Module):
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
         return LayerOutput(self.block(x, ctx.positions, ctx.rope, cache=ctx.kv(), pad_mask=ctx.pad_mask))
-
-
-class RoutedLayer(nn.Module):
-    """What every routed layer (SDTPair, STTLayer, MoDLayer) is to the model around it: a capacity in force, the
-    leading positions it always executes, a KV share, and named routing scores, each owned by a module that holds
-    the score's calibrated `threshold` and its `quantiles` grid (the run-time capacity dial)."""
-
-    n_blocks = 1  # backbone layers this unit spans (an SDT pair: 2)
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.capacity = cfg.capacity  # the one in force: capacity schedules and the run-time dial move it
-        self.always_first = cfg.always_execute_first
-        self.full_context = cfg.routed_attention == "full"
-        # What the tokens that skip the routed block get: None (nothing) or a linear estimate of its update.
-        self.skip_map = SkipMap(cfg.d_model, cfg.skip_map_rank, cfg.rms_norm_eps) if cfg.skip_map == "linear" else None
-
-    @property
-    def routed_block(self) -> Block:
-        """The block this layer runs on the selected tokens only (the one its skip map stands in for)."""
-        return self.block
-
-    @property
-    def kv_share(self) -> float:
-        """Share of tokens the routed block writes to its KV cache (every token with full-context attention)."""
-        return 1.0 if self.full_context else self.capacity
-
-    def score_owners(self) -> dict[str, nn.Module]:
-        """Score name (as in LayerOutput.scores) -> the module holding its threshold and quantile grid."""
-        raise NotImplementedError
-
-    def reset_routing_parameters(self) -> None:
-        """Re-apply the own initialisation of the layer's priors / transition networks and skip map after the
-        model's generic one: they start at zero, so a converted model starts as the pretrained one."""
-        for module in self.modules():
-            if isinstance(module, (PriorFFN, SkipMap)):
-                module.reset_routing_parameters()
-
-    def set_progress(self, progress: float) -> None:
-        """Share of training done, in [0, 1], for the layer's surprise gates (scheduled betas)."""
-        for module in self.modules():
-            if isinstance(module, SurpriseGate):
-                module.set_progress(progress)
-
-    def thresholds(self) -> dict[str, Tensor]:
-        """Calibrated thresholds by score name."""
-        return {name: owner.threshold for name, owner in self.score_owners().items()}
-
-    def score_quantiles(self) -> dict[str, Tensor]:
-        """Calibrated quantile grids by score name (sdt.routing.quantiles)."""
-        return {name: owner.quantiles for name, owner in self.score_owners().items()}
 
 
 MAX_PATH_FACTOR = 4  # a layer path may be at most this many times the stack's depth

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sdt.routing.surprise import SurpriseSignals
+from sdt.routing.surprise import SurpriseGate, SurpriseSignals
 
 
 def masked_mean(x_BT: Tensor, valid_BT: Tensor | None) -> Tensor:
@@ -28,6 +28,16 @@ def surprise_stats(sig: SurpriseSignals, executed_BT: Tensor, valid_BT: Tensor |
     }
     stats["ce_dominant_fraction"] = masked_mean((sig.s_ce > sig.s_cu).detach(), executed_BT)
     return stats
+
+
+def surprise_losses_and_stats(
+    gate: SurpriseGate, sig: SurpriseSignals, executed_BT: Tensor, valid_BT: Tensor | None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A surprise-gated layer's own loss and statistics (SDT, STT): the prior's (transition network's) change
+    surprise as the "prior" loss, the signal means (`surprise_stats`) and the gate's scalars."""
+    stats = surprise_stats(sig, executed_BT, valid_BT)
+    stats.update(gate.scalar_stats())
+    return {"prior": masked_mean(sig.d_ch, valid_BT)}, stats
 
 
 def position_consensus(executed_BT: Tensor, valid_BT: Tensor | None) -> Tensor:
