@@ -6,24 +6,44 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+if TYPE_CHECKING:
+    from sdt.models import ModelConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
 
+# The tiny model of every test, stated once: tests that need other dimensions on purpose change only those (and say
+# why). Both forms derive from it: `model.*` overrides of the real Hydra configs, and ModelConfig fields.
+TINY_DIMS: dict[str, int] = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 64}
+TINY_VOCAB = 64  # for models built without a tokenizer; a run's vocabulary comes from its data
+
+
+def tiny_model_overrides(**changes: Any) -> list[str]:
+    """TINY_DIMS as `model.<key>=<value>` Hydra overrides; `changes` replace or add keys."""
+    return [f"model.{key}={value}" for key, value in {**TINY_DIMS, **changes}.items()]
+
+
+def tiny_model_fields(**changes: Any) -> dict[str, Any]:
+    """The tiny model's ModelConfig fields (no arch) as a dict; `changes` replace or add fields."""
+    return {"vocab_size": TINY_VOCAB, **TINY_DIMS, **changes}
+
+
+def tiny_model_config(arch: str = "dense", **changes: Any) -> ModelConfig:
+    """A ModelConfig of `arch` with the tiny model's fields; `changes` replace or add fields."""
+    from sdt.models import ModelConfig
+
+    return ModelConfig(arch=arch, **tiny_model_fields(**changes))
+
+
 # A model and run small enough for a unit test, on the real configs.
-TINY_MODEL = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.n_kv_heads=1",
-    "model.max_seq_len=64",
-]
+TINY_MODEL = tiny_model_overrides()
 TINY_TRAINER = [
     "trainer=cpu",
     "trainer.max_steps=6",

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from sdt.blocks.layers import RotaryEmbedding
-from sdt.models import ForwardContext, ModelConfig
+from sdt.models import ForwardContext
 from sdt.models.mod import MoDLayer
 from sdt.models.sdt import SDTPair
 from sdt.models.stt import STTLayer
+from tests.conftest import tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = {
@@ -168,9 +169,7 @@ def test_topk_training_path_compiles_without_graph_breaks(layer_cls, skip_map):
     """fullgraph=True fails on any graph break, e.g. a host sync (.item(), int(tensor)) in the training path."""
     torch.manual_seed(0)
     arch = {SDTPair: "sdt", STTLayer: "stt", MoDLayer: "mod"}[layer_cls]
-    cfg = ModelConfig(
-        arch=arch, vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, capacity=0.25, skip_map=skip_map
-    )
+    cfg = tiny_model_config(arch, capacity=0.25, skip_map=skip_map)
     layer = layer_cls(cfg)
     if layer.skip_map is not None:  # a nonzero map, so its estimate shows in the outputs compared below
         with torch.no_grad():

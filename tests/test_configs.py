@@ -7,15 +7,16 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sdt.checkpoint import load_checkpoint
 from sdt.data import DataConfig
 from sdt.models import ModelConfig
-from sdt.optim import OptimConfig
 from sdt.reasoning.data import ReasoningDataConfig
 from sdt.training import split_trainer_config, train
+from sdt.validation import validate_train_config
 from tests.conftest import CONF_DIR, compose_cfg, tiny_data
 
 
@@ -62,15 +63,20 @@ def test_logger_configs_instantiate(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", options("experiment") + options("debug"))
-def test_experiment_and_debug_configs_compose(name, tmp_path):
+def test_experiment_and_debug_configs_validate(name, tmp_path):
+    """The whole composed config passes the check `python train.py experiment=<name>` runs before anything else
+    (seed, model, data, optim, distill, trainer, callbacks)."""
     group = "debug" if name in options("debug") else "experiment"
     cfg = compose_cfg("train", [f"{group}={name}"], tmp_path, tmp_path)
-    OptimConfig.from_dict(OmegaConf.to_container(cfg.optim, resolve=True))
+    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        # The trial Trainer can only be built on the device it names; every other trainer key is judged as given.
+        cfg.trainer.accelerator = "cpu"
+    validate_train_config(cfg)
 
 
-def test_default_optim_config_validates(tmp_path):
+def test_default_config_validates(tmp_path):
     cfg = compose_cfg("train", [], tmp_path, tmp_path)
-    OptimConfig.from_dict(OmegaConf.to_container(cfg.optim, resolve=True))
+    validate_train_config(cfg)
     assert cfg.model.arch == "sdt" and cfg.data.corpus == "shakespeare"
 
 

@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sdt.lit_module import LitLM
-from tests.conftest import TINY_MODEL, TINY_TRAINER, run_cli, tiny_data
+from tests.conftest import TINY_MODEL, TINY_TRAINER, run_cli, tiny_data, tiny_model_fields
 
-MODEL = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32}
+MODEL = tiny_model_fields()
 OPTIM = {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.1}
 
 

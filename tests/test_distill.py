@@ -10,6 +10,7 @@ from sdt.compute import compute_report
 from sdt.distill import DistillConfig, distillation_loss, load_teacher, teacher_logits
 from sdt.errors import UserError
 from sdt.models import ModelConfig, build_model
+from tests.conftest import tiny_model_config
 
 
 def test_kl_is_zero_for_identical_logits_and_matches_a_hand_computation():
@@ -35,7 +36,7 @@ def test_kl_ignores_unscored_positions_and_padded_vocabulary():
 
 def test_self_teacher_is_the_students_dense_function_without_gradients():
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="sdt", vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=32)
+    cfg = tiny_model_config("sdt")
     model = build_model(cfg)
     ids = torch.randint(0, 64, (2, 16))
     logits = teacher_logits(None, model, ids)

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sdt.distributed import shard_model
 from sdt.models import ModelConfig, build_model
+from tests.conftest import tiny_model_config
 
 WORLD = 2
 BATCH = 8  # combined; each rank gets BATCH // WORLD sequences
@@ -29,9 +30,7 @@ STEPS = 2
 
 def model_config(arch: str) -> ModelConfig:
     extra = {"capacity": 0.5} if arch == "sdt" else {}
-    return ModelConfig.from_dict(
-        {"arch": arch, "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32, **extra}
-    )
+    return tiny_model_config(arch, **extra)
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_MODEL
 
 DOCKERFILES = ["docker/Dockerfile", "docker/Dockerfile.cuda"]
 
@@ -106,7 +106,7 @@ def test_cpu_image_builds_and_trains_as_its_user(tmp_path):
     proc = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=3600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = ["docker", "run", "--rm", "sdt:cpu-test", "python", "train.py", "trainer.max_steps=2", "logger=csv"]
-    run += ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "data.seq_len=32"]
+    run += [*TINY_MODEL, "data.seq_len=32"]
     proc = subprocess.run(run, capture_output=True, text=True, timeout=1800, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     whoami = subprocess.run(

@@ -8,11 +8,16 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
+from sdt.checkpoint import load_checkpoint
+from sdt.compute import compute_report
 from sdt.datamodules import build_datamodule
 from sdt.evaluation.dispatch import evaluate
-from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, tiny_data
+from sdt.evaluation.loading import load_model
+from sdt.models import ModelConfig
+from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, tiny_data, tiny_model_overrides
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +32,13 @@ def eval_result(trained_run, cache_dir, tmp_path_factory):
 def test_eval_json_has_the_contract_keys(eval_result):
     out, result = eval_result
     data = json.loads((out / "eval.json").read_text())
-    for key in ("perplexity", "bits_per_byte", "tokens_per_second", "num_parameters"):
+    for key in ("perplexity", "bits_per_byte", "tokens_per_second"):
         assert key in data and data[key] > 0
+    # The parameters of the checkpoint's model, counted here; the tied embedding matrix is (vocab, d_model).
+    model = load_model(load_checkpoint(data["checkpoint"]), torch.device("cpu"))
+    assert data["num_parameters"] == sum(p.numel() for p in model.parameters())
+    vocab, d = model.config.vocab_size, model.config.d_model
+    assert data["num_parameters_without_embeddings"] == data["num_parameters"] - vocab * d
     assert data == json.loads(json.dumps(result))
     assert set(data["splits"]) == {"val", "test"}
     assert len(data["samples"]) == 3 and all(isinstance(s["completion"], str) for s in data["samples"])
@@ -64,7 +74,7 @@ def test_eval_val_loss_matches_the_training_validation(trained_run, cache_dir, t
     assert result["splits"]["val"]["nll"] == pytest.approx(train_val, rel=1e-5)
 
 
-def test_evaluate_on_another_corpus(trained_run, cache_dir, tmp_path):
+def test_evaluate_on_another_corpus(trained_run, eval_result, cache_dir, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("To be, or not to be, that is the question.\n" * 200, encoding="utf-8")
     ckpt = trained_run / "checkpoints" / "last.ckpt"
@@ -78,20 +88,22 @@ def test_evaluate_on_another_corpus(trained_run, cache_dir, tmp_path):
     result = evaluate(compose_cfg("eval", overrides, tmp_path / "ev", cache_dir))
     assert result["corpus"] == "text_files"
     assert result["splits"]["test"]["tokens"] > 0 and math.isfinite(result["perplexity"])
+    # Scored on the other file, not on the corpus stored with the checkpoint (text_files too, so `corpus` alone
+    # cannot tell): the same model on the same split gives another token count and loss.
+    own = eval_result[1]["splits"]["test"]
+    assert result["splits"]["test"]["tokens"] != own["tokens"] and result["splits"]["test"]["nll"] != own["nll"]
 
 
 @pytest.fixture(scope="module", params=["sdt", "stt", "mod"])
 def routed_eval(request, tmp_path_factory, corpus_files, cache_dir):
     """A tiny routed model trained for a few steps, then evaluated with plots and real generation."""
     from sdt.training import train
-    from tests.conftest import TINY_MODEL, TINY_TRAINER, tiny_data
 
     arch = request.param
     run = tmp_path_factory.mktemp(f"run_{arch}")
     overrides = [
         f"model={arch}",
-        *TINY_MODEL,
-        "model.n_layers=4",
+        *tiny_model_overrides(n_layers=4),
         "model.capacity=0.25",
         *TINY_TRAINER,
         *tiny_data(corpus_files),
@@ -135,8 +147,10 @@ def test_routed_eval_writes_routing_compute_generation_and_plots(routed_eval):
         assert 0.0 <= entry["executed_fraction"] <= 1.0
         assert entry["executed_fraction_topk"] == pytest.approx(0.25, abs=1 / 32)  # k = floor(0.25 * 32) = 8 of 32
         assert {"student_accuracy", "student_precision", "student_recall"} <= set(entry)
-    for key in ("flops_per_token", "flops_ratio_vs_dense", "kv_entries_ratio_vs_dense"):
-        assert data["compute"][key] > 0
+    # The compute of the checkpoint's own architecture at the evaluated length; routing at capacity 0.25 saves some.
+    model_cfg = ModelConfig.from_dict(load_checkpoint(data["checkpoint"])["hyper_parameters"]["model"])
+    assert model_cfg.arch == arch and model_cfg.capacity == 0.25
+    assert data["compute"] == json.loads(json.dumps(compute_report(model_cfg, data["seq_len"])))
     assert data["compute"]["flops_ratio_vs_dense"] < 1.0
     gen = data["generation"]
     assert gen["kv_bytes"] > 0 and gen["tokens_per_second_ratio_vs_dense"] > 0

@@ -13,7 +13,7 @@ from sdt.lit_module import LitLM
 from sdt.optim import OptimConfig, build_optimizer, role_learning_rates
 from sdt.resolvers import register_resolvers
 from sdt.training import train
-from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, run_cli, tiny_data
+from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, run_cli, tiny_data, tiny_model_config
 from tests.wandb_records import read_offline_run
 
 # The tiny run of conftest, logging to W&B (offline) and CSV.
@@ -25,9 +25,9 @@ def offline_runs(root: Path) -> list[Path]:
 
 
 def test_each_parameter_role_has_its_learning_rate():
-    from sdt.models import ModelConfig, build_model
+    from sdt.models import build_model
 
-    model = build_model(ModelConfig.from_dict({"arch": "sdt", "d_model": 32, "n_layers": 2, "n_heads": 2}))
+    model = build_model(tiny_model_config("sdt"))
     cfg = OptimConfig.from_dict({"lr": 1e-3, "group_lr": {"prior": 2e-3, "surprise": 5e-2}})
     rates = role_learning_rates(build_optimizer(model, cfg))
     assert rates["base"] == 1e-3 and rates["prior"] == 2e-3 and rates["surprise"] == 5e-2

@@ -19,13 +19,13 @@ from sdt.export import export, main, parse_args
 from sdt.models import ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
 from sdt.transformers_code import SHIPPED_FILES
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, cli_env, run_cli, tiny_model_fields
 from tests.pretrained_helpers import write_checkpoint
 
 pytest.importorskip("transformers")
 
 TASKS_DIR = ROOT / "sdt" / "harness_tasks"
-TINY = {"vocab_size": 320, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
+TINY = tiny_model_fields(vocab_size=320, n_layers=4)  # the tokenizer's vocabulary; room for dense first/last layers
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from sdt.checkpoint import is_sharded_checkpoint, load_checkpoint, model_state_d
 from sdt.distributed import FSDP2Strategy
 from sdt.models import ModelConfig, build_model
 from sdt.optim import OptimConfig, build_optimizer
-from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, run_cli, tiny_data
+from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, run_cli, tiny_data, tiny_model_config
 
 
 def fsdp_args(out: Path, corpus_files: list[str], *extra: str) -> list[str]:
@@ -119,7 +119,7 @@ def test_tf32_is_switched_on_for_cuda_runs_only(device, applied, monkeypatch):
 
 
 def test_adamw_is_fused_only_when_every_parameter_is_on_cuda():
-    model = build_model(ModelConfig(arch="sdt", vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=32))
+    model = build_model(tiny_model_config("sdt"))
     optimizer = build_optimizer(model, OptimConfig())
     assert not optimizer.defaults["fused"]  # CPU: torch's default kernels
     if torch.cuda.is_available():
@@ -135,7 +135,7 @@ def test_a_distributed_checkpoint_reads_into_one_process_as_the_optimizer_keys_i
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="sdt", vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=32))
+    model = build_model(tiny_model_config("sdt"))
     optimizer = build_optimizer(model, OptimConfig())
     ids = torch.randint(0, 64, (2, 16))
     out = model(ids, ids)

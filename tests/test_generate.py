@@ -9,7 +9,7 @@ from sdt.checkpoint import load_checkpoint
 from sdt.generate import main
 from sdt.models import ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds
-from tests.conftest import run_cli
+from tests.conftest import TINY_DIMS, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
 
 def test_a_prompt_too_long_for_the_model_is_refused(routed_ckpt, capsys):
     code, _, err = run([f"ckpt_path={routed_ckpt}", "prompt=" + "To be or not to be. " * 60], capsys)
-    assert code == 2 and "too long for model.max_seq_len=64" in err and err.count("\n") == 1
+    assert code == 2 and f"too long for model.max_seq_len={TINY_DIMS['max_seq_len']}" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow  # a subprocess of python -m sdt.generate (~13 s)

@@ -12,7 +12,7 @@ import torch
 
 from sdt.errors import UserError
 from sdt.models import ModelConfig
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, tiny_model_fields
 from tests.pretrained_helpers import write_checkpoint
 
 pytest.importorskip("lm_eval")
@@ -20,7 +20,7 @@ from lm_eval.api.instance import Instance
 
 from sdt.harness import SDTLM, cut_at_stops
 
-TINY = {"vocab_size": 320, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
+TINY = tiny_model_fields(vocab_size=320, n_layers=4)  # the tokenizer's vocabulary; two SDT pairs
 TASKS_DIR = ROOT / "sdt" / "harness_tasks"
 MODELS = {
     "dense": {"arch": "dense"},

@@ -10,10 +10,10 @@ from sdt.checkpoint import load_checkpoint, model_state_dict
 from sdt.lit_module import LitLM
 from sdt.optim import parameter_role
 from sdt.training import train
-from tests.conftest import TINY_TRAINER, compose_cfg, tiny_data
+from tests.conftest import TINY_TRAINER, compose_cfg, tiny_data, tiny_model_overrides
 from tests.faults import CrashedOnPurpose
 
-ROUTED_TINY = ["model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.n_kv_heads=1", "model.max_seq_len=64"]
+ROUTED_TINY = tiny_model_overrides(n_layers=4)  # model=sdt (the default) with two decision/dynamic pairs, not one
 
 
 def run(tmp_path, corpus_files, cache_dir, *extra):

@@ -2,12 +2,13 @@ import pytest
 import torch
 
 from sdt.errors import UserError
-from sdt.models import ModelConfig, build_model
+from sdt.models import build_model
 from sdt.optim import OptimConfig, clip_grad_norm_by_role, param_groups, warmup_cosine
+from tests.conftest import tiny_model_config
 
 
 def test_weight_decay_only_on_matrices_and_each_param_once():
-    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, qkv_bias=True))
+    model = build_model(tiny_model_config(qkv_bias=True))
     groups = param_groups(model, OptimConfig(weight_decay=0.1))
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
@@ -17,7 +18,7 @@ def test_weight_decay_only_on_matrices_and_each_param_once():
 
 
 def test_group_lr_applies_to_declared_roles():
-    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2))
+    model = build_model(tiny_model_config())
     model.layers[0].param_role = "router"  # a module declaring a role makes its parameters that role
     groups = param_groups(model, OptimConfig(lr=1e-3, group_lr={"router": 5e-2}))
     router = [g for g in groups if g["name"].startswith("router")]
@@ -43,7 +44,7 @@ def test_bad_optim_values():
 
 def test_a_huge_auxiliary_gradient_does_not_shrink_the_backbone_gradients():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="sdt", vocab_size=64, d_model=32, n_layers=2, n_heads=2))
+    model = build_model(tiny_model_config("sdt"))
     optimizer = torch.optim.AdamW(param_groups(model, OptimConfig()))
     ids = torch.randint(0, 64, (2, 16))
     out = model(ids, ids)
@@ -62,7 +63,7 @@ def test_a_huge_auxiliary_gradient_does_not_shrink_the_backbone_gradients():
 
 def test_the_prior_and_surprise_never_send_gradient_into_the_backbone():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="sdt", vocab_size=64, d_model=32, n_layers=2, n_heads=2))
+    model = build_model(tiny_model_config("sdt"))
     out = model(torch.randint(0, 64, (2, 16)))
     out.aux_losses["prior"].backward()
     assert all(p.grad is None for n, p in model.named_parameters() if ".prior." not in n)

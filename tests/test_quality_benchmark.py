@@ -6,11 +6,10 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli, tiny_data
+from tests.conftest import TINY_MODEL, run_cli, tiny_data
 
 TINY = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.max_seq_len=64",
-    "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer=cpu",
+    *TINY_MODEL, "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer=cpu",
     "trainer.enable_progress_bar=false",
 ]  # fmt: skip
 

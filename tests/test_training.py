@@ -10,7 +10,7 @@ import torch
 
 from sdt.checkpoint import load_checkpoint
 from sdt.training import train
-from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, tiny_data
+from tests.conftest import TINY_DIMS, TINY_MODEL, TINY_TRAINER, compose_cfg, tiny_data
 
 
 def test_train_writes_checkpoints_with_everything_evaluation_needs(trained_run):
@@ -19,7 +19,7 @@ def test_train_writes_checkpoints_with_everything_evaluation_needs(trained_run):
     ckpt = load_checkpoint(str(last))  # loads with weights_only=True
     # max_steps=6 is not a multiple of val_check_interval=4: the final step must still be validated and saved.
     assert ckpt["global_step"] == 6
-    assert ckpt["hyper_parameters"]["model"]["d_model"] == 32
+    assert ckpt["hyper_parameters"]["model"]["d_model"] == TINY_DIMS["d_model"]
     assert ckpt["hyper_parameters"]["model"]["vocab_size"] % 64 == 0
     assert ckpt["sdt"]["tokenizer"] and ckpt["sdt"]["config"]["data"]["corpus"] == "text_files"
     assert set(ckpt["sdt"]["data_stats"]) == {"train", "val", "test"}
@@ -70,11 +70,11 @@ def test_resume_continues_the_step_count_with_the_checkpoint_architecture(
     last = trained_run / "checkpoints" / "last.ckpt"
     overrides = [*TINY_TRAINER, *tiny_data(corpus_files), f"ckpt_path={last}", "trainer.max_steps=10"]
     # A different d_model on the command line must not matter: resuming takes the architecture from the checkpoint.
-    overrides.append("model.d_model=64")
+    overrides.append(f"model.d_model={2 * TINY_DIMS['d_model']}")
     result = train(compose_cfg("train", overrides, tmp_path, cache_dir))
     assert result["global_step"] == 10
     ckpt = load_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"))
-    assert ckpt["global_step"] == 10 and ckpt["hyper_parameters"]["model"]["d_model"] == 32
+    assert ckpt["global_step"] == 10 and ckpt["hyper_parameters"]["model"]["d_model"] == TINY_DIMS["d_model"]
 
 
 def test_seeded_runs_are_reproducible(tmp_path, corpus_files, cache_dir):

@@ -3,18 +3,20 @@
 import pytest
 import torch
 
-from sdt.models import ModelCache, ModelConfig, build_model
+from sdt.models import ModelCache, build_model
 from sdt.models.calibration import calibrate_thresholds
 from sdt.usage import request_usage, usage_distribution
+from tests.conftest import tiny_model_config
 
 V = 97
 
 
 def model(arch: str = "sdt", **kw):
-    cfg = {"arch": arch, "vocab_size": V, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2}
-    cfg.update(max_seq_len=128, init_std=0.2, beta_init=5.0, ma_window=8, **kw)
+    # 4 layers: two SDT pairs, two routed STT/MoD layers; 128 positions for prompt and generation.
+    cfg = {"arch": arch, "vocab_size": V, "n_layers": 4, "max_seq_len": 128}
+    cfg.update(init_std=0.2, beta_init=5.0, ma_window=8, **kw)
     torch.manual_seed(0)
-    m = build_model(ModelConfig(**cfg)).eval()
+    m = build_model(tiny_model_config(**cfg)).eval()
     g = torch.Generator().manual_seed(3)
     calibrate_thresholds(m, [torch.randint(0, V, (4, 64), generator=g) for _ in range(4)])
     return m

@@ -52,10 +52,20 @@ def plot_routing_heatmap(
     path: str,
     title: str = "Tokens executed by each routed layer",
 ) -> str:
+    """`routing_heatmap_figure` written to `path` as a PNG. Returns path."""
+    return _save(routing_heatmap_figure(decisions, tokens, layer_labels, title), path)
+
+
+def routing_heatmap_figure(
+    decisions: np.ndarray,
+    tokens: list[str],
+    layer_labels: list[str],
+    title: str = "Tokens executed by each routed layer",
+) -> Figure:
     """Heatmap of routing decisions: one row per routed layer, one column per token.
 
     decisions: (n_layers, T) of 0/1 decisions, or gate values in [0, 1] (then drawn with a colour bar).
-    The figure widens with T so every token label stays legible (up to ~128 tokens). Returns path.
+    The figure widens with T so every token label stays legible (up to ~128 tokens).
     """
     decisions = np.asarray(decisions, dtype=float)
     if decisions.ndim != 2 or decisions.shape != (len(layer_labels), len(tokens)):
@@ -97,7 +107,7 @@ def plot_routing_heatmap(
         fig.legend(handles=handles, loc="outside upper right", ncols=2, fontsize=8, frameon=False)
     else:
         fig.colorbar(image, ax=ax, pad=0.01, fraction=0.02 if T > 48 else 0.05, label="gate value g")
-    return _save(fig, path)
+    return fig
 
 
 def plot_executed_fraction(
@@ -107,6 +117,16 @@ def plot_executed_fraction(
     capacity: float | None = None,
     title: str = "Executed fraction per routed layer",
 ) -> str:
+    """`executed_fraction_figure` written to `path` as a PNG. Returns path."""
+    return _save(executed_fraction_figure(fractions, layer_labels, capacity, title), path)
+
+
+def executed_fraction_figure(
+    fractions: list[float],
+    layer_labels: list[str],
+    capacity: float | None = None,
+    title: str = "Executed fraction per routed layer",
+) -> Figure:
     """Bar chart of the share of tokens each routed layer executed, with the target capacity as a dashed line."""
     if len(fractions) != len(layer_labels):
         raise ValueError(f"got {len(fractions)} fractions for {len(layer_labels)} layer labels")
@@ -128,7 +148,7 @@ def plot_executed_fraction(
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def _read_routing_series(metrics_csv: str) -> dict[str, dict[int, dict[int, float]]]:
@@ -168,11 +188,18 @@ def _plot_signal(ax, layers: dict[int, dict[int, float]], color: str, label: str
 
 
 def plot_gate_contributions(metrics_csv: str, path: str) -> str | None:
+    """`gate_contributions_figure` written to `path` as a PNG. Returns path, or None, writing nothing, when the file
+    has no routing columns."""
+    fig = gate_contributions_figure(metrics_csv)
+    return None if fig is None else _save(fig, path)
+
+
+def gate_contributions_figure(metrics_csv: str) -> Figure | None:
     """S_CE (prediction) vs S_CU (novelty) over training, from a Lightning CSVLogger metrics.csv.
 
     Top panel: mean over routed layers of S_CE and S_CU (thick) with each layer thin. Bottom panel, when logged:
     the share of executed tokens whose S_CE exceeds S_CU. The paper's observation is that gating moves from novelty
-    early in training to prediction later. Returns None, writing nothing, when the file has no routing columns.
+    early in training to prediction later. None when the file has no routing columns.
     """
     series = _read_routing_series(metrics_csv)
     if not any(series.values()):
@@ -202,7 +229,7 @@ def plot_gate_contributions(metrics_csv: str, path: str) -> str | None:
         ax.legend(loc="best", fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("training step")
-    return _save(fig, path)
+    return fig
 
 
 def plot_capacity_sweep(sweep: list[dict], path: str, title: str = "Quality against compute") -> str:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sdt.data.tokenizer import Tokenizer, train_bpe
 from sdt.datamodules import build_datamodule
 from sdt.errors import UserError
-from sdt.models import ModelConfig, build_model
+from sdt.models import build_model
 from sdt.reasoning.answers import answer_checker
 from sdt.reasoning.braking import BrakingConfig, build_braking_segments
 from sdt.reasoning.data import (
@@ -23,6 +23,7 @@ from sdt.reasoning.data import (
     collate_trimmed,
     shift_with_mask,
 )
+from tests.conftest import tiny_model_config
 from tests.reasoning.test_braking import CHECK, TRACE
 
 
@@ -63,8 +64,8 @@ def test_model_loss_ignores_masked_tokens(tokenizer):
     ids, loss = PromptFormatter(tokenizer, "plain").example_ids("What is 2 + 3?", result.segments)
     inputs, targets = shift_with_mask(ids, loss, len(ids) + 3, tokenizer.eos_id)
     torch.manual_seed(0)
-    model = build_model(ModelConfig.from_dict({"arch": "dense", "vocab_size": 320, "d_model": 32, "n_layers": 2,
-                                               "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 256}))  # fmt: skip
+    # The tokenizer's vocabulary, and positions for the whole formatted trace.
+    model = build_model(tiny_model_config(vocab_size=320, max_seq_len=256))
     x, y = torch.tensor([inputs]), torch.tensor([targets])
     out = model(x, y)
     pad = len(inputs) - (len(ids) - 1)

@@ -8,14 +8,15 @@ from torch import Tensor
 
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds
+from tests.conftest import tiny_model_config
 
 VOCAB = 61
-TINY_DIMS = {"d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128}
 
 
 def tiny_config(arch: str, **overrides) -> ModelConfig:
-    """A 4-layer, d_model-32 config of `arch`; `overrides` replace any field."""
-    return ModelConfig(**{"arch": arch, "vocab_size": VOCAB, **TINY_DIMS, **overrides})
+    """The tests' tiny model (tests/conftest.py) of `arch` with 4 layers, so SDT has two pairs and STT/MoD two routed
+    layers, and 128 positions for generation; `overrides` replace any field."""
+    return tiny_model_config(**{"arch": arch, "vocab_size": VOCAB, "n_layers": 4, "max_seq_len": 128, **overrides})
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides) -> LanguageModel:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from sdt.blocks.kv_cache import RESERVE_SLACK, KVCache
-from sdt.models import ModelCache, ModelConfig, build_model
+from sdt.models import ModelCache, build_model
+from tests.conftest import tiny_model_config
 
 
 def _entries(B: int, S: int, start: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -50,7 +51,7 @@ def test_per_row_valid_entries_count_per_sequence():
 
 
 def test_generate_reserves_prompt_plus_new_tokens_once():
-    cfg = ModelConfig(arch="dense", vocab_size=61, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64)
+    cfg = tiny_model_config(vocab_size=61)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     cache = ModelCache()
@@ -61,8 +62,7 @@ def test_generate_reserves_prompt_plus_new_tokens_once():
 
 
 def test_routed_site_reserves_its_share_and_decodes_like_the_full_forward():
-    cfg = ModelConfig(arch="mod", vocab_size=61, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, capacity=0.25,
-                      max_seq_len=256)  # fmt: skip
+    cfg = tiny_model_config("mod", vocab_size=61, capacity=0.25, max_seq_len=256)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     ids = torch.randint(0, 61, (2, 40))

@@ -8,16 +8,16 @@ import torch
 
 from sdt.models import ModelCache, ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds
+from tests.conftest import tiny_model_config
 
 V = 97
 ROUTED = ["sdt", "stt", "mod"]
 
 
 def tiny(arch: str, **kw) -> ModelConfig:
-    base = {"arch": arch, "vocab_size": V, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2}
-    base.update(max_seq_len=64, init_std=0.2, beta_init=5.0, ma_window=8)
-    base.update(kw)
-    return ModelConfig(**base)
+    # 4 layers: two SDT pairs, two routed STT/MoD layers; spread-out gates (init_std, beta_init) and a short window.
+    base = {"arch": arch, "vocab_size": V, "n_layers": 4, "init_std": 0.2, "beta_init": 5.0, "ma_window": 8}
+    return tiny_model_config(**{**base, **kw})
 
 
 def build(arch: str, seed: int = 0, **kw):

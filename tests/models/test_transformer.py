@@ -4,13 +4,12 @@ import torch
 from sdt.blocks.layers import attention_mask
 from sdt.errors import UserError
 from sdt.models import DenseLayer, ModelCache, ModelConfig, RoutedLayer, build_model
+from tests.conftest import tiny_model_config
 from tests.models.conftest import random_ids, tiny_model
 
 
 def tiny(**kw) -> ModelConfig:
-    base = {"vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
-    base.update(kw)
-    return ModelConfig(**base)
+    return tiny_model_config(**{"vocab_size": 97, **kw})
 
 
 @pytest.fixture
@@ -109,7 +108,7 @@ def test_attention_mask_uses_positions_not_indices():
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    m = build_model(tiny(n_layers=2, d_model=64))
+    m = build_model(tiny())
     ids = torch.randint(0, 97, (4, 16))
     targets = torch.roll(ids, -1, dims=1)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)

@@ -13,7 +13,7 @@ from sdt.reasoning.evaluate import count_thinking_tokens, score_generation
 from sdt.reasoning.metrics import DEFAULT_MARKERS
 from sdt.reasoning.plot import main as plot_main
 from sdt.training import train
-from tests.conftest import TINY_TRAINER, compose_cfg
+from tests.conftest import TINY_TRAINER, compose_cfg, tiny_model_overrides
 from tests.reasoning.test_braking import TRACE
 
 
@@ -40,11 +40,7 @@ def test_score_generation():
 
 TINY_REASONING = [
     "model=dense",
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.n_kv_heads=1",
-    "model.max_seq_len=512",
+    *tiny_model_overrides(max_seq_len=512),  # a reasoning trace runs to 320 tokens
     "data=reasoning_synthetic",
     "data.num_train=64",
     "data.num_val=16",

@@ -3,19 +3,19 @@
 import pytest
 import torch
 
-from sdt.models import ModelConfig, build_model
+from sdt.models import build_model
 from sdt.models.calibration import calibrate_thresholds, quantile
+from tests.conftest import tiny_model_config
 
 
 def sdt_model(spread: bool = True, **kw):
     """spread: larger init and beta, so the gate g takes well-separated values (see the untrained-model test)."""
-    base = {"arch": "sdt", "vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}
-    base["max_seq_len"] = 64
+    base = {"arch": "sdt", "vocab_size": 97}
     if spread:
         base.update(init_std=0.2, beta_init=5.0)
     base.update(kw)
     torch.manual_seed(0)
-    return build_model(ModelConfig(**base))
+    return build_model(tiny_model_config(**base))
 
 
 def batches(n: int = 4, seed: int = 1) -> list[torch.Tensor]:

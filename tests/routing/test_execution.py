@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from sdt.blocks.layers import Block, RotaryEmbedding
-from sdt.models import ModelConfig
 from sdt.routing import apply_gate, gather_tokens, indices_to_mask, run_routed_block, scatter_tokens, topk_indices
+from tests.conftest import TINY_DIMS, tiny_model_config
 
-B, T, D = 3, 10, 32
+B, T, D = 3, 10, TINY_DIMS["d_model"]
 
 
 @pytest.fixture
 def block_and_rope():
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=97, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    cfg = tiny_model_config()
     return Block(cfg), RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
 
 

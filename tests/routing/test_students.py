@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdt.models import ModelConfig, build_model
+from sdt.models import build_model
 from sdt.routing import CausalRouter, classification_stats, router_bce
+from tests.conftest import tiny_model_config
 
 
 def test_router_shape_is_d_to_half_d_to_one():
@@ -46,10 +47,9 @@ def test_router_input_is_detached():
 
 
 def sdt_model(**kw):
-    base = {"arch": "sdt", "vocab_size": 97, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2}
-    base.update({"max_seq_len": 64, "init_std": 0.2, **kw})
+    """Two decision/dynamic pairs (4 layers): the router loss is an average over more than one routed layer."""
     torch.manual_seed(0)
-    return build_model(ModelConfig(**base))
+    return build_model(tiny_model_config(**{"arch": "sdt", "vocab_size": 97, "n_layers": 4, "init_std": 0.2, **kw}))
 
 
 def test_router_loss_reaches_only_the_students():

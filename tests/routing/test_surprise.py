@@ -9,12 +9,11 @@ from torch.distributions import Normal, kl_divergence
 from sdt.models import ModelConfig, build_model
 from sdt.routing import SurpriseGate, causal_moving_average, combine_gates
 from sdt.routing.surprise import change_surprise_kl, change_surprise_mse, static_surprise
+from tests.conftest import tiny_model_config
 
 
 def cfg(**kw) -> ModelConfig:
-    base = {"arch": "sdt", "vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 64}
-    base.update(kw)
-    return ModelConfig(**base)
+    return tiny_model_config(**{"arch": "sdt", "vocab_size": 97, **kw})
 
 
 def test_static_and_mse_change_surprise_by_hand():

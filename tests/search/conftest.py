@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from sdt.data.tokenizer import train_bpe
-from sdt.models import ModelConfig, build_model
+from sdt.models import build_model
 from sdt.search.tasks import Task, TaskItem
-from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, tiny_data
+from tests.conftest import TINY_TRAINER, compose_cfg, tiny_data, tiny_model_config, tiny_model_overrides
 
 WORDS = "three four five six seven eight nine ten red blue green cat dog"
 
@@ -35,8 +35,7 @@ def mc_task() -> Task:
 
 def tiny_model(arch: str, n_layers: int = 6, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch=arch, vocab_size=300, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_seq_len=64)
-    return build_model(cfg).eval()
+    return build_model(tiny_model_config(arch, vocab_size=300, n_layers=n_layers)).eval()
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +44,7 @@ def dense_run(tmp_path_factory, corpus_files, cache_dir):
     from sdt.training import train
 
     out = tmp_path_factory.mktemp("dense_run")
-    overrides = [o for o in TINY_MODEL if o != "model.n_layers=2"] + ["model=dense", "model.n_layers=4"]
+    overrides = ["model=dense", *tiny_model_overrides(n_layers=4)]
     overrides += [*TINY_TRAINER, *tiny_data(corpus_files), "trainer.max_steps=2"]
     train(compose_cfg("train", overrides, out, cache_dir))
     return out / "checkpoints" / "last.ckpt"

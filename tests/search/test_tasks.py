@@ -6,8 +6,9 @@ import torch
 
 from sdt.data.tokenizer import train_bpe
 from sdt.errors import UserError
-from sdt.models import ModelConfig, build_model
+from sdt.models import build_model
 from sdt.search.tasks import PathScorer, Task, TaskItem, load_task, shipped_tasks, task_from_jsonl
+from tests.conftest import tiny_model_config
 
 ARITHMETIC = re.compile(r"^What is (\d+) ([-+*]) (\d+)\?$")
 
@@ -97,7 +98,7 @@ def test_lm_eval_yaml_over_local_data_is_built_by_lm_eval(tmp_path):
 def model_and_tokenizer():
     tokenizer = train_bpe(["Question: What is one plus two?\nAnswer: three four five six seven"] * 20, 300)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    cfg = tiny_model_config(vocab_size=300, n_layers=3)  # the tokenizer's vocabulary; paths over 3 layers
     return build_model(cfg).eval(), tokenizer
 
 
