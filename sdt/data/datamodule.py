@@ -35,7 +35,8 @@ from sdt.data.cache import (
 from sdt.data.config import DataConfig
 from sdt.data.corpora import build_corpus
 from sdt.data.corpus import SPLITS, Corpus
-from sdt.data.shards import MANIFEST, ShardedTokens, available_cores, build_shards, entry_problem
+from sdt.data.encoding_pool import available_cores
+from sdt.data.shards import MANIFEST, ShardedTokens, build_shards, entry_problem
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
 from sdt.errors import UserError
 
