@@ -233,9 +233,10 @@ def model_card(
     if remote:
         lines += [
             (
-                "`trust_remote_code=True` runs the modeling code shipped in this directory (`modeling_sdt.py` and the "
-                "files it imports; torch and transformers only), which executes the routed layers in their causal "
-                f"routing mode (`{cfg.inference_routing}`); without it transformers refuses to load the model."
+                "`trust_remote_code=True` runs the modeling code shipped in this directory (`modeling_sdt.py`, a thin "
+                "wrapper, and the `sdt` modules it builds the model from; torch and transformers only), which executes "
+                f"the routed layers in their causal routing mode (`{cfg.inference_routing}`); without it transformers "
+                "refuses to load the model."
             ),
             "",
         ]

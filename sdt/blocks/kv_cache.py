@@ -6,7 +6,7 @@ not a contiguous prefix of the sequence: a layer that skipped a token stores not
 prompts store padding that must never be attended to. Attention masks are built from the stored positions, so the
 same code serves dense layers, routed layers and padded batches.
 
-Routed exports ship this file verbatim (see `sdt/blocks/layers.py`): it imports only torch and the standard library.
+Routed exports ship this file (sdt/transformers_code/): it imports only torch and the standard library.
 """
 
 from __future__ import annotations
