@@ -161,7 +161,16 @@ ROUTED_EXPORTS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("options", list(ROUTED_EXPORTS.values()), ids=list(ROUTED_EXPORTS))
+# The default suite runs two; the rest, and every architecture in every causal mode, run with the slow suite
+# (tests/test_export_code.py).
+FAST_ROUTED_EXPORTS = ("sdt", "sdt-first-executed-dense-ends")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [pytest.param(v, marks=() if k in FAST_ROUTED_EXPORTS else pytest.mark.slow) for k, v in ROUTED_EXPORTS.items()],
+    ids=list(ROUTED_EXPORTS),
+)
 def test_routed_export_loads_in_transformers_with_our_logits_generation_and_kv_savings(options, tmp_path):
     from transformers import AutoModelForCausalLM
 

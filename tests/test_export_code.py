@@ -101,7 +101,12 @@ def assert_export_reproduces(cfg: ModelConfig, tmp_path: Path) -> None:
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     routing = cfg.inference_routing if routed else "topk"
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=ids).logits, model(ids, routing=routing).logits, atol=1e-5, rtol=0)
+        ours, theirs = model(ids, routing=routing), hf(input_ids=ids)
+    torch.testing.assert_close(theirs.logits, ours.logits, atol=1e-5, rtol=0)
+    if routed:  # the routed blocks skip some tokens and run others, as the package's do
+        executed = torch.stack([d for d in ours.decisions.values()])
+        assert 0 < int(executed.sum()) < executed.numel()
+        assert all(torch.equal(theirs.decisions[i], d) for i, d in ours.decisions.items())
     prompt, mask = ids[:, :10], torch.ones(2, 10, dtype=torch.long)
     mask[0, :3] = 0
     generated = hf.generate(
@@ -167,6 +172,19 @@ def test_the_conversion_recipe_exports_and_loads(tmp_path):
     cfg = experiment_model("smollm2_transfer", tmp_path)
     assert cfg.always_execute_first == 1 and cfg.arch != "dense"
     assert_export_reproduces(cfg, tmp_path)
+    # another causal mode at load time runs the package's forward in that mode; a non-causal one is refused
+    from transformers import AutoModelForCausalLM
+
+    model = build_model(cfg)
+    model.load_state_dict(
+        {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "last.ckpt")["state_dict"].items()}
+    )
+    budget = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), trust_remote_code=True, routing="budget")
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(budget(input_ids=ids).logits, model(ids, routing="budget").logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="routing='topk': an export runs a causal mode"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), trust_remote_code=True, routing="topk")
 
 
 # --- what an export would not reproduce
