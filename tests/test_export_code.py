@@ -101,8 +101,11 @@ def assert_export_reproduces(cfg: ModelConfig, tmp_path: Path) -> None:
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     routing = cfg.inference_routing if routed else "topk"
     with torch.no_grad():
-        ours, theirs = model(ids, routing=routing), hf(input_ids=ids)
+        ours, theirs = model(ids, routing=routing), hf(input_ids=ids, labels=ids)
     torch.testing.assert_close(theirs.logits, ours.logits, atol=1e-5, rtol=0)
+    # transformers' label convention (shifted inside): the next-token loss of the package's logits
+    expected_loss = torch.nn.functional.cross_entropy(ours.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(theirs.loss, expected_loss, atol=1e-5, rtol=0)
     if routed:  # the routed blocks skip some tokens and run others, as the package's do
         executed = torch.stack([d for d in ours.decisions.values()])
         assert 0 < int(executed.sum()) < executed.numel()
