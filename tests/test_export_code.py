@@ -190,6 +190,24 @@ def test_the_conversion_recipe_exports_and_loads(tmp_path):
         AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), trust_remote_code=True, routing="topk")
 
 
+@pytest.mark.slow
+def test_a_checkpoint_from_before_the_capacity_dial_exports_and_loads(tmp_path):
+    """Checkpoints written before quantile grids existed load with uncalibrated (NaN) grids; their export carries
+    those and computes the same logits in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(**TINY, n_layers=4, arch="mod", inference_routing="budget")
+    model = write_checkpoint(tmp_path / "last.ckpt", cfg)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.endswith(".quantiles")}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    out = export(str(tmp_path / "old.ckpt"), str(tmp_path / "export"))
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, model(ids, routing="budget").logits, atol=1e-5, rtol=0)
+
+
 # --- what an export would not reproduce
 
 
