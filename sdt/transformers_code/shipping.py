@@ -72,12 +72,13 @@ def _package_of(module: str, path: str) -> str:
     return module if os.path.basename(path) == "__init__.py" else module.rpartition(".")[0]
 
 
-def _imports(module: str, path: str, tree: ast.AST, wrapper: bool) -> tuple[list[str], list[int]]:
-    """(package modules `module` imports, the lines of its `from sdt... import` statements), checking every import."""
+def _imports(module: str, path: str, tree: ast.AST, wrapper: bool) -> tuple[list[str], dict[int, str]]:
+    """(package modules `module` imports, {line of a `from sdt.<...> import` statement: the module it names}),
+    checking every import."""
     allowed = set(sys.stdlib_module_names) | (WRAPPER_PACKAGES if wrapper else ALLOWED_PACKAGES)
     where = os.path.relpath(path, os.path.dirname(PACKAGE_DIR))
     targets: list[str] = []
-    lines: list[int] = []
+    rewrites: dict[int, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -109,32 +110,28 @@ def _imports(module: str, path: str, tree: ast.AST, wrapper: bool) -> tuple[list
                 raise ShippingError(f"{where}:{node.lineno} imports the top-level package {target}")
             targets.append(target)
             if rewrite:
-                lines.append(node.lineno)
-    return targets, lines
+                rewrites[node.lineno] = target
+    return targets, rewrites
 
 
-def flat_source(text: str, import_lines: list[int], targets_by_line: dict[int, str]) -> str:
-    """`text` with the `from sdt.<...> import` of each line in `import_lines` made `from .<flat name> import`."""
+def flat_source(text: str, rewrites: dict[int, str], where: str = "") -> str:
+    """`text` with the `from sdt.<...> import` on each line of `rewrites` (line -> the module it names) made
+    `from .<flat name> import`; every other line as it is."""
     lines = text.splitlines(keepends=True)
-    for lineno in import_lines:
-        line = lines[lineno - 1]
-        new, n = _PACKAGE_IMPORT.subn(f"from .{flat_name(targets_by_line[lineno])} import", line, count=1)
-        if n != 1:  # `from sdt.x import` split over lines: not written in this package
-            raise ShippingError(f"line {lineno}: cannot rewrite the import {line.strip()!r}")
+    for lineno, target in rewrites.items():
+        new, n = _PACKAGE_IMPORT.subn(f"from .{flat_name(target)} import", lines[lineno - 1], count=1)
+        if n != 1:  # the module name continues on another line: not written in this package
+            raise ShippingError(f"{where}:{lineno}: cannot rewrite the import {lines[lineno - 1].strip()!r}")
         lines[lineno - 1] = new
     return "".join(lines)
 
 
 def _read_module(module: str, path: str, wrapper: bool) -> tuple[list[str], str]:
+    """(package modules `module` imports, its shipped text)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    tree = ast.parse(text, filename=path)
-    targets, lines = _imports(module, path, tree, wrapper)
-    by_line = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.lineno in lines:
-            by_line[node.lineno] = node.module or ""
-    return targets, flat_source(text, lines, by_line)
+    targets, rewrites = _imports(module, path, ast.parse(text, filename=path), wrapper)
+    return targets, flat_source(text, rewrites, os.path.relpath(path, os.path.dirname(PACKAGE_DIR)))
 
 
 def shipped_modules(start: str = MODELING_FILE) -> list[ShippedModule]:
