@@ -208,6 +208,30 @@ def test_a_checkpoint_from_before_the_capacity_dial_exports_and_loads(tmp_path):
         torch.testing.assert_close(hf(input_ids=ids).logits, model(ids, routing="budget").logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_a_loaded_export_saved_again_loads_in_transformers_and_in_sdt(tmp_path):
+    """save_pretrained (what push_to_hub writes) of a loaded routed export is an export again: transformers loads it
+    with its shipped code, and model.init_from reads it back."""
+    from transformers import AutoModelForCausalLM
+
+    from sdt.models.pretrained import Pretrained
+
+    cfg = ModelConfig(**TINY, n_layers=4, arch="sdt", always_execute_first=1, skip_map="linear")
+    model = write_checkpoint(tmp_path / "last.ckpt", cfg, calibrate=True)
+    out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
+    AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).save_pretrained(tmp_path / "saved")
+    assert {p.name for p in (tmp_path / "export").glob("*.py")} <= {p.name for p in (tmp_path / "saved").glob("*.py")}
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True).eval()
+    pretrained = Pretrained(str(tmp_path / "saved"))
+    back = build_model(ModelConfig.from_dict(pretrained.own_model_dict())).eval()
+    pretrained.load_into(back)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(ids, routing="threshold").logits
+        torch.testing.assert_close(again(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(back(ids, routing="threshold").logits, expected, atol=0, rtol=0)
+
+
 # --- what an export would not reproduce
 
 
