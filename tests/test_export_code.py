@@ -232,6 +232,25 @@ def test_a_loaded_export_saved_again_loads_in_transformers_and_in_sdt(tmp_path):
         torch.testing.assert_close(back(ids, routing="threshold").logits, expected, atol=0, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "mode"), [("sdt", "threshold"), ("stt", "budget"), ("mod", "budget")])
+def test_beam_search_on_the_package_cache_equals_beam_search_without_a_cache(arch, mode, tmp_path):
+    """transformers reorders the package's cache between beam steps (rows of every KV cache, the surprise history,
+    the budget counts): the beams are those of recomputing every step without a cache."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(**TINY, n_layers=4, arch=arch, inference_routing=mode, always_execute_first=1)
+    write_checkpoint(tmp_path / "last.ckpt", cfg, calibrate=True)
+    hf = AutoModelForCausalLM.from_pretrained(export(str(tmp_path / "last.ckpt"), str(tmp_path / "export")),
+                                              trust_remote_code=True).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # without the reordering, cached beams differ in most of these prompts
+        ids, mask = torch.randint(0, 300, (2, 10), generator=g), torch.ones(2, 10, dtype=torch.long)
+        mask[0, :3] = 0
+        kw = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "num_beams": 3, "pad_token_id": 0}
+        assert torch.equal(hf.generate(ids, **kw), hf.generate(ids, use_cache=False, **kw))
+
+
 # --- what an export would not reproduce
 
 

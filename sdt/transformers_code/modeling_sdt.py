@@ -66,6 +66,10 @@ class SDTCache(ModelCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """Beam search: row i continues beam beam_idx[i]."""
+        self.select_rows(beam_idx)
+
 
 @dataclass
 class SDTCausalLMOutput(ModelOutput):
