@@ -206,7 +206,9 @@ def test_routed_export_loads_in_transformers_with_our_logits_generation_and_kv_s
         return_dict_in_generate=True,
     )  # fmt: skip
     cache = ModelCache()
-    expected = model.generate(prompt, 10, temperature=0.0, pad_mask=mask.bool(), cache=cache)
+    # generation_config.json never generates the vocabulary's padded tail, as sdt.generate does with valid_vocab
+    valid_vocab = torch.load(tmp_path / "last.ckpt", weights_only=False)["sdt"]["tokenizer_vocab_size"]
+    expected = model.generate(prompt, 10, temperature=0.0, pad_mask=mask.bool(), cache=cache, valid_vocab=valid_vocab)
     assert torch.equal(generated.sequences, expected)
     entries = generated.cache.num_entries()
     dense_entries = cfg.n_layers * 2 * (12 + 10 - 1)  # every block caches every token it has seen
@@ -266,6 +268,8 @@ def test_export_carries_a_model_card_and_a_generation_config(arch, tmp_path):
     eos = json.loads((tmp_path / "export" / "config.json").read_text())["eos_token_id"]
     assert generation.eos_token_id == eos and generation.pad_token_id == eos
     assert generation.max_length == TINY["max_seq_len"]
+    valid_vocab = torch.load(tmp_path / "last.ckpt", weights_only=False)["sdt"]["tokenizer_vocab_size"]
+    assert valid_vocab < TINY["vocab_size"] and generation.suppress_tokens == list(range(valid_vocab, 320))
     assert generation.temperature == DEFAULTS["temperature"] and generation.top_k == DEFAULTS["top_k"]
 
     card = (tmp_path / "export" / "README.md").read_text()

@@ -115,7 +115,10 @@ def assert_export_reproduces(cfg: ModelConfig, tmp_path: Path) -> None:
     generated = hf.generate(
         prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
     )
-    expected = model.generate(prompt, 6, temperature=0.0, pad_mask=mask.bool(), cache=ModelCache(), routing=routing)
+    valid_vocab = torch.load(tmp_path / "last.ckpt", weights_only=False)["sdt"]["tokenizer_vocab_size"]
+    expected = model.generate(
+        prompt, 6, temperature=0.0, pad_mask=mask.bool(), cache=ModelCache(), routing=routing, valid_vocab=valid_vocab
+    )
     assert torch.equal(generated, expected)
 
 
