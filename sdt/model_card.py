@@ -36,10 +36,11 @@ WHAT_IT_IS = {
 }
 
 
-def generation_config(model: LanguageModel, eos_token_id: int) -> dict[str, Any]:
+def generation_config(model: LanguageModel, eos_token_id: int, valid_vocab: int | None = None) -> dict[str, Any]:
     """`generation_config.json`: stop and pad on the end-of-text token (the tokenizer has no pad token), at most the
-    model's context, sampling as `sdt.generate` does."""
-    return {
+    model's context, sampling as `sdt.generate` does; the ids from `valid_vocab` up (the vocabulary's padded tail,
+    which no token maps to) are never generated, as `sdt.generate` masks them."""
+    config = {
         "bos_token_id": eos_token_id,
         "eos_token_id": eos_token_id,
         "pad_token_id": eos_token_id,
@@ -49,6 +50,9 @@ def generation_config(model: LanguageModel, eos_token_id: int) -> dict[str, Any]
         "temperature": GENERATE_DEFAULTS["temperature"],
         "top_k": GENERATE_DEFAULTS["top_k"],
     }
+    if valid_vocab is not None and valid_vocab < model.config.vocab_size:
+        config["suppress_tokens"] = list(range(valid_vocab, model.config.vocab_size))
+    return config
 
 
 def read_eval_json(path: str) -> dict[str, Any]:
@@ -233,9 +237,10 @@ def model_card(
     if remote:
         lines += [
             (
-                "`trust_remote_code=True` runs the modeling code shipped in this directory (`modeling_sdt.py` and the "
-                "files it imports; torch and transformers only), which executes the routed layers in their causal "
-                f"routing mode (`{cfg.inference_routing}`); without it transformers refuses to load the model."
+                "`trust_remote_code=True` runs the modeling code shipped in this directory (`modeling_sdt.py`, a thin "
+                "wrapper, and the `sdt` modules it builds the model from; torch and transformers only), which executes "
+                f"the routed layers in their causal routing mode (`{cfg.inference_routing}`); without it transformers "
+                "refuses to load the model."
             ),
             "",
         ]
@@ -267,6 +272,7 @@ def write_card_files(
     hf_architecture: str,
 ) -> None:
     with open(os.path.join(out, GENERATION_FILE), "w", encoding="utf-8") as f:
-        json.dump(generation_config(model, eos_token_id), f, indent=2)
+        valid_vocab = ckpt["sdt"].get("tokenizer_vocab_size")
+        json.dump(generation_config(model, eos_token_id, valid_vocab), f, indent=2)
     with open(os.path.join(out, CARD_FILE), "w", encoding="utf-8") as f:
         f.write(model_card(model, ckpt, out, eval_result, hf_architecture))

@@ -11,14 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import sdt.blocks.kv_cache
-import sdt.blocks.layers
 from sdt.data import Tokenizer
 from sdt.errors import UserError
 from sdt.export import export, main, parse_args
 from sdt.models import ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
-from sdt.transformers_code import SHIPPED_FILES
 from tests.conftest import ROOT, cli_env, run_cli, tiny_model_fields
 from tests.pretrained_helpers import write_checkpoint
 
@@ -58,6 +55,30 @@ def test_export_round_trips_every_model_type(options, tmp_path):
     routing = cfg.inference_routing if cfg.arch != "dense" else "topk"
     with torch.no_grad():
         torch.testing.assert_close(back(ids, routing=routing).logits, model(ids, routing=routing).logits)
+
+
+def test_a_routed_export_of_the_earlier_weight_layout_still_reads_back(tmp_path):
+    """Routed exports written before the package's own weight names (backbone under Hugging Face names, routing
+    tensors under `sdt.` + ours, no `sdt_weight_names`) read back through model.init_from as the model they are."""
+    from safetensors.torch import save_file
+
+    from sdt.models.pretrained import hf_config, hf_name_map, routing_state_names
+
+    cfg = ModelConfig(**TINY, arch="stt", dense_first=1, dense_last=1, skip_map="linear")
+    model = write_checkpoint(tmp_path / "last.ckpt", cfg, calibrate=True)
+    state = model.state_dict()
+    old = {hf: state[ours] for ours, hf in hf_name_map(model).items()}
+    old |= {f"sdt.{name}": state[name] for name in routing_state_names(model)}
+    out = tmp_path / "old_export"
+    out.mkdir()
+    save_file({k: v.contiguous().clone() for k, v in old.items()}, str(out / "model.safetensors"))
+    config = hf_config(cfg) | {"model_type": "sdt", "architectures": ["SDTForCausalLM"]}
+    (out / "config.json").write_text(json.dumps(config))
+    pretrained = Pretrained(str(out))
+    back = build_model(ModelConfig.from_dict(pretrained.own_model_dict())).eval()
+    assert len(pretrained.load_into(back)) == len(routing_state_names(model))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
 
 
 def test_the_tokenizer_of_a_routed_export_loads_without_asking_about_its_modeling_code(tmp_path, capsys):
@@ -123,6 +144,11 @@ def test_export_cli_and_its_errors(tmp_path, capsys):
 
 ROUTED_EXPORTS = {
     "sdt": {"arch": "sdt", "capacity": 0.5},
+    # the conversion recipe's options (conf/experiment/smollm2_transfer.yaml)
+    "sdt-first-executed-dense-ends": {
+        "arch": "sdt", "always_execute_first": 1, "dense_first": 1, "dense_last": 1, "n_layers": 6, "student_norm": True,
+        "skip_map": "linear",
+    },
     "sdt-full-student-qwen2": {
         "arch": "sdt", "routed_attention": "full", "inference_routing": "student", "qkv_bias": True,
         "tie_embeddings": False, "change_surprise": "kl", "beta_mode": "cosine", "student_norm": True,
@@ -135,13 +161,22 @@ ROUTED_EXPORTS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("options", list(ROUTED_EXPORTS.values()), ids=list(ROUTED_EXPORTS))
+# The default suite runs two; the rest, and every architecture in every causal mode, run with the slow suite
+# (tests/test_export_code.py).
+FAST_ROUTED_EXPORTS = ("sdt", "sdt-first-executed-dense-ends")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [pytest.param(v, marks=() if k in FAST_ROUTED_EXPORTS else pytest.mark.slow) for k, v in ROUTED_EXPORTS.items()],
+    ids=list(ROUTED_EXPORTS),
+)
 def test_routed_export_loads_in_transformers_with_our_logits_generation_and_kv_savings(options, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from sdt.models import ModelCache
 
-    cfg = ModelConfig(**TINY, **options)
+    cfg = ModelConfig(**{**TINY, **options})
     model = write_checkpoint(tmp_path / "last.ckpt", cfg, calibrate=True)
     out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
     config = json.loads((tmp_path / "export" / "config.json").read_text())
@@ -150,7 +185,9 @@ def test_routed_export_loads_in_transformers_with_our_logits_generation_and_kv_s
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     assert hf.config.routing == cfg.inference_routing
-    assert type(hf.model.layers[0]).__module__.rpartition(".")[2] == "layers"  # the shipped package file's Block
+    # the package's own LanguageModel and layers, loaded from the files shipped in the export
+    assert type(hf.model).__name__ == "LanguageModel" and type(hf.model).__module__.endswith(".transformer")
+    assert {type(layer).__name__ for layer in hf.model.layers} == {type(layer).__name__ for layer in model.layers}
 
     ids = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
@@ -169,7 +206,9 @@ def test_routed_export_loads_in_transformers_with_our_logits_generation_and_kv_s
         return_dict_in_generate=True,
     )  # fmt: skip
     cache = ModelCache()
-    expected = model.generate(prompt, 10, temperature=0.0, pad_mask=mask.bool(), cache=cache)
+    # generation_config.json never generates the vocabulary's padded tail, as sdt.generate does with valid_vocab
+    valid_vocab = torch.load(tmp_path / "last.ckpt", weights_only=False)["sdt"]["tokenizer_vocab_size"]
+    expected = model.generate(prompt, 10, temperature=0.0, pad_mask=mask.bool(), cache=cache, valid_vocab=valid_vocab)
     assert torch.equal(generated.sequences, expected)
     entries = generated.cache.num_entries()
     dense_entries = cfg.n_layers * 2 * (12 + 10 - 1)  # every block caches every token it has seen
@@ -177,33 +216,27 @@ def test_routed_export_loads_in_transformers_with_our_logits_generation_and_kv_s
     assert {type(c).__module__.rpartition(".")[2] for c in generated.cache.layers.values()} == {"kv_cache"}
 
 
-def test_a_routed_export_ships_the_package_blocks_byte_for_byte(tmp_path):
-    """The export runs the package's own backbone files, not a copy that could drift from them."""
-    write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="mod"))
-    export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
-    for module in (sdt.blocks.layers, sdt.blocks.kv_cache):
-        package_file = Path(module.__file__)
-        assert (tmp_path / "export" / package_file.name).read_bytes() == package_file.read_bytes(), package_file.name
-    assert {p.name for p in (tmp_path / "export").glob("*.py")} == {Path(p).name for p in SHIPPED_FILES}
-
-
 def test_routed_export_loads_where_sdt_is_not_installed(tmp_path):
-    write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="sdt"))
+    """In an interpreter where `import sdt` fails, from a directory that is not the repository, transformers loads
+    the export from its own files (copied to its module cache) and generates."""
+    write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="sdt", always_execute_first=1))
     out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"))
-    for shipped in SHIPPED_FILES:
-        code = (tmp_path / "export" / Path(shipped).name).read_text()
-        assert "import sdt" not in code and "from sdt" not in code, shipped
     script = (
         "import sys, torch; sys.modules['sdt'] = None\n"  # any `import sdt` now fails
+        "try:\n    import sdt\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('sdt imported')\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True)\n"
+        "print(type(m.model).__module__)\n"
         "print(m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape[1])\n"
     )
-    proc = run_cli(
-        ["-c", script], tmp_path / "cache", cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
-    )
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "PYTHONPATH": ""}
+    proc = run_cli(["-c", script], tmp_path / "cache", cwd=work, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "7"
+    module, length = proc.stdout.strip().splitlines()[-2:]
+    assert module.startswith("transformers_modules.") and module.endswith(".transformer") and length == "7"
+    assert any((tmp_path / "hf_modules").rglob("routed_layer.py"))  # the package's routed forward, as shipped
 
 
 def write_eval_json(path: Path) -> Path:
@@ -235,6 +268,8 @@ def test_export_carries_a_model_card_and_a_generation_config(arch, tmp_path):
     eos = json.loads((tmp_path / "export" / "config.json").read_text())["eos_token_id"]
     assert generation.eos_token_id == eos and generation.pad_token_id == eos
     assert generation.max_length == TINY["max_seq_len"]
+    valid_vocab = torch.load(tmp_path / "last.ckpt", weights_only=False)["sdt"]["tokenizer_vocab_size"]
+    assert valid_vocab < TINY["vocab_size"] and generation.suppress_tokens == list(range(valid_vocab, 320))
     assert generation.temperature == DEFAULTS["temperature"] and generation.top_k == DEFAULTS["top_k"]
 
     card = (tmp_path / "export" / "README.md").read_text()

@@ -6,7 +6,7 @@ not a contiguous prefix of the sequence: a layer that skipped a token stores not
 prompts store padding that must never be attended to. Attention masks are built from the stored positions, so the
 same code serves dense layers, routed layers and padded batches.
 
-Routed exports ship this file verbatim (see `sdt/blocks/layers.py`): it imports only torch and the standard library.
+Routed exports ship this file (sdt/transformers_code/): it imports only torch and the standard library.
 """
 
 from __future__ import annotations
@@ -109,6 +109,13 @@ class KVCache:
             return None
         return self.valid.sum(dim=1) * self._entry_bytes()
 
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep, as row i, what row rows[i] holds (beam search: each beam continues one of the previous beams)."""
+        if self._k is not None:
+            self._k, self._v, self._pos, self._valid = (
+                t.index_select(0, rows.to(t.device)) for t in (self._k, self._v, self._pos, self._valid)
+            )
+
 
 # Entries a routed call site reserves beyond its capacity's share of `max_tokens`: decisions are per token, so a
 # layer may execute a little more than its share (more than this and its buffers double once).
@@ -172,3 +179,22 @@ class ModelCache:
 
     def num_entries(self) -> int:
         return sum(c.length for c in self.layers.values())
+
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep, as row i, what row rows[i] holds, in every call site, the per-layer state and the compute counts
+        (beam search). Every state entry is a (B, ...) tensor or a tuple of them."""
+        for cache in self.layers.values():
+            cache.select_rows(rows)
+        self.state = {key: _select_rows(value, rows) for key, value in self.state.items()}
+        self.routed_tokens = {i: _select_rows(n, rows) for i, n in self.routed_tokens.items()}
+        self.routed_executed = {i: _select_rows(n, rows) for i, n in self.routed_executed.items()}
+        if self.next_pos is not None:
+            self.next_pos = _select_rows(self.next_pos, rows)
+
+
+def _select_rows(value: object, rows: Tensor) -> object:
+    if isinstance(value, Tensor):
+        return value.index_select(0, rows.to(value.device))
+    if isinstance(value, tuple):
+        return tuple(_select_rows(v, rows) for v in value)
+    raise TypeError(f"cannot select rows of a cached {type(value).__name__}")

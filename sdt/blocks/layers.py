@@ -4,9 +4,8 @@ Every block call takes the absolute position of each token, not just its index i
 block on a gathered subset of tokens, and those tokens must keep their original RoPE phases and causal order.
 Parameter names follow Hugging Face's Llama/Qwen2 modules (q_proj, gate_proj, ...) so checkpoints map by name.
 
-Routed exports ship this file and `kv_cache.py` verbatim next to their config.json (`sdt/transformers_code/`), so
-both import only torch, the standard library and each other (by relative import, which works inside the package
-and in a flat export directory alike).
+Routed exports ship this file and `kv_cache.py` next to their config.json (`sdt/transformers_code/`), so both
+import only torch, the standard library and each other.
 """
 
 from __future__ import annotations

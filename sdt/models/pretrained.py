@@ -18,9 +18,12 @@ output projection, so their prediction is 0 at step 0; routers and students are 
 start at their configured values. With `capacity=1.0` and `ste` gates every token runs every block at full value,
 so the transferred SDT/STT model computes exactly the pretrained logits at step 0 (tests/models/test_pretrained.py).
 
-An `sdt` export (`python -m sdt.export`) is a checkpoint of this same form: the backbone under Hugging Face names
-(a dense export is a plain Llama/Qwen2 model), the full model config under the `sdt` key of `config.json`, and the
-routing modules' tensors under names prefixed `sdt.`.
+An `sdt` export (`python -m sdt.export`) is read back the same way: the full model config is under the `sdt` key of
+`config.json`. A dense export is a plain Llama/Qwen2 checkpoint (Hugging Face names). A routed export stores the
+package's own names under `model.` (what its shipped `LanguageModel` loads, sdt/transformers_code/), marked by
+`"sdt_weight_names": "package"` in `config.json`; routed exports written before that stored the backbone under Hugging
+Face names and the routing tensors under names prefixed `sdt.`. Both read into the same model: package names are
+mapped to those names first (`hf_names_of_package_weights`), with the export's own stack as the map.
 
 This module is plain PyTorch plus file formats: the tokenizer is loaded by the caller from `tokenizer_source()`.
 """
@@ -41,6 +44,7 @@ from torch import Tensor, nn
 
 from sdt.blocks.layers import Block
 from sdt.errors import UserError
+from sdt.models import build_model
 from sdt.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 ROUTED_MODEL_TYPE = "sdt"  # config.json model_type of a routed export (its backbone keys are Llama's)
 SDT_CONFIG_KEY = "sdt"  # config.json key under which an export stores our full ModelConfig
 ROUTING_PREFIX = "sdt."  # export weight names of routing tensors (priors, routers, gate scalars, thresholds)
+# config.json key of a routed export that names its weights' layout; "package": `model.` + LanguageModel's own names.
+# Routed exports without it (written before) use Hugging Face backbone names and ROUTING_PREFIX.
+WEIGHT_NAMES_KEY = "sdt_weight_names"
+PACKAGE_WEIGHT_NAMES = "package"
+PACKAGE_PREFIX = "model."  # the wrapper's attribute that holds the LanguageModel (SDTForCausalLM.model)
 # Fields of ModelConfig that describe the backbone and therefore come from the checkpoint.
 BACKBONE_FIELDS = (
     "vocab_size",
@@ -250,12 +259,30 @@ def routing_state_names(model: nn.Module) -> list[str]:
 
 
 def export_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every tensor of `model` under export names: backbone as Hugging Face names, the rest prefixed `sdt.`."""
+    """Every tensor of `model` under export names: a dense model's as Hugging Face names (a plain Llama/Qwen2
+    checkpoint), a routed model's as its own names under `model.` (what the shipped wrapper loads)."""
     state = model.state_dict()
-    out = {hf: state[ours] for ours, hf in hf_name_map(model).items()}
-    out.update({ROUTING_PREFIX + name: state[name] for name in routing_state_names(model)})
+    if model.is_routed:
+        tied = "lm_head.weight" if model.config.tie_embeddings else None  # written once, as embed_tokens
+        out = {PACKAGE_PREFIX + name: t for name, t in state.items() if name != tied}
+    else:
+        out = {hf: state[ours] for ours, hf in hf_name_map(model).items()}
     # safetensors refuses shared storage (tied embeddings are written once anyway): give each tensor its own.
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def hf_names_of_package_weights(weights: dict[str, Tensor], own: nn.Module) -> dict[str, Tensor]:
+    """A routed export's weights under package names (`model.` + `own`'s names; `own`: the export's own model, on
+    any device) -> the names `load_weights` reads: Hugging Face backbone names, the rest prefixed `sdt.`. A tensor
+    `own` does not have keeps its name, so that `load_weights` reports it."""
+    state = {k.removeprefix(PACKAGE_PREFIX): v for k, v in weights.items()}
+    mapping = hf_name_map(own)
+    out = {hf: state.pop(ours) for ours, hf in mapping.items() if ours in state}
+    out.update({ROUTING_PREFIX + name: state.pop(name) for name in routing_state_names(own) if name in state})
+    if own.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    out.update({PACKAGE_PREFIX + name: t for name, t in state.items()})
+    return out
 
 
 def _ignorable(name: str) -> bool:
@@ -435,7 +462,13 @@ class Pretrained:
 
     @cached_property
     def weights(self) -> dict[str, Tensor]:
-        return read_weights(self.source)
+        """Every tensor under Hugging Face names (routing tensors of an export: `sdt.` + our names)."""
+        weights = read_weights(self.source)
+        if self.hf_config.get(WEIGHT_NAMES_KEY) == PACKAGE_WEIGHT_NAMES:
+            with torch.device("meta"):  # the export's own stack names its tensors; no memory needed for that
+                own = build_model(ModelConfig.from_dict(self.own_model_dict()))
+            weights = hf_names_of_package_weights(weights, own)
+        return weights
 
     def load_into(self, model: nn.Module) -> list[str]:
         """Copy the weights into `model` (see `load_weights`); returns the routing tensors that were loaded."""

@@ -1,7 +1,7 @@
 """How a gate value g scales a selected token's block update f (docs/algorithms.md, section 3).
 
-Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch, the standard library and
-other shipped files, relatively.
+Routed exports ship this file (sdt/transformers_code/), so it imports only torch, the standard library and other
+shipped modules of the package.
 """
 
 from __future__ import annotations

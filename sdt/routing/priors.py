@@ -1,7 +1,7 @@
 """Cheap predictors of a block's update: the SDT prior and the STT transition network share this module.
 
-Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch: the input norm is handed
-in (the backbone's RMSNorm), not imported from `sdt.blocks`.
+It imports only torch: the input norm is handed in (the backbone's RMSNorm). Routed exports ship it
+(sdt/transformers_code/).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ spaced levels (0, 1/(G-1), ..., 1) as a buffer, so the checkpoint carries them. 
 means thresholding at the (1 - c) quantile, so any capacity in (0, 1] maps to a threshold by one lookup, with no
 retraining and no pass over data. An uncalibrated grid holds NaN.
 
-Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch, the standard library and
-other shipped files, relatively.
+Routed exports ship this file (sdt/transformers_code/), so it imports only torch, the standard library and other
+shipped modules of the package.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Converted models fit the map in closed form before training (`fit_skip_map`, rid
 block's own updates), so a converted model starts close to the pretrained function even at low capacity; from
 scratch it starts at zero (y = x, the plain skip) and learns through the LM loss.
 
-Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch and `topk.py`.
+Routed exports ship this file (sdt/transformers_code/), so it imports only torch and `topk.py`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Top-K over a sequence looks at future tokens; a student sees only the present (a
 token), so routing by it is causal and usable in generation. It trains with BCE on detached inputs against the
 Top-K mask, and executes where sigmoid(logit) >= threshold, the threshold calibrated so the executed share is gamma.
 
-Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch, the standard library and
-other shipped files, relatively.
+Routed exports ship this file (sdt/transformers_code/), so it imports only torch, the standard library and other
+shipped modules of the package.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ All signals are per token, shape (B, T):
 - unexpected change CU = D_st - m_cu * MA(D_st)          MA: causal trailing mean over `ma_window` tokens, detached
 - S_CE = sigmoid(beta_ce * CE), S_CU = sigmoid(beta_cu * CU), g = S_CE + S_CU - S_CE * S_CU (rule "or")
 
-Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch, the standard library and
-other shipped files, relatively.
+Routed exports ship this file (sdt/transformers_code/), so it imports only torch, the standard library and other
+shipped modules of the package.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The same k for every row keeps shapes static (no host synchronisation, compilabl
 that the gathered tokens are in time order and a causal mask over them is a causal mask over positions.
 Legend: B batch, T tokens, K selected tokens per row.
 
-Routed exports ship this file verbatim (sdt/transformers_code/), so it imports only torch, the standard library and
-other shipped files, relatively.
+Routed exports ship this file (sdt/transformers_code/), so it imports only torch, the standard library and other
+shipped modules of the package.
 """
 
 from __future__ import annotations

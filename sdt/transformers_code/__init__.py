@@ -1,48 +1,27 @@
-"""Code that ships inside routed exports, copied flat next to `config.json` by `python -m sdt.export`.
+"""The code a routed Hugging Face export ships next to its `config.json`: the package's own modules and a thin wrapper.
 
-An export directory holds:
-- `modeling_sdt.py` (the module `auto_map` names: config, the routed units, `SDTForCausalLM`) and `layers_sdt.py`
-  (what only the export needs: its decoding cache, running a block on a subset of tokens), both from this package;
-- the package's own files, byte for byte and under their own names (PACKAGE_FILES): the backbone, `layers.py` and
-  `kv_cache.py` from `sdt/blocks/`, and the routing pieces that need nothing else, `priors.py` (the prior /
-  transition network; its norm is handed in), `surprise.py` (the surprise gate), `students.py` (causal routers),
-  `routers.py` (MoD's router), `quantiles.py`, `topk.py`, `gates.py` and `skip_maps.py` from `sdt/routing/`. The
-  export runs the very code the package trains and calibrates, so the two cannot drift. `sdt/routing/execution.py`
-  is not among them: it builds on `sdt.blocks`, another package, and the only relative import transformers' loader
-  follows names a sibling file (`from .name import ...`), so `layers_sdt.py` has its own `execute_tokens`, for the
-  causal modes only.
+A routed export (`python -m sdt.export`) loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
+and runs the package's own model: `modeling_sdt.py` here is a thin `transformers` wrapper (config, `PreTrainedModel`
+and `GenerationMixin` adapter, the package's `ModelCache` as generate's cache) around the `LanguageModel` that
+`sdt.models.build_model` assembles, with its `RoutedLayer`s and SDT / STT / MoD hooks, its routing and its blocks.
+There is no second implementation of the routed forward to drift from the one `sdt` trains.
 
-The exported code imports only torch, transformers and its sibling files, by relative import (`from .layers import
-Block`); the package files import only torch, the standard library and each other. transformers' dynamic-module
-loader copies a modeling file together with the files it imports relatively (recursively), so an export loads with
-`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where `sdt` is not installed.
+How the package's modules ship (shipping.py). transformers' dynamic-module loader copies the modeling file together
+with the files it imports by a flat sibling import (`from .name import ...`), recursively, and checks that every
+other import names an installed package. The package is layered into subpackages (`sdt.blocks`, `sdt.routing`,
+`sdt.models`, ...) that import each other absolutely (`from sdt.routing.topk import topk_indices`), which is what
+the layering checks (tests/test_architecture.py) read and what lets a module move between layers. So the export
+rewrites exactly one thing, mechanically: each import line of an `sdt` module becomes the import of its flat
+sibling (`from .topk import topk_indices`), and every module ships under its last name (a package's `__init__.py`
+under the package's name). Nothing else in a shipped file changes; tests/test_export_code.py checks that line by
+line, and that the export loads in an interpreter where `import sdt` fails. The alternative, relative imports in the
+package itself, would need every shipped module in one flat package directory, i.e. giving up the layering.
 
-Inside the package, the same relative imports have to find the package files as siblings too: this package's module
-search path (`__path__`) therefore also holds the directories of PACKAGE_FILES, as the export directory holds the
-files themselves. Only the exported code imports through it (`sdt.transformers_code.layers` is `sdt/blocks/layers.py`
-loaded for `modeling_sdt`); the package itself imports `sdt.blocks`.
+The shipped modules may import only the standard library, torch and each other (the wrapper also transformers):
+`shipped_modules()` follows the imports from the wrapper and refuses (ShippingError, which `python -m sdt.export`
+reports as one line) a module that would not load flat.
 """
 
-import os
+from sdt.transformers_code.shipping import MODELING_FILE, ShippingError, shipped_modules, shipped_sources
 
-HERE = os.path.dirname(__file__)
-PACKAGE_DIR = os.path.dirname(HERE)
-
-MODELING_FILE = os.path.join(HERE, "modeling_sdt.py")  # the module `auto_map` names
-EXPORT_FILES = (MODELING_FILE, os.path.join(HERE, "layers_sdt.py"))  # written for the export
-PACKAGE_FILES = tuple(os.path.join(PACKAGE_DIR, "blocks", name) for name in ("layers.py", "kv_cache.py")) + tuple(
-    os.path.join(PACKAGE_DIR, "routing", name)
-    for name in (
-        "priors.py",
-        "surprise.py",
-        "students.py",
-        "routers.py",
-        "quantiles.py",
-        "topk.py",
-        "gates.py",
-        "skip_maps.py",
-    )
-)
-SHIPPED_FILES = EXPORT_FILES + PACKAGE_FILES  # copied to the export under their base names
-
-__path__ += sorted({os.path.dirname(path) for path in PACKAGE_FILES})
+__all__ = ["MODELING_FILE", "ShippingError", "shipped_modules", "shipped_sources"]

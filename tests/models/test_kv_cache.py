@@ -3,6 +3,7 @@ entries as concatenating every step's keys and values."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sdt.blocks.kv_cache import RESERVE_SLACK, KVCache
@@ -75,3 +76,25 @@ def test_routed_site_reserves_its_share_and_decodes_like_the_full_forward():
     routed = cache.layers[(1, 0)]
     assert routed.allocated >= min(200, 50 + RESERVE_SLACK) and cache.layers[(0, 0)].allocated == 200
     assert routed.allocated < 200 or routed.length > 50 + RESERVE_SLACK
+
+
+def test_select_rows_keeps_each_row_of_every_site_its_state_and_its_counts():
+    """Beam search: after select_rows(rows), row i of everything the cache holds is what row rows[i] held."""
+    cache = ModelCache(max_tokens=8)
+    k, v, pos, valid = _entries(3, 4, 0, seed=1)
+    cache.get((0, 0)).append(k, v, pos, valid)
+    cache.state[(0, "ma")] = (torch.arange(3.0)[:, None], torch.tensor([[True], [False], [True]]))
+    cache.record_routed(0, torch.tensor([[True, False], [True, True], [False, False]]), None)
+    rows = torch.tensor([2, 2, 0])
+    cache.select_rows(rows)
+    got = cache.get((0, 0))
+    for have, want in zip((got.k, got.v, got.pos, got.valid), (k, v, pos, valid), strict=True):
+        assert torch.equal(have, want[rows])
+    assert torch.equal(cache.state[(0, "ma")][0][:, 0], torch.tensor([2.0, 2.0, 0.0]))
+    assert cache.state[(0, "ma")][1][:, 0].tolist() == [True, True, True]
+    assert cache.routed_executed[0].tolist() == [0, 0, 1] and cache.routed_tokens[0].tolist() == [2, 2, 2]
+    got.append(*_entries(3, 1, 4, seed=2))  # appending after the reorder writes into the reordered buffers
+    assert got.length == 5 and torch.equal(got.k[:, :, :4], k[rows])
+    cache.state["other"] = [1, 2, 3]
+    with pytest.raises(TypeError, match="cannot select rows of a cached list"):
+        cache.select_rows(rows)
