@@ -121,6 +121,31 @@ def test_export_cli_and_its_errors(tmp_path, capsys):
     ]
 
 
+@pytest.mark.parametrize("sublayer", ["attention", "mlp"])
+def test_sublayer_routing_is_refused_by_name_before_anything_is_written(sublayer, tmp_path, capsys):
+    """The shipped modeling code routes whole blocks: an export of a sub-layer-routed model would compute another
+    model, so `python -m sdt.export` refuses it with one line naming the key, and the shipped code refuses such a
+    config too."""
+    write_checkpoint(tmp_path / "last.ckpt", ModelConfig(**TINY, arch="mod", routed_sublayer=sublayer))
+    with pytest.raises(SystemExit) as e:
+        main([f"ckpt_path={tmp_path / 'last.ckpt'}", f"out={tmp_path / 'export'}"])
+    line = f"error: model.routed_sublayer={sublayer}: the exported modeling code does not reproduce it yet"
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"{line} (it runs routed_sublayer=block)"
+    ]
+    assert not (tmp_path / "export").exists()
+    # A block-routed export whose config is edited to route a sub-layer does not load as something else either.
+    from transformers import AutoModelForCausalLM
+
+    write_checkpoint(tmp_path / "block.ckpt", ModelConfig(**TINY, arch="mod"))
+    out = Path(export(str(tmp_path / "block.ckpt"), str(tmp_path / "block")))
+    config = json.loads((out / "config.json").read_text())
+    config["sdt"]["routed_sublayer"] = sublayer
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"routed_sublayer='{sublayer}' is not reproduced by this modeling code"):
+        AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
+
+
 ROUTED_EXPORTS = {
     "sdt": {"arch": "sdt", "capacity": 0.5},
     "sdt-full-student-qwen2": {

@@ -44,7 +44,7 @@ from .surprise import SurpriseGate
 CAUSAL_MODES = ("threshold", "student")
 # Model options this code does not reproduce, with the value it assumes: an export that sets another value is refused
 # rather than loaded as a different model.
-ASSUMED_OPTIONS = {"always_execute_first": 0}
+ASSUMED_OPTIONS = {"always_execute_first": 0, "routed_sublayer": "block"}
 MOD_GATES = ("sigmoid", "raw")
 
 
