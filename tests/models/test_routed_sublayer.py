@@ -11,13 +11,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdt.blocks.kv_cache import RESERVE_SLACK
 from sdt.errors import UserError
-from sdt.models import ModelCache, ModelConfig, build_model
+from sdt.models import ModelCache, ModelConfig
 from sdt.models.layer_io import ForwardContext
 from sdt.models.skip_map_fit import fit_skip_maps
 from sdt.routing import capacity_k
 from sdt.routing.execution import gather_tokens, scatter_tokens
-from tests.models.conftest import VOCAB, calibrate_on_random_text, random_ids, spread_routers, tiny_model
+from tests.models.conftest import (
+    VOCAB,
+    calibrate_on_random_text,
+    dense_twin,
+    random_ids,
+    spread_routers,
+    tiny_model,
+)
 
 ROUTED = ["sdt", "stt", "mod"]
 SUBLAYERS = ["attention", "mlp"]
@@ -47,19 +55,6 @@ def record_layers(model) -> tuple[dict, list]:
         for i, layer in model.routed_layers()
     ]
     return records, handles
-
-
-def dense_twin(model):
-    """A dense model holding the routed model's backbone (every block a plain block)."""
-    dense = build_model(ModelConfig(**{**model.config.to_dict(), "arch": "dense"})).eval()
-    blocks = []
-    for layer in model.layers:
-        blocks += [layer.decision, layer.dynamic] if hasattr(layer, "decision") else [layer.block]
-    for target, block in zip(dense.layers, blocks, strict=True):
-        target.block.load_state_dict(block.state_dict())
-    for name in ("embed_tokens", "norm", "lm_head"):
-        getattr(dense, name).load_state_dict(getattr(model, name).state_dict())
-    return dense
 
 
 @pytest.mark.parametrize("sublayer", SUBLAYERS)
@@ -149,6 +144,18 @@ def test_greedy_generation_equals_repeated_full_forwards(arch, sublayer):
     out = model.generate(prompt, 10, temperature=0.0, routing=mode)
     logits = model(out[:, :-1], routing=mode).logits  # a causal mode: one forward gives every step's logits
     assert torch.equal(logits[:, 5:].argmax(-1), out[:, 6:])
+
+
+@pytest.mark.parametrize("sublayer", ["block", *SUBLAYERS])
+def test_a_routed_site_reserves_the_kv_it_will_store(sublayer):
+    """Generation sizes each K/V buffer ahead: a routed attention its capacity's share (plus slack), a routed MLP's
+    layer every token, as a dense block."""
+    model = calibrate_on_random_text(routed("mod", sublayer, capacity=0.25))
+    cache = ModelCache(max_tokens=100)
+    with torch.no_grad():
+        model(random_ids(1, 8), cache=cache, routing="student")
+    assert cache.layers[(0, 0)].allocated == 100  # the plain block below
+    assert cache.layers[(1, 0)].allocated == (100 if sublayer == "mlp" else 25 + RESERVE_SLACK)
 
 
 # --- the conversion recipe's step-0 guarantees ---------------------------------------------------------------------

@@ -272,9 +272,10 @@ def test_lm_loss_uses_targets_unshifted_and_excludes_auxiliary_losses():
     torch.testing.assert_close(out.aux_loss, weighted)
 
 
-def test_topk_forward_has_no_graph_breaks_or_host_syncs():
+@pytest.mark.parametrize("sublayer", ["block", "attention", "mlp"])
+def test_topk_forward_has_no_graph_breaks_or_host_syncs(sublayer):
     """fullgraph tracing fails on `.item()`/`int(tensor)` syncs and on `torch._dynamo.disable` in the routed path."""
-    model = tiny_model("sdt").train()
+    model = tiny_model("sdt", routed_sublayer=sublayer, skip_map="linear").train()
     ids = random_ids(2, 16)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     out = compiled(ids, ids, routing="topk")
