@@ -14,6 +14,7 @@ import torch
 from sdt.blocks.kv_cache import RESERVE_SLACK
 from sdt.errors import UserError
 from sdt.models import ModelCache, ModelConfig
+from sdt.models.calibration import calibrate_thresholds
 from sdt.models.layer_io import ForwardContext
 from sdt.models.skip_map_fit import fit_skip_maps
 from sdt.routing import capacity_k
@@ -132,6 +133,26 @@ def test_causal_modes_are_causal_and_rows_are_independent(arch, sublayer):
         torch.testing.assert_close(alone.logits[0], a.logits[1], atol=1e-5, rtol=1e-5)
     top, top_alone = model(ids, routing="topk"), model(ids[2:], routing="topk")
     torch.testing.assert_close(top_alone.logits[0], top.logits[2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sublayer", SUBLAYERS)
+@pytest.mark.parametrize("arch", ROUTED)
+def test_calibration_holds_every_routed_layer_at_the_capacity_on_its_blocks(arch, sublayer):
+    """Thresholds calibrated layer by layer on the causal mode's own inputs: on the calibration blocks every routed
+    layer executes the capacity in each thresholded mode (up to ties, two tokens), deeper layers included."""
+    model = routed(arch, sublayer, capacity=0.25, n_layers=6)
+    data = [random_ids(4, 32, seed=20 + s) for s in range(4)]
+    calibrate_thresholds(model, data)
+    n = sum(ids.numel() for ids in data)
+    with torch.no_grad():
+        for mode in [m for m in CAUSAL_MODES[arch] if m != "budget"]:
+            executed: dict[int, float] = {}
+            for ids in data:
+                for i, decisions in model(ids, routing=mode).decisions.items():
+                    executed[i] = executed.get(i, 0.0) + float(decisions.sum())
+            assert len(executed) == 3  # 6 layers: three SDT pairs, three routed STT / MoD layers
+            for i, count in executed.items():
+                assert abs(count / n - 0.25) <= 2 / n, (mode, i, count / n)
 
 
 @pytest.mark.parametrize("sublayer", SUBLAYERS)
