@@ -265,3 +265,16 @@ def test_trains_under_autocast_with_gradients_to_both_sublayers_and_the_routing(
 def test_an_unknown_value_is_refused_by_name():
     with pytest.raises(UserError, match=r"model\.routed_sublayer must be one of block, attention, mlp; got 'ffn'"):
         ModelConfig(arch="mod", routed_sublayer="ffn")
+
+
+@pytest.mark.parametrize("sublayer", SUBLAYERS)
+def test_stt_teacher_scores_the_whole_blocks_update(sublayer):
+    """STT's teacher pass is the layer's dense function: the first routed layer (same input, same weights) computes
+    the same surprise gate whether it routes its block or one sub-layer; only what then runs differs."""
+    ids = random_ids(2, 16)
+    whole, part = routed("stt", "block"), routed("stt", sublayer)
+    with torch.no_grad():
+        a, b = whole(ids, routing="topk"), part(ids, routing="topk")
+    torch.testing.assert_close(b.scores[1]["gate"], a.scores[1]["gate"], atol=0, rtol=0)
+    assert torch.equal(b.decisions[1], a.decisions[1])
+    assert (b.logits - a.logits).abs().amax() > 1e-3
