@@ -143,13 +143,14 @@ def count_executed(model: LanguageModel) -> Iterator[dict[int, torch.Tensor]]:
 
 def expected_kv_entries(model: LanguageModel, executed: dict[int, int], tokens_fed: int) -> int:
     """KV entries a cache holding exactly the executed tokens must have: every block stores each fed token, except
-    a routed block, which stores only the tokens it executed (selected attention)."""
+    a routed block with routed, selected attention, which stores only the tokens it executed."""
     routed = dict(model.routed_layers())
     total = 0
     for i, layer in enumerate(model.layers):
         n_blocks = getattr(layer, "n_blocks", 1)
         if i in routed:
-            total += (n_blocks - 1) * tokens_fed + executed[i]
+            stored = tokens_fed if layer.full_context or layer.routed_sublayer == "mlp" else executed[i]
+            total += (n_blocks - 1) * tokens_fed + stored
         else:
             total += n_blocks * tokens_fed
     return total

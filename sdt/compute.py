@@ -14,7 +14,8 @@ check by hand and comparable across architectures:
 - A routed block runs on k = max(1, floor(capacity * T)) tokens. With `routed_attention="selected"` the k tokens
   attend causally among themselves (k * (k + 1) / 2 pairs). With "full" the k queries attend to every earlier token;
   selected queries are assumed spread evenly over the sequence, so each sees (T + 1) / 2 keys on average, and K/V
-  projections run on all T tokens.
+  projections run on all T tokens. With `routed_sublayer="attention"` only the attention terms are those of k tokens
+  (the MLP runs on all T); with "mlp" only the MLP's (attention runs on all T and stores all T tokens' K/V).
 - Per-token FLOPs = FLOPs of one sequence of length T / T. Training FLOPs = 3 x the forward FLOPs of the
   training-time graph (the usual forward + 2x backward estimate), so detached router inputs are not discounted. The
   one exception is STT's dense teacher pass: it runs under no_grad (the surprise signals only read it detached), so
@@ -68,8 +69,22 @@ def block_flops(cfg: ModelConfig, seq_len: int, n_tokens: int | None = None, ful
 
 
 def _routed_block(cfg: ModelConfig, seq_len: int, executed: float | None = None) -> Flops:
+    """A routed layer's block: the routed sub-layer(s) (`model.routed_sublayer`) on k tokens, the other on all T."""
     k = capacity_k(seq_len, cfg.capacity) if executed is None else executed
-    return block_flops(cfg, seq_len, k, full_context=cfg.routed_attention == "full")
+    routed_attention = cfg.routed_sublayer in ("block", "attention")
+    routed = block_flops(cfg, seq_len, k, full_context=cfg.routed_attention == "full" and routed_attention)
+    if cfg.routed_sublayer == "block":
+        return routed
+    flops = block_flops(cfg, seq_len)  # every token
+    names = ("attention_projections", "attention_scores") if routed_attention else ("mlp",)
+    flops.update({name: routed[name] for name in names})
+    return flops
+
+
+def _routed_kv_entries(cfg: ModelConfig, seq_len: int, executed: float) -> float:
+    """K/V entries a routed layer's block stores for one sequence: its executed tokens with routed, selected
+    attention; all T when every token's K/V is read (routed_attention="full") or attention is not routed."""
+    return seq_len if cfg.routed_attention == "full" or cfg.routed_sublayer == "mlp" else executed
 
 
 def _skip_map(cfg: ModelConfig, seq_len: int, executed: float | None = None) -> Flops:
@@ -197,8 +212,7 @@ def measured_kv_entries(cfg: ModelConfig, seq_len: int, executed: Sequence[float
     total = 0.0
     for kind in kinds:
         if kind in ROUTED_KINDS:
-            e = next(routed)
-            total += seq_len if cfg.routed_attention == "full" else e
+            total += _routed_kv_entries(cfg, seq_len, next(routed))
         else:
             total += seq_len
     return total
@@ -208,11 +222,11 @@ def kv_entries(cfg: ModelConfig, seq_len: int) -> int:
     """Tokens whose K/V are stored, summed over layers, for one sequence at inference.
 
     Full blocks store all T; routed blocks store their k executed tokens with selected attention, but all T with
-    routed_attention="full" (their queries read every earlier token's K/V).
+    routed_attention="full" (their queries read every earlier token's K/V) or routed_sublayer="mlp" (attention runs
+    on every token).
     """
     _check_seq_len(seq_len)
-    k = capacity_k(seq_len, cfg.capacity)
-    routed_kv = seq_len if cfg.routed_attention == "full" else k
+    routed_kv = _routed_kv_entries(cfg, seq_len, capacity_k(seq_len, cfg.capacity))
     return sum(seq_len if kind in ("block", "decision") else routed_kv for kind in layer_kinds(cfg))
 
 

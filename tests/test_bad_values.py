@@ -53,6 +53,7 @@ TRAIN_BAD_VALUES = [
     ("distill.temperature=0", "distill.temperature"),
     ("model.capacity_start=2", "model.capacity_start"),
     ("model.always_execute_first=-1", "model.always_execute_first"),
+    ("model.routed_sublayer=ffn", "model.routed_sublayer"),
     ("optim.lr=-1", "optim.lr"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("optim.warmup_steps=1.5", "optim.warmup_steps"),

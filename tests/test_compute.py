@@ -136,6 +136,64 @@ def test_full_context_routed_attention():
     assert compute_report(cfg, T)["kv_entries_ratio_vs_dense"] == 1.0
 
 
+@pytest.mark.parametrize("sublayer", ["block", "attention", "mlp"])
+def test_sublayer_routing_by_hand(sublayer):
+    # One MoD layer (after a plain block) on T=4 tokens at capacity 0.5 (k=2); d=8, 2 heads of 4, SwiGLU width 16,
+    # V=16, no skip map. Written out independently of sdt.compute, as in test_dense_matches_hand_computation.
+    cfg = ModelConfig(
+        arch="mod", vocab_size=16, d_model=8, n_layers=2, n_heads=2, intermediate_size=16, capacity=0.5,
+        routed_sublayer=sublayer,
+    )  # fmt: skip
+    T, k, d, ffn, V = 4, 2, 8, 16, 16
+    qkvo = {T: 4 * 2 * T * d * d, k: 4 * 2 * k * d * d}  # q, k, v, o projections on n tokens: 2048 | 1024
+    scores = {T: T * (T + 1) / 2 * 2 * d * 2, k: k * (k + 1) / 2 * 2 * d * 2}  # causal pairs among n tokens: 320 | 96
+    mlp = {T: 3 * 2 * T * d * ffn, k: 3 * 2 * k * d * ffn}  # 3072 | 1536
+    n_attn = k if sublayer in ("block", "attention") else T  # tokens that run the routed layer's attention ...
+    n_mlp = k if sublayer in ("block", "mlp") else T  # ... and its MLP
+    routers = 2 * T * d + 2 * T * (d * (d // 2) + d // 2)  # MoD's linear router and the causal student: 64 + 288
+    total = (qkvo[T] + scores[T] + mlp[T]) + (qkvo[n_attn] + scores[n_attn] + mlp[n_mlp]) + routers + 2 * T * d * V
+    b = flops_breakdown(cfg, T)
+    assert b["attention_projections"] * T == qkvo[T] + qkvo[n_attn]
+    assert b["attention_scores"] * T == scores[T] + scores[n_attn]
+    assert b["mlp"] * T == mlp[T] + mlp[n_mlp]
+    assert b["total"] * T == pytest.approx(total)
+    assert {"block": 9472, "attention": 11008, "mlp": 10720}[sublayer] == total  # the three sums, by hand
+    kv = T + (T if sublayer == "mlp" else k)  # a routed MLP leaves attention, and its K/V, to every token
+    assert kv_entries(cfg, T) == measured_kv_entries(cfg, T, [k]) == kv
+    report = compute_report(cfg, T)
+    dense_total = 2 * (qkvo[T] + scores[T] + mlp[T]) + 2 * T * d * V
+    assert report["flops_ratio_vs_dense"] == pytest.approx(total / dense_total)
+    assert report["kv_entries_ratio_vs_dense"] == kv / (2 * T)
+    assert measured_flops(cfg, T, [k])["flops"] == pytest.approx(total)
+    # Executing every token costs the dense block, whatever is routed.
+    assert measured_flops(cfg, T, [T])["flops"] == pytest.approx(dense_total + routers)
+
+
+@pytest.mark.parametrize("arch", ["sdt", "stt", "mod"])
+@pytest.mark.parametrize("routed_attention", ["selected", "full"])
+def test_attention_routing_saves_attention_and_mlp_routing_saves_the_mlp(arch, routed_attention):
+    T = 128
+    block, attention, mlp = (
+        compute_report(small(arch, capacity=0.25, routed_attention=routed_attention, routed_sublayer=s), T)
+        for s in ("block", "attention", "mlp")
+    )
+    dense = compute_report(small("dense"), T)["breakdown"]
+    assert (
+        attention["breakdown"]["mlp"] == dense["mlp"]
+        and attention["breakdown"]["attention_scores"] == (block["breakdown"]["attention_scores"])
+    )
+    assert mlp["breakdown"]["attention_scores"] == dense["attention_scores"]
+    assert mlp["breakdown"]["mlp"] == block["breakdown"]["mlp"]
+    assert block["flops_per_token"] < min(attention["flops_per_token"], mlp["flops_per_token"])
+    assert attention["kv_entries"] == block["kv_entries"]  # full-context attention: all T either way
+    assert mlp["kv_entries"] == small(arch).n_layers * T and mlp["kv_entries_ratio_vs_dense"] == 1.0
+    # The isoFLOP dense baseline follows what the routed model spends.
+    for report, s in ((attention, "attention"), (mlp, "mlp")):
+        routed = small(arch, capacity=0.25, routed_attention=routed_attention, routed_sublayer=s)
+        twin = equal_flops_dense(routed, T)
+        assert flops_breakdown(twin, T)["total"] == pytest.approx(report["flops_per_token"], rel=0.02)
+
+
 def test_sdt_kv_ratio_all_layers_routed():
     report = compute_report(small("sdt", capacity=0.5), 128)
     assert report["kv_entries_ratio_vs_dense"] == 0.75  # decision layers keep T, dynamic ones k = T/2

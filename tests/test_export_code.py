@@ -142,6 +142,11 @@ def architecture_cases() -> dict[str, dict]:
     cases["stt-x-prev"] = {"arch": "stt", "n_layers": 4, "student_input": "x_prev"}
     for gate in ("raw", "ste"):
         cases[f"mod-{gate}-gate"] = {"arch": "mod", "n_layers": 4, "mod_gate": gate, "always_execute_first": 2}
+    # sub-layer routing: attention alone (no K/V for skipped tokens), the MLP alone (every token's K/V)
+    for arch, sublayer in (("sdt", "attention"), ("stt", "attention"), ("mod", "mlp"), ("sdt", "mlp")):
+        cases[f"{arch}-{sublayer}-sublayer"] = {
+            "arch": arch, "n_layers": 6, "routed_sublayer": sublayer, **conversion, "skip_map": "linear",
+        }  # fmt: skip
     return cases
 
 

@@ -93,3 +93,26 @@ def test_model_compile_trains_and_checkpoints_eager_names(tmp_path, corpus_files
     assert compile_cfg.model.compile and result["global_step"] == 2
     state = load_checkpoint(result["last_checkpoint"])["state_dict"]
     assert not any("_orig_mod" in k for k in state)  # compiled in place: checkpoints load into eager models
+
+
+@pytest.mark.slow  # two Python start-ups and a short training run
+def test_sublayer_routing_trains_through_the_entry_point_and_a_bad_value_is_one_line(tmp_path, corpus_files, cache_dir):
+    """`python train.py debug=fast model=sdt model.routed_sublayer=attention` trains, and the checkpoint's model
+    routes attention only: evaluation rebuilds it from the checkpoint alone."""
+    from sdt.evaluation.loading import load_model
+    from tests.conftest import run_cli
+
+    run = tmp_path / "run"
+    args = ["train.py", "debug=fast", "model=sdt", "model.routed_sublayer=attention", *TINY_MODEL, *TINY_TRAINER]
+    args += [*tiny_data(corpus_files), "trainer.max_steps=2", f"hydra.run.dir={run}"]
+    proc = run_cli(args, cache_dir, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(str(run / "checkpoints" / "last.ckpt"))
+    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["model"]["routed_sublayer"] == "attention"
+    model = load_model(ckpt, torch.device("cpu"))
+    assert all(layer.routed_sublayer == "attention" for _, layer in model.routed_layers())
+    bad = run_cli(["train.py", "model.routed_sublayer=ffn", f"hydra.run.dir={tmp_path / 'bad'}"], cache_dir)
+    assert bad.returncode == 2 and bad.stdout == ""
+    (line,) = bad.stderr.strip().splitlines()
+    assert line.startswith("error: model.routed_sublayer must be one of") and "'ffn'" in line, line
+    assert not (tmp_path / "bad").exists()

@@ -143,7 +143,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: h = x + Attn(RMSNorm(x)); y = h + MLP(RMSNorm(h))."""
+    """Pre-norm decoder block: h = x + Attn(RMSNorm(x)); y = h + MLP(RMSNorm(h)).
+
+    Its two residual sub-layers are callable on their own with the block's call shape (`attention_sublayer`,
+    `mlp_sublayer`), so a routed layer can run either one on a subset of tokens as it runs the whole block.
+    """
 
     def __init__(self, cfg: BlockConfig) -> None:
         super().__init__()
@@ -165,9 +169,36 @@ class Block(nn.Module):
     ) -> Tensor:
         """`context` = (x (B, S, D), positions (B, S), pad (B, S) or None): attend to these tokens' keys and values
         (normalised by this block) instead of x's own; used by routed blocks with full-context attention."""
+        h = self.attention_sublayer(x, positions, rope, cache=cache, pad_mask=pad_mask, context=context)
+        return self.mlp_sublayer(h)
+
+    def attention_sublayer(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        rope: RotaryEmbedding,
+        *,
+        cache: KVCache | None = None,
+        pad_mask: Tensor | None = None,
+        context: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    ) -> Tensor:
+        """h = x + Attn(RMSNorm(x)), arguments as for `forward`."""
         kv_input = None
         if context is not None:
             kv_input = (self.input_layernorm(context[0]), context[1], context[2])
         a = self.self_attn(self.input_layernorm(x), positions, rope, cache=cache, pad_mask=pad_mask, kv_input=kv_input)
-        h = x + self.dropout(a)
-        return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
+        return x + self.dropout(a)
+
+    def mlp_sublayer(
+        self,
+        x: Tensor,
+        positions: Tensor | None = None,
+        rope: RotaryEmbedding | None = None,
+        *,
+        cache: KVCache | None = None,
+        pad_mask: Tensor | None = None,
+        context: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    ) -> Tensor:
+        """y = x + MLP(RMSNorm(x)). Token by token: the other arguments of the block's call shape are accepted and
+        unused (the MLP reads no other token and keeps no cache)."""
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))

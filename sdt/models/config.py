@@ -24,6 +24,9 @@ CapacitySchedule = Literal["linear", "cosine"]
 ModGate = Literal["sigmoid", "raw", "ste"]
 StudentInput = Literal["x", "x_prev"]  # the causal router reads x_t, or [x_t ; x_{t-1}]
 SkipMapKind = Literal["none", "linear"]  # what a token that skips a routed block gets: nothing, or a linear estimate
+# What a routed layer routes: its whole block, only the attention sub-layer (the MLP runs on every token) or only the
+# MLP sub-layer (attention runs on every token and writes every token's K/V).
+RoutedSublayer = Literal["block", "attention", "mlp"]
 
 ARCHS: tuple[Arch, ...] = get_args(Arch)
 ROUTED_ARCHS = ("sdt", "stt", "mod")
@@ -97,6 +100,9 @@ class ModelConfig:
     prior_factor: float = 0.0625  # prior / transition MLP hidden size = max(2, even(ceil(f * d_model)))
     # selected: routed tokens attend to the selected tokens only | full: to every earlier token
     routed_attention: RoutedAttention = "selected"
+    # block: unselected tokens skip the routed block | attention: only its attention (no K/V written; every token runs
+    # the MLP) | mlp: only its MLP (every token runs attention, so routed_attention has no effect). docs/models.md.
+    routed_sublayer: RoutedSublayer = "block"
     dense_first: int = 0  # layers kept dense at the bottom of the stack
     dense_last: int = 0  # layers kept dense at the top of the stack
     prior_loss_weight: float = 0.05  # prior (SDT) / transition (STT) loss

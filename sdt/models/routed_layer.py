@@ -12,6 +12,9 @@ A routed layer runs its routed block on a share of the tokens (the capacity) and
    `causal_scores[mode]` names with its owner's calibrated threshold ("budget": with one that holds each
    sequence's executed share at the capacity, sdt.routing.selection).
 4. `execute_tokens`: the routed block on those tokens, the gate applied; the skip map's estimate for the others.
+   With `model.routed_sublayer` attention or mlp, only that sub-layer of the routed block is routed (gate and skip
+   map apply to its update) and the other sub-layer runs on every token: the MLP after the routed attention, or the
+   attention (writing every token's K/V) before the routed MLP.
 5. Losses and statistics: the executed share, the architecture's own (`own_losses_and_stats` hook), and for each
    router that learns Top-K (`topk_learners`) its threshold, and against the Top-K mask its BCE and accuracy.
    A decoding step without diagnostics skips this step; Top-K is never computed while decoding (it ranks the
@@ -27,7 +30,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from sdt.blocks.layers import Block
-from sdt.models.config import ModelConfig
+from sdt.models.config import ModelConfig, RoutedSublayer
 from sdt.models.layer_io import ForwardContext, LayerOutput
 from sdt.routing import (
     PriorFFN,
@@ -41,6 +44,7 @@ from sdt.routing import (
     select_tokens,
     topk_membership,
 )
+from sdt.routing.execution import RoutedFunction
 from sdt.routing.gates import GateMode
 from sdt.routing.stats import masked_mean
 
@@ -78,15 +82,17 @@ class RoutedLayer(nn.Module):
         super().__init__()
         self.capacity = cfg.capacity  # the one in force: capacity schedules and the run-time dial move it
         self.always_first = cfg.always_execute_first
-        self.full_context = cfg.routed_attention == "full"
-        # What the tokens that skip the routed block get: None (nothing) or a linear estimate of its update.
+        self.routed_sublayer: RoutedSublayer = cfg.routed_sublayer
+        # Routed queries attend to every earlier token (which all write K/V); moot when attention is not routed.
+        self.full_context = cfg.routed_attention == "full" and cfg.routed_sublayer != "mlp"
+        # What the tokens that skip the routed function get: None (nothing) or a linear estimate of its update.
         self.skip_map = SkipMap(cfg.d_model, cfg.skip_map_rank, cfg.rms_norm_eps) if cfg.skip_map == "linear" else None
 
     # --- hooks
 
     @property
     def routed_block(self) -> Block:
-        """The block this layer runs on the selected tokens only (the one its skip map stands in for)."""
+        """The block whose routed function (`routed_function`) this layer runs on the selected tokens only."""
         return self.block
 
     def score_owners(self) -> dict[str, nn.Module]:
@@ -109,10 +115,22 @@ class RoutedLayer(nn.Module):
 
     # --- the forward
 
+    @property
+    def routed_function(self) -> RoutedFunction:
+        """What runs on the selected tokens only, and what the skip map stands in for: the routed block, or one of
+        its sub-layers (`model.routed_sublayer`)."""
+        block = self.routed_block
+        if self.routed_sublayer == "attention":
+            return block.attention_sublayer
+        if self.routed_sublayer == "mlp":
+            return block.mlp_sublayer
+        return block
+
     def forward(self, x: Tensor, ctx: ForwardContext) -> LayerOutput:
         h = self.routed_input(x, ctx)  # (B, T, D)
+        block = self.routed_block
         if ctx.routing == "full":  # the routed block on every token, no gate: the layer's dense function
-            out = self.routed_block(h, ctx.positions, ctx.rope, cache=ctx.kv(self.routed_slot), pad_mask=ctx.pad_mask)
+            out = block(h, ctx.positions, ctx.rope, cache=ctx.kv(self.routed_slot), pad_mask=ctx.pad_mask)
             return LayerOutput(hidden=out, decisions=all_tokens(x, ctx.pad_mask))
         route = self.route(x, h, ctx)
         topk_idx, topk_mask = self.topk_oracle(route, ctx)
@@ -128,11 +146,19 @@ class RoutedLayer(nn.Module):
                 always_first=self.always_first,
                 full_context=self.full_context,
             )
+        routed_kv = None
+        if self.routed_sublayer == "mlp":  # attention on every token, writing every token's K/V, then the routed MLP
+            h = block.attention_sublayer(
+                h, ctx.positions, ctx.rope, cache=ctx.kv(self.routed_slot), pad_mask=ctx.pad_mask
+            )
+        else:
+            routed_kv = ctx.kv(self.routed_slot, self.kv_share)
         out, executed = execute_tokens(
-            self.routed_block, h, ctx.positions, ctx.rope, idx, valid, route.gate, route.gate_mode,
-            pad_mask_BT=ctx.pad_mask, cache=ctx.kv(self.routed_slot, self.kv_share), full_context=self.full_context,
-            skip_map=self.skip_map,
+            self.routed_function, h, ctx.positions, ctx.rope, idx, valid, route.gate, route.gate_mode,
+            pad_mask_BT=ctx.pad_mask, cache=routed_kv, full_context=self.full_context, skip_map=self.skip_map,
         )  # fmt: skip
+        if self.routed_sublayer == "attention":  # every token runs the MLP after the routed attention
+            out = block.mlp_sublayer(out)
         scores = {name: score.detach() for name, score in route.scores.items()}
         if ctx.cache is not None and not ctx.diagnostics:  # a decoding step: no losses or statistics to log
             return LayerOutput(hidden=out, decisions=executed, scores=scores)
@@ -185,8 +211,9 @@ class RoutedLayer(nn.Module):
 
     @property
     def kv_share(self) -> float:
-        """Share of tokens the routed block writes to its KV cache (every token with full-context attention)."""
-        return 1.0 if self.full_context else self.capacity
+        """Share of tokens the routed block writes to its KV cache: every token with full-context attention or when
+        only the MLP is routed (attention runs on every token), else the capacity's share."""
+        return 1.0 if self.full_context or self.routed_sublayer == "mlp" else self.capacity
 
     def reset_routing_parameters(self) -> None:
         """Re-apply the own initialisation of the layer's priors / transition networks and skip map after the

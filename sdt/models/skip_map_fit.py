@@ -1,8 +1,9 @@
 """Fitting the skip maps of a converted model to its pretrained blocks, in closed form, before any training.
 
-Each routed layer's skip map is set to the ridge least-squares map from the routed block's input to the update that
-block adds, gathered on the model's dense pass (`routing="full"`: every block on every token, the pretrained
-function). Positions the model always executes are left out: they never skip.
+Each routed layer's skip map is set to the ridge least-squares map from the input of what the layer routes (its
+block, or the sub-layer `model.routed_sublayer` names) to the update that adds, gathered on the model's dense pass
+(`routing="full"`: every block on every token, the pretrained function). Positions the model always executes are
+left out: they never skip.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from sdt.blocks.layers import Block
 from sdt.models.transformer import LanguageModel
 from sdt.routing.skip_maps import UpdateStatistics
 
@@ -26,14 +28,21 @@ def fit_skip_maps(model: LanguageModel, batches: Iterable[Tensor]) -> dict[int, 
     skip = model.config.always_execute_first
     stats = {i: UpdateStatistics(model.config.d_model, layer.skip_map.eps, device) for i, layer in layers}
 
-    def collect(i: int):
-        def hook(_module, args, _kwargs, output: Tensor) -> None:
-            x = args[0][:, skip:]  # (B, T - skip, D): the block's input on the tokens that can skip it
-            stats[i].add(x.reshape(-1, x.shape[-1]), (output[:, skip:] - x).reshape(-1, x.shape[-1]))
+    def collect(i: int, sublayer: str):
+        def hook(block: Block, args: tuple, kwargs: dict, output: Tensor) -> None:
+            x, y = args[0], output  # (B, T, D): the block's input and output
+            if sublayer != "block":  # the state between the two sub-layers splits the block's update in two
+                h = block.attention_sublayer(*args, **kwargs)
+                x, y = (x, h) if sublayer == "attention" else (h, y)
+            x, y = x[:, skip:], y[:, skip:]  # the tokens that can skip
+            stats[i].add(x.reshape(-1, x.shape[-1]), (y - x).reshape(-1, x.shape[-1]))
 
         return hook
 
-    handles = [layer.routed_block.register_forward_hook(collect(i), with_kwargs=True) for i, layer in layers]
+    handles = [
+        layer.routed_block.register_forward_hook(collect(i, layer.routed_sublayer), with_kwargs=True)
+        for i, layer in layers
+    ]
     was_training = model.training
     model.eval()
     try:

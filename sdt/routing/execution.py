@@ -8,14 +8,20 @@ exactly: their block is skipped, not masked (or, with a skip map, get its cheap 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from sdt.blocks.kv_cache import KVCache
-from sdt.blocks.layers import Block, RotaryEmbedding
+from sdt.blocks.layers import RotaryEmbedding
 from sdt.routing.gates import apply_gate
 from sdt.routing.skip_maps import SkipMap, add_skip_estimate
 from sdt.routing.topk import indices_to_mask, pack_decisions
+
+# What a routed layer runs on its selected tokens: a `Block`, or one of its residual sub-layers
+# (`Block.attention_sublayer`, `Block.mlp_sublayer`), all with the block's call shape and returning x + update.
+RoutedFunction = Callable[..., Tensor]
 
 
 def gather_tokens(x_BTD: Tensor, idx_BK: Tensor) -> Tensor:
@@ -29,7 +35,7 @@ def scatter_tokens(x_BTD: Tensor, idx_BK: Tensor, y_BKD: Tensor) -> Tensor:
 
 
 def run_routed_block(
-    block: Block,
+    block: RoutedFunction,
     x_BTD: Tensor,
     positions_BT: Tensor,
     rope: RotaryEmbedding,
@@ -42,7 +48,8 @@ def run_routed_block(
     cache: KVCache | None = None,
     full_context: bool = False,
 ) -> Tensor:
-    """x (B, T, D) -> x with the selected tokens replaced by x_i + gate(f_i), f_i = Block(x_i) - x_i.
+    """x (B, T, D) -> x with the selected tokens replaced by x_i + gate(f_i), f_i = block(x_i) - x_i (the update of
+    the block, or of the sub-layer, that `block` is).
 
     `valid_BK` marks which gathered slots really execute (causal modes fill rows up to a common K); invalid slots
     neither attend nor are attended to, and keep their input. `gate_BT` None applies the full update (no gate).
@@ -79,7 +86,7 @@ def causal_selection(
 
 
 def execute_tokens(
-    block: Block,
+    block: RoutedFunction,
     x_BTD: Tensor,
     positions_BT: Tensor,
     rope: RotaryEmbedding,

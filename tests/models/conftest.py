@@ -49,3 +49,16 @@ def calibrate_on_random_text(
     vocab = model.config.vocab_size
     calibrate_thresholds(model, [random_ids(*shape, seed=seed + i, vocab=vocab) for i in range(n_batches)])
     return model.eval()
+
+
+def dense_twin(model):
+    """A dense model holding the routed model's backbone (every block a plain block)."""
+    dense = build_model(ModelConfig(**{**model.config.to_dict(), "arch": "dense"})).eval()
+    blocks = []
+    for layer in model.layers:
+        blocks += [layer.decision, layer.dynamic] if hasattr(layer, "decision") else [layer.block]
+    for target, block in zip(dense.layers, blocks, strict=True):
+        target.block.load_state_dict(block.state_dict())
+    for name in ("embed_tokens", "norm", "lm_head"):
+        getattr(dense, name).load_state_dict(getattr(model, name).state_dict())
+    return dense

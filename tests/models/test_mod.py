@@ -37,9 +37,10 @@ def test_capacity_one_computes_every_token_scaled_by_the_router():
     torch.testing.assert_close(out.hidden, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("sublayer", ["block", "attention", "mlp"])
 @pytest.mark.parametrize("routing", ["threshold", "student", "budget"])
-def test_causal_modes_are_causal_and_decode_like_the_full_forward(routing):
-    model = mod()
+def test_causal_modes_are_causal_and_decode_like_the_full_forward(routing, sublayer):
+    model = mod(routed_sublayer=sublayer)
     ids = torch.randint(0, 61, (2, 20))
     changed = ids.clone()
     changed[:, 12:] = (changed[:, 12:] + 5) % 61
@@ -52,6 +53,9 @@ def test_causal_modes_are_causal_and_decode_like_the_full_forward(routing):
     for t in range(5, 20):
         steps.append(model(ids[:, t : t + 1], positions=torch.full((2, 1), t), cache=cache, routing=routing).logits)
     torch.testing.assert_close(torch.cat(steps, 1), a.logits, atol=1e-5, rtol=1e-4)
+    for i in a.decisions:  # a routed attention stores the executed tokens' K/V only; a routed MLP stores all
+        stored = int(cache.layers[(i, 0)].valid.sum())
+        assert stored == (2 * 20 if sublayer == "mlp" else int(a.decisions[i].sum())) and 0 < a.decisions[i].sum() < 40
 
 
 def test_router_gets_gradient_from_the_lm_loss_and_aux_losses_are_reported():

@@ -103,11 +103,13 @@ def test_sdt_pairs_take_consecutive_layers_and_stt_mod_keep_their_own(tmp_path):
             assert torch.equal(layer.block.input_layernorm.weight, layers[i].input_layernorm.weight)
 
 
+@pytest.mark.parametrize("sublayer", ["block", "attention", "mlp"])
 @pytest.mark.parametrize("arch", ["sdt", "stt"])
-def test_transferred_routed_model_reproduces_pretrained_logits_at_capacity_one(arch, tmp_path):
-    """docs/algorithms.md, section 14: with capacity 1.0 and ste gates, the new modules change nothing at step 0."""
+def test_transferred_routed_model_reproduces_pretrained_logits_at_capacity_one(arch, sublayer, tmp_path):
+    """docs/algorithms.md, section 14: with capacity 1.0 and ste gates, the new modules change nothing at step 0,
+    whichever sub-layer is routed."""
     hf = save_hf_model(tmp_path, "llama")
-    model = load_ours(tmp_path, arch, capacity=1.0, gate_mode="ste")
+    model = load_ours(tmp_path, arch, capacity=1.0, gate_mode="ste", routed_sublayer=sublayer)
     ids = torch.randint(0, HF_VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf(input_ids=ids).logits

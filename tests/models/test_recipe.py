@@ -9,6 +9,7 @@ import torch
 from sdt.models import ModelCache, ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds
 from tests.conftest import tiny_model_config
+from tests.models.conftest import dense_twin
 
 V = 97
 ROUTED = ["sdt", "stt", "mod"]
@@ -27,19 +28,6 @@ def build(arch: str, seed: int = 0, **kw):
 
 def ids_like(*shape, seed: int = 1):
     return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def dense_twin(model):
-    """A dense model holding the routed model's backbone: every routed block becomes a plain block."""
-    dense = build_model(tiny("dense", n_layers=model.config.n_layers)).eval()
-    blocks = []
-    for layer in model.layers:
-        blocks += [layer.decision, layer.dynamic] if hasattr(layer, "decision") else [layer.block]
-    for target, block in zip(dense.layers, blocks, strict=True):
-        target.block.load_state_dict(block.state_dict())
-    for name in ("embed_tokens", "norm", "lm_head"):
-        getattr(dense, name).load_state_dict(getattr(model, name).state_dict())
-    return dense
 
 
 @pytest.mark.parametrize("arch", ROUTED)

@@ -65,10 +65,13 @@ def test_student_mode_is_causal(student_input):
     torch.testing.assert_close(a[:, :12], b[:, :12])
 
 
+@pytest.mark.parametrize("sublayer", ["block", "attention", "mlp"])
 @pytest.mark.parametrize("routing", ["student", "budget"])
 @pytest.mark.parametrize("student_input", ["x", "x_prev"])
-def test_cached_generation_equals_student_full_forward_and_caches_only_executed_tokens(student_input, routing):
-    model = stt(student_input=student_input)
+def test_cached_generation_equals_student_full_forward_and_caches_only_executed_tokens(
+    student_input, routing, sublayer
+):
+    model = stt(student_input=student_input, routed_sublayer=sublayer)
     ids = torch.randint(0, 61, (1, 24))
     full = model(ids, routing=routing)
     cache = ModelCache()
@@ -79,7 +82,7 @@ def test_cached_generation_equals_student_full_forward_and_caches_only_executed_
     for i, layer in enumerate(model.layers):
         kv = cache.layers.get((i, 0))
         n_kv = 0 if kv is None else kv.length
-        if isinstance(layer, STTLayer):
+        if isinstance(layer, STTLayer) and sublayer != "mlp":  # routed attention: K/V of the executed tokens only
             executed = int(full.decisions[i].sum())
             assert n_kv == executed < 24  # exactly the executed tokens, and fewer than all
             if kv is not None:
