@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 from sdt.errors import UserError
-from sdt.validation import validate_eval_config, validate_train_config
+from sdt.validation import removed_option, validate_eval_config, validate_train_config
 
 EXIT_USER_ERROR = 2
 
@@ -106,7 +106,7 @@ def _hydra_error_line(e: BaseException) -> str:
                 f"{key}: the dict adds {inner.group(1)}, which the config does not have; to add keys inside "
                 f"{key}, write ++{key}={{...}} (or +{inner.group(1)}=...)"
             )
-        return f"{key} is not a key of the config (a typo? to add a new key, use +{key}=...)"
+        return removed_option(key) or f"{key} is not a key of the config (a typo? to add a new key, use +{key}=...)"
     cause = e.__cause__
     if isinstance(cause, OmegaConfBaseException):
         lines.append(str(cause).strip().splitlines()[0])

@@ -152,7 +152,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path:
         # Resume: the architecture comes from the checkpoint, not from the command line.
         ckpt = load_checkpoint(ckpt_path)
-        model_dict = ckpt["hyper_parameters"]["model"]
+        model_dict = ModelConfig.from_saved(ckpt["hyper_parameters"]["model"]).to_dict()
         log.info("resuming from %s (step %s)", ckpt_path, ckpt.get("global_step"))
         if model_dict.get("init_from"):  # the pretrained tokenizer the run started with, not data.tokenizer
             tokenizer = Tokenizer.from_json(ckpt["sdt"]["tokenizer"])

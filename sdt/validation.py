@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdt.callbacks import MATMUL_PRECISIONS
 from sdt.checkpoint import checkpoint_exists
+from sdt.config_checks import removed_options
 from sdt.data.config import TokenizerConfig
 from sdt.data.corpus import SPLITS as CORPUS_SPLITS
 from sdt.datamodules import data_config_class
@@ -179,6 +180,14 @@ def check_arguments(fn: Callable[..., Any], values: Mapping[str, Any], prefix: s
             raise UserError(f"{prefix}.{key} is not an option of {what}; valid options: {valid}")
         if key in hints:
             check_value(f"{prefix}.{key}", value, hints[key])
+
+
+def removed_option(key: str) -> str | None:
+    """Why the config key `key` (`optim.router_warmup_steps`) was removed, or None for a key that never existed."""
+    section, _, name = key.partition(".")
+    cls = {"model": ModelConfig, "optim": OptimConfig}.get(section)
+    removed = removed_options(cls).get(name) if cls is not None else None
+    return None if removed is None else f"{key} was removed: {removed.why}"
 
 
 def first_line(e: BaseException) -> str:

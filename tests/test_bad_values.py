@@ -48,10 +48,11 @@ TRAIN_BAD_VALUES = [
     ("seed=[1", "seed=[1"),  # an override Hydra cannot parse
     ("ckpt_path=does/not/exist.ckpt", "does/not/exist.ckpt"),
     ("optim.lr=abc", "optim.lr"),
-    ("optim.router_warmup_steps=-1", "optim.router_warmup_steps"),
+    ("optim.router_warmup_steps=10", "optim.router_warmup_steps was removed: "),  # a removed option: why it went
+    ("++optim.router_warmup_steps=10", "optim.router_warmup_steps was removed: "),
     ("distill.weight=abc", "distill.weight"),
     ("distill.temperature=0", "distill.temperature"),
-    ("model.capacity_start=2", "model.capacity_start"),
+    ("model.capacity_start=1.0", "model.capacity_start was removed: "),
     ("model.always_execute_first=-1", "model.always_execute_first"),
     ("optim.lr=-1", "optim.lr"),
     ("optim.betas=[0.9]", "optim.betas"),

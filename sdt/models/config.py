@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
-from sdt.config_checks import check_literal_fields, from_mapping
+from sdt.config_checks import Removed, check_literal_fields, from_mapping
 from sdt.errors import UserError
 from sdt.routing.gates import GateMode
 from sdt.routing.selection import ROUTING_MODES, CausalMode
@@ -20,7 +21,6 @@ from sdt.routing.surprise import BetaMode, ChangeSurprise, GateRule
 
 Arch = Literal["dense", "sdt", "stt", "mod"]
 RoutedAttention = Literal["selected", "full"]  # routed queries attend to the selected tokens only, or to all earlier
-CapacitySchedule = Literal["linear", "cosine"]
 ModGate = Literal["sigmoid", "raw", "ste"]
 StudentInput = Literal["x", "x_prev"]  # the causal router reads x_t, or [x_t ; x_{t-1}]
 SkipMapKind = Literal["none", "linear"]  # what a token that skips a routed block gets: nothing, or a linear estimate
@@ -31,6 +31,16 @@ ROUTED_ARCHS = ("sdt", "stt", "mod")
 # self-distillation teacher, and an upper bound at evaluation). Not a routing of the model's own.
 FORWARD_ROUTING_MODES = (*ROUTING_MODES, "full")
 LayerKind = Literal["block", "decision", "dynamic", "stt", "mod"]
+
+
+_SCHEDULE_REMOVED = (
+    "the capacity schedule (routed layers starting at a higher capacity and stepping down to model.capacity) "
+    "measured 2.2% worse for SDT and 1.6% for STT than model.capacity from the first step, once skip maps are fitted "
+    "(docs/pretrained.md, 'One option at a time')"
+)
+# Removed options whose effect ended with training: a checkpoint or export that set them describes a model that runs
+# at `capacity` (the schedule reached it before `capacity_warmup` < 1 of training), so it loads whatever they say.
+TRAINING_ONLY_REMOVED = ("capacity_start", "capacity_warmup", "capacity_schedule", "capacity_levels")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -72,13 +82,6 @@ class ModelConfig:
 
     # --- routing (sdt / stt / mod; ignored by dense). See docs/models.md.
     capacity: float = 0.5  # gamma: share of tokens a routed block runs on; k = max(1, floor(gamma * T))
-    # Capacity schedule: training starts routed layers at `capacity_start` (None: no schedule) and moves them to
-    # `capacity` over the first `capacity_warmup` share of training, in `capacity_levels` steps (few distinct k, so
-    # compiled graphs are rebuilt only that often). capacity_start=1.0 starts a conversion at the pretrained model.
-    capacity_start: float | None = None
-    capacity_warmup: float = 0.5
-    capacity_schedule: CapacitySchedule = "linear"
-    capacity_levels: int = 4
     # Leading positions that every routed layer executes in every mode (counted inside k): position 0 is the
     # attention sink of pretrained models, whose removal from routed layers' context hurts most.
     always_execute_first: int = 0
@@ -120,6 +123,13 @@ class ModelConfig:
     # Conversions (init_from): before training, fit each skip map to its pretrained block's updates on this many
     # training blocks (ridge least squares on the dense pass, sdt.models.skip_map_fit); 0 keeps the zero start.
     skip_map_fit_blocks: int = 0
+
+    REMOVED: ClassVar[dict[str, Removed]] = {
+        "capacity_start": Removed(None, _SCHEDULE_REMOVED),
+        "capacity_warmup": Removed(0.5, _SCHEDULE_REMOVED),
+        "capacity_schedule": Removed("linear", _SCHEDULE_REMOVED),
+        "capacity_levels": Removed(4, _SCHEDULE_REMOVED),
+    }
 
     def __post_init__(self) -> None:
         check_literal_fields(self, "model")
@@ -168,19 +178,6 @@ class ModelConfig:
         _check(
             isinstance(self.capacity, (int, float)) and not isinstance(self.capacity, bool) and 0 < self.capacity <= 1,
             f"model.capacity must be a number in (0, 1], got {self.capacity!r}",
-        )
-        if self.capacity_start is not None:
-            _check(
-                isinstance(self.capacity_start, (int, float)) and 0 < self.capacity_start <= 1,
-                f"model.capacity_start must be a number in (0, 1] or null, got {self.capacity_start!r}",
-            )
-        _check(
-            isinstance(self.capacity_warmup, (int, float)) and 0 < self.capacity_warmup < 1,
-            f"model.capacity_warmup must be a share of training in (0, 1), got {self.capacity_warmup!r}",
-        )
-        _check(
-            isinstance(self.capacity_levels, int) and self.capacity_levels >= 2,
-            f"model.capacity_levels must be an integer >= 2, got {self.capacity_levels!r}",
         )
         _check(
             isinstance(self.always_execute_first, int) and self.always_execute_first >= 0,
@@ -241,17 +238,6 @@ class ModelConfig:
     def routed_layer_count(self) -> int:
         return self.n_layers - self.dense_first - self.dense_last
 
-    def capacity_at(self, progress: float) -> float:
-        """The capacity in force at `progress` (share of training done, in [0, 1]) under the capacity schedule."""
-        if self.capacity_start is None:
-            return self.capacity
-        s = min(1.0, max(0.0, progress) / self.capacity_warmup)
-        if self.capacity_schedule == "cosine":
-            s = 0.5 * (1 - math.cos(math.pi * s))
-        steps = self.capacity_levels - 1
-        s = math.floor(s * steps + 1e-9) / steps  # capacity_levels distinct values, the last from capacity_warmup on
-        return self.capacity_start + (self.capacity - self.capacity_start) * s
-
     @property
     def prior_hidden_size(self) -> int:
         """max(2, even(ceil(f * D))): the prior / transition network's SwiGLU width."""
@@ -263,7 +249,14 @@ class ModelConfig:
         """Build from a plain dict (a Hydra node or a checkpoint), rejecting unknown keys with a clear message."""
         return from_mapping(cls, d, "model")
 
+    @classmethod
+    def from_saved(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """The config a checkpoint (`hyper_parameters["model"]`) or an export (`config.json`, key `sdt`) stores, also
+        one written before an option was removed: options whose effect ended with training are dropped."""
+        return from_mapping(cls, {k: v for k, v in d.items() if k not in TRAINING_ONLY_REMOVED}, "model")
+
     def to_dict(self) -> dict[str, Any]:
+        """Every field, flat (`from_dict(to_dict())` is the same config): what checkpoints and exports store."""
         return dataclasses.asdict(self)
 
 

@@ -76,7 +76,7 @@ class RoutedLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.capacity = cfg.capacity  # the one in force: capacity schedules and the run-time dial move it
+        self.capacity = cfg.capacity  # the one in force: the run-time dial (set_inference_capacity) moves it
         self.always_first = cfg.always_execute_first
         self.full_context = cfg.routed_attention == "full"
         # What the tokens that skip the routed block get: None (nothing) or a linear estimate of its update.
