@@ -23,7 +23,6 @@ check by hand and comparable across architectures:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from sdt.errors import UserError
@@ -223,12 +222,12 @@ def compute_report(cfg: ModelConfig, seq_len: int, teacher: ModelConfig | None =
     its dense forward FLOPs count once in the training FLOPs (for `distill.teacher=self`, the model's own
     dimensions as a dense model).
     """
-    dense = dataclasses.replace(cfg, arch="dense")
+    dense = cfg.as_dense()
     inference, dense_inference = flops_breakdown(cfg, seq_len), flops_breakdown(dense, seq_len)
     train, dense_train = flops_breakdown(cfg, seq_len, training=True), flops_breakdown(dense, seq_len, training=True)
     if teacher is not None:
         train = dict(train)
-        train["total"] += flops_breakdown(dataclasses.replace(teacher, arch="dense"), seq_len)["total"]
+        train["total"] += flops_breakdown(teacher.as_dense(), seq_len)["total"]
     kv = kv_entries(cfg, seq_len)
     return {
         "flops_per_token": inference["total"],
@@ -255,10 +254,7 @@ def equal_flops_dense(cfg: ModelConfig, seq_len: int, tolerance: float = 0.02) -
     target = flops_breakdown(cfg, seq_len)["total"]
 
     def dense(n_layers: int, intermediate_size: int) -> ModelConfig:
-        return dataclasses.replace(
-            cfg, arch="dense", n_layers=n_layers, intermediate_size=intermediate_size,
-            dense_first=0, dense_last=0, always_execute_first=0, skip_map="none",
-        )  # fmt: skip
+        return cfg.as_dense(n_layers=n_layers, intermediate_size=intermediate_size)
 
     above = None
     for n_layers in range(cfg.n_layers, 0, -1):

@@ -34,7 +34,7 @@ from sdt.models import LanguageModel, ModelConfig
 from sdt.models.pretrained import Pretrained
 from sdt.models.skip_map_fit import fit_skip_maps
 from sdt.resolvers import register_resolvers
-from sdt.sweeps import dense_duplicate_of, make_multirun_safe, release_distributed, same_point_result
+from sdt.sweeps import make_multirun_safe, release_distributed
 
 register_resolvers()  # configs may use ${package_file:...}; register before Hydra composes them
 
@@ -143,9 +143,6 @@ def final_step(trainer: L.Trainer, last_checkpoint: str | None) -> int:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the configured model; return the final metrics and the checkpoint paths."""
-    duplicate = dense_duplicate_of(cfg)
-    if duplicate:
-        return same_point_result(cfg, duplicate)
     make_multirun_safe(cfg)
     ckpt_path = resolve_resume_path(cfg.get("ckpt_path"), str(cfg.paths.output_dir))
     pretrained, tokenizer = None, None

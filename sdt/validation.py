@@ -34,6 +34,7 @@ from sdt.evaluation.dispatch import check_task
 from sdt.evaluation.lm import SPLIT_NAMES
 from sdt.evaluation.loading import check_device
 from sdt.models import ModelConfig
+from sdt.models.config import ARCHS, archs_with, foreign_options
 from sdt.optim import OptimConfig
 
 SEED_RANGE = (0, 2**32 - 1)  # what NumPy's generator accepts, and so what Lightning's seed_everything keeps
@@ -190,6 +191,15 @@ def removed_option(key: str) -> str | None:
     return None if removed is None else f"{key} was removed: {removed.why}"
 
 
+def foreign_model_option(key: str) -> str | None:
+    """For `model.<option>` that only other architectures have (`model.capacity` of a dense model): which have it."""
+    section, _, name = key.partition(".")
+    archs = archs_with(name) if section == "model" else ()
+    if not archs or len(archs) == len(ARCHS):
+        return None
+    return f"{key} is not an option of the chosen model; the models with it: model={', '.join(archs)}"
+
+
 def first_line(e: BaseException) -> str:
     text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
     return text or type(e).__name__
@@ -321,6 +331,13 @@ def validate_model(model: dict[str, Any], tokenizer_vocab: Any = None) -> None:
         model = {**model, "vocab_size": tokenizer_vocab if isinstance(tokenizer_vocab, int) else ModelConfig.vocab_size}
     check_fields(ModelConfig, model, "model")
     ModelConfig.from_dict(model)
+    foreign = foreign_options(model)
+    if foreign:
+        name, value = next(iter(foreign.items()))
+        raise UserError(
+            f"model.{name}={value!r}: model={model['arch']} has no {name} "
+            f"(an option of model={', '.join(archs_with(name))})"
+        )
 
 
 def validate_data(data: dict[str, Any]) -> None:

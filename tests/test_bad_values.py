@@ -135,6 +135,20 @@ def test_train_bad_value_is_one_line_exit_2_and_writes_nothing(entry, tmp_path, 
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (["model=dense", "model.capacity=0.25"], "model.capacity is not an option of the chosen model; the models with it: model=sdt, stt, mod"),
+        (["model=dense", "++model.capacity=0.25"], "model=dense has no capacity"),
+        (["model=dense", "model/recipe=convert"], "model/recipe= is an option of the routed models"),
+        (["model=sdt", "model.mod_gate=ste"], "the models with it: model=mod"),
+    ],
+)
+def test_an_option_of_another_model_is_one_line_exit_2_and_writes_nothing(entry, tmp_path, overrides, names):
+    assert_one_line_error(*entry("train.py", *overrides), names)
+    assert_nothing_written(tmp_path)
+
+
 @pytest.mark.parametrize("override, names", EVAL_BAD_VALUES, ids=[v for v, _ in EVAL_BAD_VALUES])
 def test_evaluate_bad_value_is_one_line_exit_2_and_writes_nothing(entry, tmp_path, trained_run, override, names):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
