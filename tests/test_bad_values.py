@@ -138,7 +138,10 @@ def test_train_bad_value_is_one_line_exit_2_and_writes_nothing(entry, tmp_path, 
 @pytest.mark.parametrize(
     "overrides, names",
     [
-        (["model=dense", "model.capacity=0.25"], "model.capacity is not an option of the chosen model; the models with it: model=sdt, stt, mod"),
+        (
+            ["model=dense", "model.capacity=0.25"],
+            "model.capacity is not an option of the chosen model; the models with it: model=sdt, stt, mod",
+        ),
         (["model=dense", "++model.capacity=0.25"], "model=dense has no capacity"),
         (["model=dense", "model/recipe=convert"], "model/recipe= is an option of the routed models"),
         (["model=sdt", "model.mod_gate=ste"], "the models with it: model=mod"),
