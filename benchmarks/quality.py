@@ -64,7 +64,7 @@ from sdt.models.pretrained import Pretrained
 from sdt.models.pruning import layer_similarities, layers_to_keep
 from sdt.resolvers import register_resolvers
 from sdt.sweeps import applicable_overrides
-from sdt.training import fit_converted_skip_maps, resolve_model_dict
+from sdt.training import fit_converted_skip_maps, resolve_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("tokens", "flops", "convert")
@@ -143,8 +143,7 @@ def step0_row(setting: str, arch: str, capacity: float, extra: list[str], max_ba
     cfg = compose_train(experiment_overrides(setting, arch, capacity, extra))
     model_dict, tokenizer, pretrained = model_dict_of(cfg)
     datamodule = datamodule_for(cfg, tokenizer)
-    model_dict = resolve_model_dict(model_dict, datamodule.vocab_size, int(cfg.data.seq_len))
-    model_cfg = ModelConfig.from_dict(model_dict)
+    model_cfg = resolve_model_config(model_dict, datamodule.vocab_size, int(cfg.data.seq_len))
     if arch == "dense":  # the untouched pretrained model
         model_cfg = ModelConfig.from_dict(pretrained.own_model_dict())
     model = build_model(model_cfg)
@@ -169,7 +168,7 @@ def step0_row(setting: str, arch: str, capacity: float, extra: list[str], max_ba
 def routed_model_config(cfg, model_dict: dict[str, Any], tokenizer: Tokenizer | None) -> ModelConfig:
     """The model a run of `cfg` builds: its vocabulary comes from the (cached) tokenizer, as in train.py."""
     vocab = datamodule_for(cfg, tokenizer).vocab_size
-    return ModelConfig.from_dict(resolve_model_dict(model_dict, vocab, int(cfg.data.seq_len)))
+    return resolve_model_config(model_dict, vocab, int(cfg.data.seq_len))
 
 
 def equal_flops_overrides(setting: str, arch: str, capacity: float, extra: list[str]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -26,14 +27,26 @@ from sdt.optim import (
 class LitLM(L.LightningModule):
     """Next-token language modelling for every architecture in `sdt.models`.
 
-    Takes the model config as a plain dict (not a built module) so the hyper-parameters stored in checkpoints stay
-    small and the model can be rebuilt from the checkpoint alone.
+    `model` is the run's `ModelConfig` (`sdt.training` builds it once; the model is built from that same object), or
+    the flat dict a checkpoint stores (`hyper_parameters["model"]`, as Lightning rebuilds the module from it). The
+    checkpoint keeps the config as that flat dict, so the model can be rebuilt from the checkpoint alone.
     """
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any], distill: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: ModelConfig | Mapping[str, Any],
+        optim: Mapping[str, Any],
+        distill: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.model_config = ModelConfig.from_saved(model)
+        self.model_config = model if isinstance(model, ModelConfig) else ModelConfig.from_saved(model)
+        self.save_hyperparameters(
+            {
+                "model": self.model_config.to_dict(),
+                "optim": dict(optim),
+                "distill": None if distill is None else dict(distill),
+            }
+        )
         self.optim_config = OptimConfig.from_dict(optim)
         self.distill_config = DistillConfig.from_dict(distill)
         self.model = build_model(self.model_config)
