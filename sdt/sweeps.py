@@ -44,10 +44,16 @@ def model_grid(jobs: Sequence[Sequence[str]], arch_of: Callable[[Sequence[str]],
     option a dense model lacks, which compose for every model.
     """
     out: list[list[str]] = []
+    left_out: dict[str, set[str]] = {}
     for job in jobs:
-        kept = applicable_overrides(job, arch_of(applicable_overrides(job, "dense")))
+        arch = arch_of(applicable_overrides(job, "dense"))
+        kept = applicable_overrides(job, arch)
+        left_out.setdefault(arch, set()).update(o.split("=", 1)[0].lstrip("+~") for o in job if o not in kept)
         if kept not in out:
             out.append(kept)
+    for arch, keys in left_out.items():
+        if keys:
+            log.info("model=%s has no %s: its jobs run without them", arch, ", ".join(sorted(keys)))
     if len(out) < len(jobs):
         log.info("%d grid points, %d jobs: a model runs once per value of the options it has", len(jobs), len(out))
     return out
