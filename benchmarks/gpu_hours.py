@@ -6,9 +6,8 @@
 
 For each preset (`conf/experiment/paper_transfer_*.yaml`, `pretrain_125m_*.yaml`) the model is composed as the preset
 writes it (a hub checkpoint's backbone from its config.json, below, since this runs offline), its training FLOPs per
-token taken from `sdt.compute.compute_report` (3x forward, STT's no-grad teacher pass 1x, capacity schedules
-averaged) and multiplied by the run's tokens (batch x seq_len x accumulate_grad_batches x max_steps, validation
-left out). GPU-hours = FLOPs / (MFU x peak) / 3600.
+token taken from `sdt.compute.compute_report` (3x forward, STT's no-grad teacher pass 1x) and multiplied by the
+run's tokens (batch x seq_len x accumulate_grad_batches x max_steps, validation left out). GPU-hours = FLOPs / (MFU x peak) / 3600.
 
 Routed models move the same matmuls through gathers, scatters and smaller shapes, so they reach a lower MFU than
 dense. `--efficiency <scaling.json>` (from benchmarks/scaling.py) sets each routed model's MFU to the dense MFU times

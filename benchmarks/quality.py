@@ -63,21 +63,24 @@ from sdt.models.calibration import calibrate_thresholds, mode_of_score
 from sdt.models.pretrained import Pretrained
 from sdt.models.pruning import layer_similarities, layers_to_keep
 from sdt.resolvers import register_resolvers
-from sdt.training import fit_converted_skip_maps, resolve_model_dict
+from sdt.sweeps import applicable_overrides
+from sdt.training import fit_converted_skip_maps, resolve_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("tokens", "flops", "convert")
 Point = tuple[str, str, float, list[str]]  # name, arch, capacity, the point's own overrides
 
 
-def experiment_overrides(setting: str, arch: str, capacity: float) -> list[str]:
+def experiment_overrides(setting: str, arch: str, capacity: float, extra: list[str]) -> list[str]:
+    """The overrides of a run of `arch` at `capacity`, then those of `extra` (`--override`) that apply to `arch`: a
+    routed model's option (`model.skip_map=none`) leaves the dense runs as they are, as in a sweep (sdt.sweeps)."""
     if setting == "convert":
         overrides = [f"experiment=smollm2_{arch}"]
     else:
         overrides = ["experiment=sweep_small", f"model={arch}"]
     if arch != "dense":
         overrides.append(f"model.capacity={capacity}")
-    return overrides
+    return overrides + applicable_overrides(extra, arch)
 
 
 def compose_train(overrides: list[str]):
@@ -137,11 +140,10 @@ def datamodule_for(cfg, tokenizer: Tokenizer | None):
 def step0_row(setting: str, arch: str, capacity: float, extra: list[str], max_batches: int | None) -> dict[str, Any]:
     """A converted model with no training: new modules at their initialisation, thresholds calibrated to the
     target capacity on the calibration blocks (what `train.py` would validate before its first step)."""
-    cfg = compose_train(experiment_overrides(setting, arch, capacity) + extra)
+    cfg = compose_train(experiment_overrides(setting, arch, capacity, extra))
     model_dict, tokenizer, pretrained = model_dict_of(cfg)
     datamodule = datamodule_for(cfg, tokenizer)
-    model_dict = resolve_model_dict(model_dict, datamodule.vocab_size, int(cfg.data.seq_len))
-    model_cfg = ModelConfig.from_dict(model_dict)
+    model_cfg = resolve_model_config(model_dict, datamodule.vocab_size, int(cfg.data.seq_len))
     if arch == "dense":  # the untouched pretrained model
         model_cfg = ModelConfig.from_dict(pretrained.own_model_dict())
     model = build_model(model_cfg)
@@ -166,12 +168,12 @@ def step0_row(setting: str, arch: str, capacity: float, extra: list[str], max_ba
 def routed_model_config(cfg, model_dict: dict[str, Any], tokenizer: Tokenizer | None) -> ModelConfig:
     """The model a run of `cfg` builds: its vocabulary comes from the (cached) tokenizer, as in train.py."""
     vocab = datamodule_for(cfg, tokenizer).vocab_size
-    return ModelConfig.from_dict(resolve_model_dict(model_dict, vocab, int(cfg.data.seq_len)))
+    return resolve_model_config(model_dict, vocab, int(cfg.data.seq_len))
 
 
 def equal_flops_overrides(setting: str, arch: str, capacity: float, extra: list[str]) -> list[str]:
     """The overrides of the dense run whose inference FLOPs per token equal routed point (arch, capacity)'s."""
-    cfg = compose_train(experiment_overrides(setting, arch, capacity) + extra)
+    cfg = compose_train(experiment_overrides(setting, arch, capacity, extra))
     model_dict, tokenizer, _ = model_dict_of(cfg)
     dense = equal_flops_dense(routed_model_config(cfg, model_dict, tokenizer), int(cfg.data.seq_len))
     return [f"model.n_layers={dense.n_layers}", f"model.intermediate_size={dense.intermediate_size}"]
@@ -180,7 +182,7 @@ def equal_flops_overrides(setting: str, arch: str, capacity: float, extra: list[
 def pruned_overrides(setting: str, arch: str, capacity: float, extra: list[str], fit_blocks: int) -> list[str]:
     """Convert: the pretrained model statically pruned to the inference FLOPs of routed point (arch, capacity), its
     layers chosen as ShortGPT does (the least input/output cosine similarity kept) on `fit_blocks` training blocks."""
-    cfg = compose_train(experiment_overrides(setting, arch, capacity) + extra)
+    cfg = compose_train(experiment_overrides(setting, arch, capacity, extra))
     model_dict, tokenizer, pretrained = model_dict_of(cfg)
     seq_len = int(cfg.data.seq_len)
     target = compute_report(routed_model_config(cfg, model_dict, tokenizer), seq_len)["flops_per_token"]
@@ -215,7 +217,7 @@ def train_row(
         with open(done) as f:
             return json.load(f)
     os.makedirs(run_dir, exist_ok=True)
-    overrides = experiment_overrides(setting, arch, capacity) + extra + point_overrides  # the point's own last
+    overrides = experiment_overrides(setting, arch, capacity, extra) + point_overrides  # the point's own last
     overrides += [] if seed is None else [f"seed={seed}"]
     cfg = compose_train(overrides)
     model_dict, tokenizer, _ = model_dict_of(cfg)
@@ -245,7 +247,7 @@ def train_row(
     row.update(evaluate_model(model, datamodule, max_batches))
     report = train_compute(cfg, model.config)
     if point_overrides:  # an equal-FLOPs dense run: its ratios against the dense model of the benchmark's dimensions
-        full = compose_train(experiment_overrides(setting, "dense", 1.0) + extra)
+        full = compose_train(experiment_overrides(setting, "dense", 1.0, extra))
         seq_len = int(cfg.data.seq_len)
         full_dict, full_tokenizer, _ = model_dict_of(full)
         reference = compute_report(routed_model_config(full, full_dict, full_tokenizer), seq_len)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 from sdt.errors import UserError
-from sdt.validation import validate_eval_config, validate_train_config
+from sdt.validation import foreign_model_option, removed_option, validate_eval_config, validate_train_config
 
 EXIT_USER_ERROR = 2
 
@@ -97,6 +97,8 @@ def _hydra_error_line(e: BaseException) -> str:
     if isinstance(e, OverrideParseException):
         return f"cannot parse the override {e.override!r}: {e.message}"
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Could not override 'model/recipe'"):  # only routed models select a recipe
+        return "model/recipe= is an option of the routed models (model=sdt, stt, mod): dense has no routing to convert"
     found = re.match(r"Could not override '(.+)'\.", lines[0]) if lines else None
     if found and "not in struct" in str(e.__cause__ or e):
         key = found.group(1)
@@ -106,7 +108,11 @@ def _hydra_error_line(e: BaseException) -> str:
                 f"{key}: the dict adds {inner.group(1)}, which the config does not have; to add keys inside "
                 f"{key}, write ++{key}={{...}} (or +{inner.group(1)}=...)"
             )
-        return f"{key} is not a key of the config (a typo? to add a new key, use +{key}=...)"
+        return (
+            removed_option(key)
+            or foreign_model_option(key)
+            or f"{key} is not a key of the config (a typo? to add a new key, use +{key}=...)"
+        )
     cause = e.__cause__
     if isinstance(cause, OmegaConfBaseException):
         lines.append(str(cause).strip().splitlines()[0])

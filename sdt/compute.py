@@ -24,7 +24,6 @@ check by hand and comparable across architectures:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from sdt.errors import UserError
@@ -230,37 +229,19 @@ def kv_entries(cfg: ModelConfig, seq_len: int) -> int:
     return sum(seq_len if kind in ("block", "decision") else routed_kv for kind in layer_kinds(cfg))
 
 
-def scheduled_train_flops(cfg: ModelConfig, seq_len: int, samples: int = 1000) -> dict[str, float]:
-    """Training FLOPs per token averaged over a capacity schedule (`model.capacity_start`): each capacity in force
-    weighted by the share of training it lasts."""
-    shares: dict[float, float] = {}
-    for i in range(samples):
-        capacity = cfg.capacity_at((i + 0.5) / samples)
-        shares[capacity] = shares.get(capacity, 0.0) + 1.0 / samples
-    total: dict[str, float] = {}
-    for capacity, share in shares.items():
-        flops = flops_breakdown(dataclasses.replace(cfg, capacity=capacity, capacity_start=None), seq_len, True)
-        for name, value in flops.items():
-            total[name] = total.get(name, 0.0) + share * value
-    return total
-
-
 def compute_report(cfg: ModelConfig, seq_len: int, teacher: ModelConfig | None = None) -> dict:
     """FLOPs per token, KV entries and their ratios to the dense model with the same dimensions.
 
     `teacher`: a distillation teacher (`distill.*`) whose forward runs, without gradients, at every training step;
     its dense forward FLOPs count once in the training FLOPs (for `distill.teacher=self`, the model's own
-    dimensions as a dense model). Under a capacity schedule the training FLOPs are the schedule's average; the
-    inference FLOPs are those of the final capacity.
+    dimensions as a dense model).
     """
-    dense = dataclasses.replace(cfg, arch="dense")
+    dense = cfg.as_dense()
     inference, dense_inference = flops_breakdown(cfg, seq_len), flops_breakdown(dense, seq_len)
     train, dense_train = flops_breakdown(cfg, seq_len, training=True), flops_breakdown(dense, seq_len, training=True)
-    if cfg.capacity_start is not None and cfg.arch != "dense":
-        train = scheduled_train_flops(cfg, seq_len)
     if teacher is not None:
         train = dict(train)
-        train["total"] += flops_breakdown(dataclasses.replace(teacher, arch="dense"), seq_len)["total"]
+        train["total"] += flops_breakdown(teacher.as_dense(), seq_len)["total"]
     kv = kv_entries(cfg, seq_len)
     return {
         "flops_per_token": inference["total"],
@@ -287,10 +268,7 @@ def equal_flops_dense(cfg: ModelConfig, seq_len: int, tolerance: float = 0.02) -
     target = flops_breakdown(cfg, seq_len)["total"]
 
     def dense(n_layers: int, intermediate_size: int) -> ModelConfig:
-        return dataclasses.replace(
-            cfg, arch="dense", n_layers=n_layers, intermediate_size=intermediate_size, capacity_start=None,
-            dense_first=0, dense_last=0, always_execute_first=0, skip_map="none",
-        )  # fmt: skip
+        return cfg.as_dense(n_layers=n_layers, intermediate_size=intermediate_size)
 
     above = None
     for n_layers in range(cfg.n_layers, 0, -1):

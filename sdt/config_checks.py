@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from sdt.errors import UserError
@@ -16,14 +17,41 @@ from sdt.errors import UserError
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Removed:
+    """An option a config class no longer has: the value that meant "off", and why it went (the measurement)."""
+
+    default: Any
+    why: str
+
+
+def removed_options(cls: type) -> Mapping[str, Removed]:
+    """The removed options of config class `cls` (its `REMOVED` class attribute), by field name."""
+    return getattr(cls, "REMOVED", {})
+
+
+def without_removed(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """`d` without the removed options of `cls` that it sets to their old default (configs and checkpoints written
+    before the removal); a removed option set to anything else is an error naming the key and saying why it went."""
+    out = dict(d)
+    for name, removed in removed_options(cls).items():
+        if name in out:
+            value = out.pop(name)
+            if value != removed.default:
+                raise UserError(f"{prefix}.{name}={value!r}: {prefix}.{name} was removed: {removed.why}")
+    return out
+
+
 def strict_kwargs(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """`d` as keyword arguments of dataclass `cls`, after checking that it names only fields of `cls`.
 
     `prefix` is the config key of the mapping (`model`, `data.tokenizer`, `cola`): a typo in an override fails with
-    the full key and the valid options instead of being silently ignored.
+    the full key and the valid options instead of being silently ignored. A removed option (`cls.REMOVED`) at its old
+    default is dropped; set to anything else it fails with why it was removed.
     """
     if not isinstance(d, Mapping):
         raise UserError(f"{prefix} must be a mapping, got {type(d).__name__}")
+    d = without_removed(cls, d, prefix)
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(str(k) for k in d if k not in valid)
     if unknown:

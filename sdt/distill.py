@@ -69,7 +69,7 @@ def load_teacher(source: str) -> LanguageModel:
     """A frozen teacher from an sdt checkpoint (`.ckpt`) or a pretrained source, in eval mode, without gradients."""
     if source.endswith(".ckpt"):
         ckpt = load_checkpoint(source)
-        model = build_model(ModelConfig.from_dict(ckpt["hyper_parameters"]["model"]))
+        model = build_model(ModelConfig.from_saved(ckpt["hyper_parameters"]["model"]))
         missing, unexpected = model.load_state_dict(model_state_dict(ckpt), strict=False)
         missing = [
             k
@@ -80,7 +80,7 @@ def load_teacher(source: str) -> LanguageModel:
             raise UserError(f"distill.teacher={source}: weights do not match its model ({missing}, {unexpected})")
     else:
         pretrained = Pretrained(source)
-        model = build_model(ModelConfig.from_dict(pretrained.own_model_dict()))
+        model = build_model(ModelConfig.from_saved(pretrained.own_model_dict()))
         pretrained.load_into(model)
     model.eval().requires_grad_(False)
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -18,7 +19,6 @@ from sdt.optim import (
     OptimConfig,
     build_optimizer,
     clip_grad_norm_by_role,
-    parameter_role,
     role_learning_rates,
     warmup_cosine,
 )
@@ -27,14 +27,26 @@ from sdt.optim import (
 class LitLM(L.LightningModule):
     """Next-token language modelling for every architecture in `sdt.models`.
 
-    Takes the model config as a plain dict (not a built module) so the hyper-parameters stored in checkpoints stay
-    small and the model can be rebuilt from the checkpoint alone.
+    `model` is the run's `ModelConfig` (`sdt.training` builds it once; the model is built from that same object), or
+    the flat dict a checkpoint stores (`hyper_parameters["model"]`, as Lightning rebuilds the module from it). The
+    checkpoint keeps the config as that flat dict, so the model can be rebuilt from the checkpoint alone.
     """
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any], distill: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: ModelConfig | Mapping[str, Any],
+        optim: Mapping[str, Any],
+        distill: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.model_config = ModelConfig.from_dict(model)
+        self.model_config = model if isinstance(model, ModelConfig) else ModelConfig.from_saved(model)
+        self.save_hyperparameters(
+            {
+                "model": self.model_config.to_dict(),
+                "optim": dict(optim),
+                "distill": None if distill is None else dict(distill),
+            }
+        )
         self.optim_config = OptimConfig.from_dict(optim)
         self.distill_config = DistillConfig.from_dict(distill)
         self.model = build_model(self.model_config)
@@ -163,16 +175,6 @@ class LitLM(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Router warm-up: for the first `optim.router_warmup_steps` steps only the routing modules (priors,
-        transition networks, gate scalars, students, routers) learn; the backbone's gradients are dropped, so
-        AdamW leaves those weights (and their moments) untouched."""
-        if self.global_step >= self.optim_config.router_warmup_steps:
-            return
-        for name, p in self.model.named_parameters():
-            if p.grad is not None and parameter_role(self.model, name) == "base":
-                p.grad = None
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None

@@ -1,16 +1,18 @@
-"""What `train()` must do differently inside a Hydra multirun (capacity sweeps, model sweeps)."""
+"""What a Hydra multirun does for `sdt`: the grid over model options (`model_grid`), and what `train()` must do
+differently inside one (multi-device jobs, process groups)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import logging
 import os
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
+
+from sdt.models.config import ModelConfig, model_options
 
 log = logging.getLogger(__name__)
 
@@ -19,28 +21,42 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def dense_duplicate_of(cfg: DictConfig) -> str | None:
-    """In a sweep such as `model=dense,sdt model.capacity=0.125,0.25`, the dense jobs differ only in a capacity
-    that dense ignores: they are the same point. The first such job claims the point (an atomic marker file in the
-    sweep dir) and trains; the others return the claiming job's output dir and train nothing.
+def applicable_overrides(overrides: Sequence[str], arch: str) -> list[str]:
+    """The overrides that apply to a model of architecture `arch`: an override of a model option that only other
+    architectures have (`model.capacity=0.5` for dense) is left out; every other override is kept, so a typo still
+    fails as Hydra reports it."""
+    options = {f.name for f in dataclasses.fields(ModelConfig)}
+    own = set(model_options(arch))
+
+    def applies(override: str) -> bool:
+        key = override.split("=", 1)[0].lstrip("+~")
+        name = key.removeprefix("model.")
+        return not key.startswith("model.") or name not in options or name in own
+
+    return [o for o in overrides if applies(o)]
+
+
+def model_grid(jobs: Sequence[Sequence[str]], arch_of: Callable[[Sequence[str]], str]) -> list[list[str]]:
+    """The jobs of a grid sweep (each a list of overrides), each with only the model options its model has; jobs that
+    are then the same run once, in the order of their first appearance.
+
+    `arch_of(overrides)` is the architecture a job composes to; it is given the job's overrides without any model
+    option a dense model lacks, which compose for every model.
     """
-    if not in_multirun() or cfg.model.get("arch") != "dense":
-        return None
-    # The job's own overrides identify its point in the sweep (the resolved config would not: it embeds the job's
-    # output dir); drop the capacity, which dense ignores.
-    overrides = sorted(o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("model.capacity="))
-    key = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:16]
-    marker_dir = os.path.join(HydraConfig.get().sweep.dir, ".dense_points")
-    os.makedirs(marker_dir, exist_ok=True)
-    marker = os.path.join(marker_dir, key)
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        with open(marker) as f:
-            return f.read().strip() or None
-    with os.fdopen(fd, "w") as f:
-        f.write(str(cfg.paths.output_dir))
-    return None
+    out: list[list[str]] = []
+    left_out: dict[str, set[str]] = {}
+    for job in jobs:
+        arch = arch_of(applicable_overrides(job, "dense"))
+        kept = applicable_overrides(job, arch)
+        left_out.setdefault(arch, set()).update(o.split("=", 1)[0].lstrip("+~") for o in job if o not in kept)
+        if kept not in out:
+            out.append(kept)
+    for arch, keys in left_out.items():
+        if keys:
+            log.info("model=%s has no %s: its jobs run without them", arch, ", ".join(sorted(keys)))
+    if len(out) < len(jobs):
+        log.info("%d grid points, %d jobs: a model runs once per value of the options it has", len(jobs), len(out))
+    return out
 
 
 def make_multirun_safe(cfg: DictConfig) -> None:
@@ -76,13 +92,3 @@ def release_distributed() -> None:
         dist.destroy_process_group()
     for name in DIST_ENV:
         os.environ.pop(name, None)
-
-
-def same_point_result(cfg: DictConfig, original_dir: str) -> dict[str, Any]:
-    out = str(cfg.paths.output_dir)
-    os.makedirs(out, exist_ok=True)
-    note = {"same_point_as": original_dir, "reason": "dense ignores model.capacity; trained once per sweep"}
-    with open(os.path.join(out, "same_point.json"), "w") as f:
-        json.dump(note, f, indent=2)
-    log.info("dense job identical to %s (dense ignores model.capacity): not trained again", original_dir)
-    return {"metrics": {}, "global_step": None, "best_checkpoint": None, "last_checkpoint": None, **note}

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -34,7 +35,7 @@ from sdt.models import LanguageModel, ModelConfig
 from sdt.models.pretrained import Pretrained
 from sdt.models.skip_map_fit import fit_skip_maps
 from sdt.resolvers import register_resolvers
-from sdt.sweeps import dense_duplicate_of, make_multirun_safe, release_distributed, same_point_result
+from sdt.sweeps import make_multirun_safe, release_distributed
 
 register_resolvers()  # configs may use ${package_file:...}; register before Hydra composes them
 
@@ -51,8 +52,11 @@ def to_dict(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
-def resolve_model_dict(model: dict[str, Any], tokenizer_vocab: int, seq_len: int) -> dict[str, Any]:
-    """Fill in what the data decides (vocabulary size) and check what must agree with it."""
+def resolve_model_config(
+    model: Mapping[str, Any], tokenizer_vocab: int, seq_len: int, saved: bool = False
+) -> ModelConfig:
+    """The run's model config, built once and handed to the model: `model.*` (or, `saved`, a checkpoint's config)
+    with what the data decides (the vocabulary size) filled in and what must agree with the data checked."""
     model = dict(model)
     if model.get("vocab_size") is None:
         model["vocab_size"] = round_up(tokenizer_vocab, VOCAB_MULTIPLE)
@@ -61,8 +65,7 @@ def resolve_model_dict(model: dict[str, Any], tokenizer_vocab: int, seq_len: int
     max_len = model.get("max_seq_len", ModelConfig.max_seq_len)
     if seq_len > max_len:
         raise UserError(f"data.seq_len={seq_len} is longer than model.max_seq_len={max_len}")
-    ModelConfig.from_dict(model)  # validate now, before anything is written
-    return model
+    return ModelConfig.from_saved(model) if saved else ModelConfig.from_dict(model)
 
 
 def fit_converted_skip_maps(model: LanguageModel, datamodule: L.LightningDataModule) -> None:
@@ -143,9 +146,6 @@ def final_step(trainer: L.Trainer, last_checkpoint: str | None) -> int:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the configured model; return the final metrics and the checkpoint paths."""
-    duplicate = dense_duplicate_of(cfg)
-    if duplicate:
-        return same_point_result(cfg, duplicate)
     make_multirun_safe(cfg)
     ckpt_path = resolve_resume_path(cfg.get("ckpt_path"), str(cfg.paths.output_dir))
     pretrained, tokenizer = None, None
@@ -170,8 +170,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
 
-    model_dict = resolve_model_dict(model_dict, datamodule.vocab_size, data_cfg.seq_len)
-    lit = LitLM(model=model_dict, optim=to_dict(cfg.optim), distill=to_dict(cfg.get("distill")))
+    model_cfg = resolve_model_config(model_dict, datamodule.vocab_size, data_cfg.seq_len, saved=bool(ckpt_path))
+    lit = LitLM(model=model_cfg, optim=to_dict(cfg.optim), distill=to_dict(cfg.get("distill")))
     if pretrained is not None:
         pretrained.load_into(lit.model)
         fit_converted_skip_maps(lit.model, datamodule)
@@ -183,7 +183,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     log.info(
         "model %s: %.2fM parameters (%.2fM without embeddings)",
-        model_dict["arch"],
+        model_cfg.arch,
         lit.model.num_parameters() / 1e6,
         lit.model.num_parameters(exclude_embeddings=True) / 1e6,
     )
@@ -192,7 +192,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     failed = True
     try:
         log_run_config(trainer, cfg)
-        log_compute(trainer, lit.model_config, data_cfg.seq_len, teacher=lit.teacher_config)
+        log_compute(trainer, model_cfg, data_cfg.seq_len, teacher=lit.teacher_config)
         with warnings.catch_warnings():
             # Lightning warns that a mid-epoch resume replays data unless the loader is stateful; ours continues
             # from the data module's saved position (LMDataModule.state_dict), so the warning does not apply.

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdt.callbacks import MATMUL_PRECISIONS
 from sdt.checkpoint import checkpoint_exists
+from sdt.config_checks import removed_options
 from sdt.data.config import TokenizerConfig
 from sdt.data.corpus import SPLITS as CORPUS_SPLITS
 from sdt.datamodules import data_config_class
@@ -33,6 +34,7 @@ from sdt.evaluation.dispatch import check_task
 from sdt.evaluation.lm import SPLIT_NAMES
 from sdt.evaluation.loading import check_device
 from sdt.models import ModelConfig
+from sdt.models.config import ARCHS, archs_with, foreign_options
 from sdt.optim import OptimConfig
 
 SEED_RANGE = (0, 2**32 - 1)  # what NumPy's generator accepts, and so what Lightning's seed_everything keeps
@@ -181,6 +183,23 @@ def check_arguments(fn: Callable[..., Any], values: Mapping[str, Any], prefix: s
             check_value(f"{prefix}.{key}", value, hints[key])
 
 
+def removed_option(key: str) -> str | None:
+    """Why the config key `key` (`optim.router_warmup_steps`) was removed, or None for a key that never existed."""
+    section, _, name = key.partition(".")
+    cls = {"model": ModelConfig, "optim": OptimConfig}.get(section)
+    removed = removed_options(cls).get(name) if cls is not None else None
+    return None if removed is None else f"{key} was removed: {removed.why}"
+
+
+def foreign_model_option(key: str) -> str | None:
+    """For `model.<option>` that only other architectures have (`model.capacity` of a dense model): which have it."""
+    section, _, name = key.partition(".")
+    archs = archs_with(name) if section == "model" else ()
+    if not archs or len(archs) == len(ARCHS):
+        return None
+    return f"{key} is not an option of the chosen model; the models with it: model={', '.join(archs)}"
+
+
 def first_line(e: BaseException) -> str:
     text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
     return text or type(e).__name__
@@ -312,6 +331,13 @@ def validate_model(model: dict[str, Any], tokenizer_vocab: Any = None) -> None:
         model = {**model, "vocab_size": tokenizer_vocab if isinstance(tokenizer_vocab, int) else ModelConfig.vocab_size}
     check_fields(ModelConfig, model, "model")
     ModelConfig.from_dict(model)
+    foreign = foreign_options(model)
+    if foreign:
+        name, value = next(iter(foreign.items()))
+        raise UserError(
+            f"model.{name}={value!r}: model={model['arch']} has no {name} "
+            f"(an option of model={', '.join(archs_with(name))})"
+        )
 
 
 def validate_data(data: dict[str, Any]) -> None:

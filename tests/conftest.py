@@ -65,8 +65,11 @@ def tiny_data(paths: list[str]) -> list[str]:
     ]
 
 
-def compose_cfg(config_name: str, overrides: list[str], out_dir: Path, cache_dir: Path) -> DictConfig:
-    """Compose a real config from conf/ as the CLI would, with the run and cache dirs pinned."""
+def compose_cfg(
+    config_name: str, overrides: list[str], out_dir: Path, cache_dir: Path, hydra: bool = False
+) -> DictConfig:
+    """Compose a real config from conf/ as the CLI would, with the run and cache dirs pinned (`hydra`: with the
+    `hydra` node)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(
@@ -77,6 +80,7 @@ def compose_cfg(config_name: str, overrides: list[str], out_dir: Path, cache_dir
                 f"paths.output_dir={out_dir}",
                 f"paths.cache_dir={cache_dir}",
             ],
+            return_hydra_config=hydra,
         )
     GlobalHydra.instance().clear()
     return cfg

@@ -48,10 +48,11 @@ TRAIN_BAD_VALUES = [
     ("seed=[1", "seed=[1"),  # an override Hydra cannot parse
     ("ckpt_path=does/not/exist.ckpt", "does/not/exist.ckpt"),
     ("optim.lr=abc", "optim.lr"),
-    ("optim.router_warmup_steps=-1", "optim.router_warmup_steps"),
+    ("optim.router_warmup_steps=10", "optim.router_warmup_steps was removed: "),  # a removed option: why it went
+    ("++optim.router_warmup_steps=10", "optim.router_warmup_steps was removed: "),
     ("distill.weight=abc", "distill.weight"),
     ("distill.temperature=0", "distill.temperature"),
-    ("model.capacity_start=2", "model.capacity_start"),
+    ("model.capacity_start=1.0", "model.capacity_start was removed: "),
     ("model.always_execute_first=-1", "model.always_execute_first"),
     ("model.routed_sublayer=ffn", "model.routed_sublayer"),
     ("optim.lr=-1", "optim.lr"),
@@ -132,6 +133,23 @@ def assert_nothing_written(tmp_path: Path) -> None:
 @pytest.mark.parametrize("override, names", TRAIN_BAD_VALUES, ids=[v for v, _ in TRAIN_BAD_VALUES])
 def test_train_bad_value_is_one_line_exit_2_and_writes_nothing(entry, tmp_path, override, names):
     assert_one_line_error(*entry("train.py", override), names)
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (
+            ["model=dense", "model.capacity=0.25"],
+            "model.capacity is not an option of the chosen model; the models with it: model=sdt, stt, mod",
+        ),
+        (["model=dense", "++model.capacity=0.25"], "model=dense has no capacity"),
+        (["model=dense", "model/recipe=convert"], "model/recipe= is an option of the routed models"),
+        (["model=sdt", "model.mod_gate=ste"], "the models with it: model=mod"),
+    ],
+)
+def test_an_option_of_another_model_is_one_line_exit_2_and_writes_nothing(entry, tmp_path, overrides, names):
+    assert_one_line_error(*entry("train.py", *overrides), names)
     assert_nothing_written(tmp_path)
 
 

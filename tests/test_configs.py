@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from sdt.checkpoint import load_checkpoint
 from sdt.data import DataConfig
 from sdt.models import ModelConfig
+from sdt.models.config import Recipe, model_options
 from sdt.reasoning.data import ReasoningDataConfig
+from sdt.sweeps import model_grid
 from sdt.training import split_trainer_config, train
-from sdt.validation import validate_train_config
+from sdt.validation import validate_model, validate_train_config
 from tests.conftest import CONF_DIR, compose_cfg, tiny_data
 
 
@@ -30,6 +35,49 @@ def test_model_configs_validate(name, tmp_path):
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model["vocab_size"] = model["vocab_size"] or 512
     ModelConfig.from_dict(model)
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_each_model_config_composes_to_exactly_the_options_of_its_architecture(name, tmp_path):
+    # conf/model/<arch>.yaml shows its architecture's options and no other's: dense.yaml gaining a routed key (or a
+    # routed yaml losing one of its options) fails here.
+    cfg = compose_cfg("train", [f"model={name}"], tmp_path, tmp_path)
+    assert sorted(cfg.model.keys()) == sorted(model_options(cfg.model.arch))
+
+
+@pytest.mark.parametrize("name", ["sdt", "stt", "mod"])
+def test_the_conversion_recipe_is_a_group_of_the_routed_models(name, tmp_path):
+    scratch = compose_cfg("train", [f"model={name}"], tmp_path, tmp_path)
+    convert = compose_cfg("train", [f"model={name}", "model/recipe=convert"], tmp_path, tmp_path)
+    recipe = {f.name for f in dataclasses.fields(Recipe)}
+    assert all(not scratch.model[k] for k in recipe)  # from scratch: every recipe option off
+    assert convert.model.dense_first == 2 and convert.model.always_execute_first == 1
+    assert convert.model.skip_map_fit_blocks == 64 and convert.model.routed_attention == "full"
+    assert convert.distill.weight == 1.0 and scratch.distill.weight == 0.0
+    assert sorted(convert.model.keys()) == sorted(model_options(name))
+
+
+def test_a_mixed_sweep_runs_each_model_over_the_options_it_has(tmp_path):
+    # python train.py -m model=dense,sdt model.capacity=0.125,0.5 (Hydra's grid, then the model-grid rule)
+    grid = [["model=dense", "model.capacity=0.125"], ["model=dense", "model.capacity=0.5"],
+            ["model=sdt", "model.capacity=0.125"], ["model=sdt", "model.capacity=0.5"]]  # fmt: skip
+
+    def arch_of(overrides):
+        return compose_cfg("train", list(overrides), tmp_path, tmp_path).model.arch
+
+    jobs = model_grid(grid, arch_of)
+    assert jobs == [["model=dense"], ["model=sdt", "model.capacity=0.125"], ["model=sdt", "model.capacity=0.5"]]
+    for job in jobs:  # every job composes, and validates as a run config
+        validate_model(OmegaConf.to_container(compose_cfg("train", job, tmp_path, tmp_path).model, resolve=True))
+    # A typo is no model option: it stays, and fails as Hydra reports it.
+    with pytest.raises(ConfigCompositionException, match="model.capcity"):
+        model_grid([["model=dense", "model.capcity=0.5"]], arch_of)
+    # The sweeper train.py runs with applies the rule.
+    cfg = compose_cfg("train", [], tmp_path, tmp_path, hydra=True)
+    sweeper = get_class(cfg.hydra.sweeper._target_)
+    # By name: Hydra's plugin scan loads its core plugins anew, so BasicSweeper may be two class objects.
+    assert "BasicSweeper" in {c.__name__ for c in sweeper.__mro__}
+    assert sweeper.split_arguments is not BasicSweeper.split_arguments
 
 
 @pytest.mark.parametrize("name", options("data"))

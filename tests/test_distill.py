@@ -65,14 +65,3 @@ def test_the_teacher_pass_counts_once_in_training_flops():
     # One dense forward = a third of a dense training step.
     assert math.isclose(extra, dense_forward["flops_ratio_vs_dense"], rel_tol=1e-9)
     assert distilled["flops_ratio_vs_dense"] == plain["flops_ratio_vs_dense"]  # inference is unchanged
-
-
-def test_a_capacity_schedule_raises_training_flops_by_its_average_capacity():
-    base = {"arch": "sdt", "vocab_size": 4096, "d_model": 128, "n_layers": 4, "n_heads": 4, "capacity": 0.5}
-    plain = compute_report(ModelConfig(**base), 256)
-    scheduled = compute_report(ModelConfig(**base, capacity_start=1.0, capacity_warmup=0.5, capacity_levels=2), 256)
-    full = compute_report(ModelConfig(**{**base, "capacity": 1.0}), 256)
-    # Two levels over the first half: capacity 1.0 until half-way, 0.5 after it.
-    expected = 0.5 * full["train_flops_ratio_vs_dense"] + 0.5 * plain["train_flops_ratio_vs_dense"]
-    assert math.isclose(scheduled["train_flops_ratio_vs_dense"], expected, rel_tol=1e-9)
-    assert scheduled["flops_ratio_vs_dense"] == plain["flops_ratio_vs_dense"]

@@ -144,7 +144,7 @@ def test_export_cli_and_its_errors(tmp_path, capsys):
 
 ROUTED_EXPORTS = {
     "sdt": {"arch": "sdt", "capacity": 0.5},
-    # the conversion recipe's options (conf/experiment/smollm2_transfer.yaml)
+    # the conversion recipe's options (conf/model/recipe/convert.yaml)
     "sdt-first-executed-dense-ends": {
         "arch": "sdt", "always_execute_first": 1, "dense_first": 1, "dense_last": 1, "n_layers": 6, "student_norm": True,
         "skip_map": "linear",

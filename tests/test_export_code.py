@@ -180,8 +180,9 @@ def test_every_experiment_exports_and_loads(name, tmp_path):
 
 
 def test_the_conversion_recipe_exports_and_loads(tmp_path):
-    """conf/experiment/smollm2_transfer.yaml sets always_execute_first=1: its export once failed to load."""
-    cfg = experiment_model("smollm2_transfer", tmp_path)
+    """The conversion recipe (conf/model/recipe/convert.yaml, experiment=smollm2_sdt) sets always_execute_first=1:
+    its export once failed to load."""
+    cfg = experiment_model("smollm2_sdt", tmp_path)
     assert cfg.always_execute_first == 1 and cfg.arch != "dense"
     assert_export_reproduces(cfg, tmp_path)
     # another causal mode at load time runs the package's forward in that mode; a non-causal one is refused

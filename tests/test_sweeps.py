@@ -1,5 +1,5 @@
-"""Hydra multirun: each job in its own dir, dense trained once per sweep, multi-device jobs really multi-process,
-and `python -m sdt.report` over the result."""
+"""Hydra multirun: each job in its own dir, a model option sweeping only the models that have it (dense once per
+capacity sweep), multi-device jobs really multi-process, and `python -m sdt.report` over the result."""
 
 from __future__ import annotations
 
@@ -74,14 +74,13 @@ def test_report_on_a_dir_without_runs_is_a_clear_error(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_dense_is_trained_once_per_capacity_sweep(tmp_path, cache_dir, corpus_files):
+def test_a_mixed_sweep_runs_dense_once_and_each_routed_model_at_each_capacity(tmp_path, cache_dir, corpus_files):
     jobs = multirun(tmp_path / "sweep", cache_dir, corpus_files, "model=dense,sdt", "model.capacity=0.25,0.5")
-    assert len(jobs) == 4
-    trained = [j for j in jobs if (j / "checkpoints" / "last.ckpt").is_file()]
-    same = [j for j in jobs if (j / "same_point.json").is_file()]
-    assert len(trained) == 3 and len(same) == 1
-    note = json.loads((same[0] / "same_point.json").read_text())
-    assert Path(note["same_point_as"]) in trained
+    assert len(jobs) == 3  # dense has no capacity: one job, not two identical ones
+    overrides = [(j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
+    assert sum("model=dense" in o for o in overrides) == 1
+    assert all("model.capacity" not in o for o in overrides if "model=dense" in o)
+    assert all((j / "checkpoints" / "last.ckpt").is_file() for j in jobs)
 
 
 @pytest.mark.slow

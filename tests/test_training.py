@@ -8,7 +8,10 @@ import math
 import pytest
 import torch
 
+import sdt.training
 from sdt.checkpoint import load_checkpoint
+from sdt.lit_module import LitLM
+from sdt.models import ModelConfig
 from sdt.training import train
 from tests.conftest import TINY_DIMS, TINY_MODEL, TINY_TRAINER, compose_cfg, tiny_data
 
@@ -116,3 +119,32 @@ def test_sublayer_routing_trains_through_the_entry_point_and_a_bad_value_is_one_
     (line,) = bad.stderr.strip().splitlines()
     assert line.startswith("error: model.routed_sublayer must be one of") and "'ffn'" in line, line
     assert not (tmp_path / "bad").exists()
+
+
+def test_train_builds_the_model_config_once_and_the_layers_read_that_object(
+    tmp_path, corpus_files, cache_dir, monkeypatch
+):
+    # The capacity's path to Top-K (docs/architecture.md): `model.*` -> the one ModelConfig -> RoutedLayer.capacity.
+    built: list[ModelConfig] = []
+    for name in ("from_dict", "from_saved"):
+        real = getattr(ModelConfig, name).__func__
+
+        def spy(cls, d, real=real):
+            built.append(real(cls, d))
+            return built[-1]
+
+        monkeypatch.setattr(ModelConfig, name, classmethod(spy))
+    modules: list[LitLM] = []
+
+    class Recorded(LitLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            modules.append(self)
+
+    monkeypatch.setattr(sdt.training, "LitLM", Recorded)
+    overrides = [*TINY_MODEL, *TINY_TRAINER, *tiny_data(corpus_files), "model=sdt", "model.capacity=0.25"]
+    train(compose_cfg("train", overrides, tmp_path, cache_dir))
+    assert len(built) == 1 and len(modules) == 1
+    cfg = built[0]
+    assert modules[0].model_config is cfg and modules[0].model.config is cfg
+    assert [layer.capacity for _, layer in modules[0].model.routed_layers()] == [0.25]

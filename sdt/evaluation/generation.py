@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from typing import Any
@@ -62,7 +61,7 @@ def generation_stats(
     """
     prompt = torch.as_tensor(np.asarray(prompt_tokens[:prompt_len], dtype=np.int64))[None].to(device)
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - prompt_len)
-    dense = build_model(dataclasses.replace(model.config, arch="dense")).to(device).eval()
+    dense = build_model(model.config.as_dense()).to(device).eval()
     measure_generation(model, prompt, 8)  # warm up kernels and allocator before timing either model
     measure_generation(dense, prompt, 8)
     runs: dict[str, list[dict[str, float]]] = {"model": [], "dense": []}

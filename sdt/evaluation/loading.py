@@ -41,7 +41,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_model(ckpt: dict[str, Any], device: torch.device) -> LanguageModel:
-    cfg = ModelConfig.from_dict(ckpt["hyper_parameters"]["model"])
+    cfg = ModelConfig.from_saved(ckpt["hyper_parameters"]["model"])
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(model_state_dict(ckpt), strict=False)
     # Tied embeddings are stored once; checkpoints from before the capacity dial lack the quantile grids (they stay
@@ -56,7 +56,7 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> LanguageModel:
 
 def load_pretrained_model(pretrained: Pretrained, device: torch.device) -> LanguageModel:
     """The model a pretrained checkpoint is (model.init_from, no training): dense, or an sdt export's own arch."""
-    model = build_model(ModelConfig.from_dict(pretrained.own_model_dict()))
+    model = build_model(ModelConfig.from_saved(pretrained.own_model_dict()))
     pretrained.load_into(model)
     return _ready(model, device)
 

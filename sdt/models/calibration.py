@@ -36,7 +36,7 @@ def calibrate_thresholds(
     with their calibrated thresholds (scores collected under Top-K would fit inputs the causal mode never sees).
     Costs one pass over `batches` per routed layer and mode, each through the layers up to the one calibrated
     only. `scores` limits calibration to these score names (e.g. {"gate"}: the threshold mode alone). Returns {layer index: {score name: threshold}}.
-    `capacity` defaults to the one in force (a capacity schedule moves it during training). Positions the model
+    `capacity` defaults to the one in force (`model.set_inference_capacity` moves it). Positions the model
     always executes (`model.always_execute_first`) count inside the capacity: they take part in the quantile as
     certain winners, so the threshold admits correspondingly fewer of the other tokens.
     Each score's quantile grid is stored beside its threshold (`layer.score_quantiles()`), so that

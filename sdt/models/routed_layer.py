@@ -80,7 +80,7 @@ class RoutedLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.capacity = cfg.capacity  # the one in force: capacity schedules and the run-time dial move it
+        self.capacity = cfg.capacity  # the one in force: the run-time dial (set_inference_capacity) moves it
         self.always_first = cfg.always_execute_first
         self.routed_sublayer: RoutedSublayer = cfg.routed_sublayer
         # Routed queries attend to every earlier token (which all write K/V); moot when attention is not routed.

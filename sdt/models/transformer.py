@@ -134,11 +134,9 @@ class LanguageModel(nn.Module):
         return [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, RoutedLayer)]
 
     def set_training_progress(self, progress: float) -> None:
-        """Fraction of training done, in [0, 1]; drives scheduled routing temperatures (beta) and the capacity
-        schedule (`model.capacity_start`)."""
+        """Fraction of training done, in [0, 1]; drives scheduled routing temperatures (`model.beta_mode`)."""
         for _, layer in self.routed_layers():
             layer.set_progress(progress)
-        self.set_capacity(self.config.capacity_at(progress))
 
     def set_capacity(self, capacity: float) -> None:
         """The share of tokens every routed layer's Top-K keeps from now on (the capacity in force)."""
@@ -178,7 +176,7 @@ class LanguageModel(nn.Module):
 
     @property
     def capacity_in_force(self) -> float:
-        """The routed layers' current capacity: `config.capacity` unless a schedule has moved it."""
+        """The routed layers' current capacity: `config.capacity` unless `set_inference_capacity` has moved it."""
         routed = self.routed_layers()
         return routed[0][1].capacity if routed else self.config.capacity
 

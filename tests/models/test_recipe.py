@@ -1,7 +1,5 @@
 """Conversion-recipe options that every routed model shares: the dense function (routing="full"), the MoD
-straight-through gate, always-executed leading positions and the capacity schedule."""
-
-import itertools
+straight-through gate, always-executed leading positions; the capacity schedule's removal."""
 
 import pytest
 import torch
@@ -110,46 +108,29 @@ def test_calibration_counts_the_leading_positions_inside_the_capacity():
     assert abs(float(executed.mean()) - 0.5) < 0.03  # 4 forced + the threshold's share = half the tokens
 
 
-def test_capacity_schedule_steps_from_start_to_target_in_few_levels():
-    cfg = tiny("sdt", capacity=0.5, capacity_start=1.0, capacity_warmup=0.5, capacity_levels=3)
-    values = [cfg.capacity_at(p / 100) for p in range(101)]
-    assert values[0] == 1.0 and values[49] == 0.75 and values[50] == 0.5 and values[-1] == 0.5
-    assert sorted(set(values), reverse=True) == [1.0, 0.75, 0.5]  # k changes only twice
-    assert all(a >= b for a, b in itertools.pairwise(values))  # never back up
-    cosine = tiny("sdt", capacity=0.5, capacity_start=1.0, capacity_schedule="cosine", capacity_levels=100)
-    assert cosine.capacity_at(0.05) > tiny("sdt", capacity=0.5, capacity_start=1.0, capacity_levels=100).capacity_at(
-        0.05
-    )  # cosine leaves full capacity more slowly
-    assert tiny("sdt", capacity=0.25).capacity_at(0.0) == 0.25  # no schedule
-
-
 @pytest.mark.parametrize("arch", ROUTED)
-def test_training_progress_moves_the_capacity_in_force_and_calibration_uses_it(arch):
-    model = build(arch, capacity=0.25, capacity_start=1.0, capacity_levels=2, capacity_warmup=0.5)
-    model.set_training_progress(0.0)
-    assert model.capacity_in_force == 1.0
-    ids = ids_like(2, 32)
-    out = model.train()(ids, ids)
-    assert all(bool(d.all()) for d in out.decisions.values())  # Top-K at capacity 1: every token
-    model.set_training_progress(0.6)
-    assert model.capacity_in_force == 0.25
-    assert all(int(d.sum(dim=1).max()) == 8 for d in model(ids, ids).decisions.values())
-    model.set_training_progress(0.0)
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, V, (4, 32), generator=g) for _ in range(2)]
-    model.eval()
-    calibrate_thresholds(model, batches)
-    mode = model.config.inference_routing
-    executed = torch.cat([model(b, routing=mode).decisions[model.routed_layers()[0][0]] for b in batches])
-    assert float(executed.float().mean()) > 0.95  # calibrated to the capacity in force (1.0), not the target
+def test_training_progress_leaves_the_capacity_in_force(arch):
+    model = build(arch, capacity=0.25)
+    for progress in (0.0, 0.6, 1.0):
+        model.set_training_progress(progress)
+        assert model.capacity_in_force == 0.25
+
+
+def test_the_capacity_schedule_was_removed_and_old_configs_still_load():
+    from sdt.errors import UserError
+
+    old = {**tiny("sdt").to_dict(), "capacity_start": 1.0, "capacity_warmup": 0.3, "capacity_levels": 4}
+    with pytest.raises(UserError, match=r"model.capacity_start was removed: .*2.2% worse"):
+        ModelConfig.from_dict(old)  # a user's config that asks for the schedule
+    # Off (its defaults), as every config without a schedule stored it: accepted.
+    off = {**tiny("sdt").to_dict(), "capacity_start": None, "capacity_warmup": 0.5, "capacity_schedule": "linear"}
+    assert ModelConfig.from_dict(off) == tiny("sdt")
+    # A checkpoint trained with the schedule ended it at model.capacity: it loads as the model it is.
+    assert ModelConfig.from_saved(old) == tiny("sdt")
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("capacity_start", 0.0, "capacity_start"),
-    ("capacity_warmup", 1.0, "capacity_warmup"),
-    ("capacity_levels", 1, "capacity_levels"),
     ("always_execute_first", -1, "always_execute_first"),
-    ("capacity_schedule", "step", "capacity_schedule"),
     ("mod_gate", "hard", "mod_gate"),
 ])  # fmt: skip
 def test_recipe_options_are_validated_by_name(key, value, match):
