@@ -163,8 +163,15 @@ def test_kv_cache_holds_exactly_the_executed_tokens(tiny_run):
             assert r["executed_kv_ratio"] < 1
 
 
-@pytest.mark.parametrize("skip_map", ["none", "linear"])
-@pytest.mark.parametrize("layer_cls", [SDTPair, STTLayer, MoDLayer])
+# The default model's path (SDT with its default skip map) in the default suite; the rest in the slow suite.
+COMPILE_CASES = [
+    pytest.param(cls, skip_map, marks=[] if (cls, skip_map) == (SDTPair, "linear") else [pytest.mark.slow])
+    for cls in (SDTPair, STTLayer, MoDLayer)
+    for skip_map in ("none", "linear")
+]
+
+
+@pytest.mark.parametrize(("layer_cls", "skip_map"), COMPILE_CASES)
 def test_topk_training_path_compiles_without_graph_breaks(layer_cls, skip_map):
     """fullgraph=True fails on any graph break, e.g. a host sync (.item(), int(tensor)) in the training path."""
     torch.manual_seed(0)

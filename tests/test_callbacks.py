@@ -26,7 +26,8 @@ def tiny(tmp_path, cache_dir, corpus_files, *extra):
 
 
 # ----------------------------------------------------------------------------------------------------- preemption
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+# SIGTERM in the default suite; SIGUSR1 (SLURM's warning signal) takes the same path, in the slow suite.
+@pytest.mark.parametrize("signame", ["SIGTERM", pytest.param("SIGUSR1", marks=pytest.mark.slow)])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus_files, cache_dir, signame):
     record = tmp_path / "steps.jsonl"
     args = [*TINY_MODEL, *TINY_TRAINER, *tiny_data(corpus_files), f"hydra.run.dir={tmp_path}"]

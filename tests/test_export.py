@@ -216,6 +216,7 @@ def test_routed_export_loads_in_transformers_with_our_logits_generation_and_kv_s
     assert {type(c).__module__.rpartition(".")[2] for c in generated.cache.layers.values()} == {"kv_cache"}
 
 
+@pytest.mark.slow  # a fresh interpreter that imports transformers and torch (~7 s)
 def test_routed_export_loads_where_sdt_is_not_installed(tmp_path):
     """In an interpreter where `import sdt` fails, from a directory that is not the repository, transformers loads
     the export from its own files (copied to its module cache) and generates."""

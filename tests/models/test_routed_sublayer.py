@@ -135,8 +135,18 @@ def test_causal_modes_are_causal_and_rows_are_independent(arch, sublayer):
     torch.testing.assert_close(top_alone.logits[0], top.logits[2], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sublayer", SUBLAYERS)
-@pytest.mark.parametrize("arch", ROUTED)
+@pytest.mark.parametrize(
+    ("arch", "sublayer"),
+    [
+        pytest.param(
+            arch,
+            sublayer,
+            marks=[] if (arch, sublayer) in (("sdt", "attention"), ("mod", "mlp")) else [pytest.mark.slow],
+        )
+        for arch in ROUTED
+        for sublayer in SUBLAYERS
+    ],
+)
 def test_calibration_holds_every_routed_layer_at_the_capacity_on_its_blocks(arch, sublayer):
     """Thresholds calibrated layer by layer on the causal mode's own inputs: on the calibration blocks every routed
     layer executes the capacity in each thresholded mode (up to ties, two tokens), deeper layers included."""
