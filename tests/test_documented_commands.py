@@ -387,6 +387,9 @@ def _train_tiny(program: list[str], args: list[str], fixture: Fixture) -> list[s
     reasoning = any(re.match(r"(data|experiment)=reasoning", a) for a in args)
     if not pretrained:
         extra += [o for o in TINY_MODEL if not (reasoning and o.startswith("model.max_seq_len"))]
+    elif "model.init_from" in given and "experiment" not in given and "model.init_layers" not in given:
+        # the pretrained model's first two layers (one SDT pair): the whole load path, a fifteenth of the training
+        extra += ["model.init_layers=[0,1]"]
     if "data=reasoning_hub" in args:  # local trace files: as many rows as they have
         extra += ["data.max_train_docs=64", "data.max_eval_docs=8", "data.calibration_examples=8"]
         extra += ["data.seq_len=256", "data.batch_size=4", "data.tokenizer.vocab_size=320"]
@@ -533,7 +536,20 @@ def _benchmark_tiny(program: list[str], args: list[str], fixture: Fixture) -> li
     if script == "activation_checkpointing.py":
         return ["--d-model", "64", "--n-layers", "2", "--seq-len", "64", "--repeats", "1", "--steps", "1"]
     if script == "data_prep.py":
-        return ["--sizes-mb", "1", "--old-max-mb", "1", "--workers-max-mb", "1", "--train-steps", "2", "--repeats", "1"]
+        # the preparation command keeps its --train-steps 0; the training comparison (--skip-prep) trains 2 steps
+        steps = "2" if "--skip-prep" in args else "0"
+        return [
+            "--sizes-mb",
+            "1",
+            "--old-max-mb",
+            "1",
+            "--workers-max-mb",
+            "1",
+            "--train-steps",
+            steps,
+            "--repeats",
+            "1",
+        ]
     return []
 
 
