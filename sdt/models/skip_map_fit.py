@@ -28,21 +28,29 @@ def fit_skip_maps(model: LanguageModel, batches: Iterable[Tensor]) -> dict[int, 
     skip = model.config.always_execute_first
     stats = {i: UpdateStatistics(model.config.d_model, layer.skip_map.eps, device) for i, layer in layers}
 
-    def collect(i: int, sublayer: str):
-        def hook(block: Block, args: tuple, kwargs: dict, output: Tensor) -> None:
+    def collect(i: int, block: Block, sublayer: str) -> list[torch.utils.hooks.RemovableHandle]:
+        # The state between the two sub-layers (h = x + Attn(RMSNorm(x)), the input of the MLP sub-layer) splits the
+        # block's update in two; it is read as the block computes it, not computed again.
+        between: dict[str, Tensor] = {}
+
+        def at_mlp_norm(_norm: torch.nn.Module, args: tuple) -> None:
+            between["h"] = args[0]
+
+        def at_block(_block: Block, args: tuple, output: Tensor) -> None:
             x, y = args[0], output  # (B, T, D): the block's input and output
-            if sublayer != "block":  # the state between the two sub-layers splits the block's update in two
-                h = block.attention_sublayer(*args, **kwargs)
-                x, y = (x, h) if sublayer == "attention" else (h, y)
+            if sublayer == "attention":
+                y = between["h"]
+            elif sublayer == "mlp":
+                x = between["h"]
             x, y = x[:, skip:], y[:, skip:]  # the tokens that can skip
             stats[i].add(x.reshape(-1, x.shape[-1]), (y - x).reshape(-1, x.shape[-1]))
 
-        return hook
+        handles = [block.register_forward_hook(at_block)]
+        if sublayer != "block":
+            handles.append(block.post_attention_layernorm.register_forward_pre_hook(at_mlp_norm))
+        return handles
 
-    handles = [
-        layer.routed_block.register_forward_hook(collect(i, layer.routed_sublayer), with_kwargs=True)
-        for i, layer in layers
-    ]
+    handles = [h for i, layer in layers for h in collect(i, layer.routed_block, layer.routed_sublayer)]
     was_training = model.training
     model.eval()
     try:
