@@ -83,7 +83,7 @@ def _routed_block(cfg: ModelConfig, seq_len: int, executed: float | None = None)
 def _routed_kv_entries(cfg: ModelConfig, seq_len: int, executed: float) -> float:
     """K/V entries a routed layer's block stores for one sequence: its executed tokens with routed, selected
     attention; all T when every token's K/V is read (routed_attention="full") or attention is not routed."""
-    return seq_len if cfg.routed_attention == "full" or cfg.routed_sublayer == "mlp" else executed
+    return seq_len if cfg.routed_kv_every_token else executed
 
 
 def _skip_map(cfg: ModelConfig, seq_len: int, executed: float | None = None) -> Flops:

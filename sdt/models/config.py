@@ -356,6 +356,12 @@ class ModelConfig(MoDOptions, STTOptions, Surprise, Recipe, Routing, Execution, 
         }
 
     @property
+    def routed_kv_every_token(self) -> bool:
+        """Whether a routed layer stores every token's K/V: its routed queries read every earlier token
+        (routed_attention="full"), or attention is not what it routes (routed_sublayer="mlp")."""
+        return self.routed_attention == "full" or self.routed_sublayer == "mlp"
+
+    @property
     def routed_layer_count(self) -> int:
         return self.n_layers - self.dense_first - self.dense_last
 

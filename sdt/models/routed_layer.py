@@ -85,6 +85,7 @@ class RoutedLayer(nn.Module):
         self.routed_sublayer: RoutedSublayer = cfg.routed_sublayer
         # Routed queries attend to every earlier token (which all write K/V); moot when attention is not routed.
         self.full_context = cfg.routed_attention == "full" and cfg.routed_sublayer != "mlp"
+        self.kv_every_token = cfg.routed_kv_every_token
         # What the tokens that skip the routed function get: None (nothing) or a linear estimate of its update.
         self.skip_map = SkipMap(cfg.d_model, cfg.skip_map_rank, cfg.rms_norm_eps) if cfg.skip_map == "linear" else None
 
@@ -213,7 +214,7 @@ class RoutedLayer(nn.Module):
     def kv_share(self) -> float:
         """Share of tokens the routed block writes to its KV cache: every token with full-context attention or when
         only the MLP is routed (attention runs on every token), else the capacity's share."""
-        return 1.0 if self.full_context or self.routed_sublayer == "mlp" else self.capacity
+        return 1.0 if self.kv_every_token else self.capacity
 
     def reset_routing_parameters(self) -> None:
         """Re-apply the own initialisation of the layer's priors / transition networks and skip map after the
