@@ -28,6 +28,7 @@ from sdt.blocks.kv_cache import ModelCache
 from sdt.blocks.layers import RotaryEmbedding
 from sdt.models import build_model
 from sdt.models.config import ModelConfig
+from sdt.models.transformer import positions_from_pad_mask
 from sdt.routing.selection import CAUSAL_MODES
 
 IGNORE_INDEX = -100  # label of a position without a target (transformers' convention)
@@ -132,7 +133,7 @@ class SDTForCausalLM(PreTrainedModel, GenerationMixin):
         pad_mask = None
         if attention_mask is not None:
             if position_ids is None:  # positions count real tokens only, as the package's left padding does
-                position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -T:]
+                position_ids = positions_from_pad_mask(attention_mask)[:, -T:]
             new = attention_mask[:, -T:].bool()
             pad_mask = None if bool(new.all()) else new
         if position_ids is None:
