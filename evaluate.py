@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sdt.cli import reject_training_overrides, run_cli, run_task
-from sdt.evaluation.dispatch import evaluate
+from sdt.cli.dispatch import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sdt.cli import run_cli, run_task
-from sdt.training import train
+from sdt.training.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

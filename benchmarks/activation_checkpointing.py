@@ -34,8 +34,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 import torch
 
-from sdt.activation_checkpointing import apply_activation_checkpointing
 from sdt.models import LanguageModel, ModelConfig, build_model
+from sdt.training.activation_checkpointing import apply_activation_checkpointing
 
 ARCHS = ("dense", "mod", "sdt", "stt")
 TARGET_MEMORY_RATIO = 0.6  # issue 31: peak memory with checkpointing at most 0.6x without, at d_model 512, T 2048

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdt.checkpoint import load_checkpoint
 from sdt.data import DataConfig, Tokenizer
 from sdt.data.datamodule import LMDataModule
 from sdt.evaluation.loading import load_model
 from sdt.models import LanguageModel
 from sdt.models.calibration import mode_of_score
 from sdt.routing.selection import CAUSAL_MODES
+from sdt.training.checkpoint import load_checkpoint
 
 
 def prefix_deviation(decisions_BT: Tensor, capacity: float, min_tokens: int) -> tuple[Tensor, Tensor]:

@@ -21,10 +21,10 @@ import torch
 from omegaconf import OmegaConf
 
 from sdt.evaluation.loading import load_model_and_tokenizer
-from sdt.resolvers import package_file
 from sdt.search.cola import ColaConfig, ColaSearch
 from sdt.search.evaluate import make_scorer
 from sdt.search.tasks import load_task
+from sdt.training.resolvers import package_file
 
 
 def main() -> dict[str, Any]:

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from sdt.blocks.layers import Block
-from sdt.checkpoint import load_checkpoint
 from sdt.data import Tokenizer
 from sdt.evaluation.loading import load_model
 from sdt.search.router import choose
 from sdt.search.tasks import PathScorer, load_task
+from sdt.training.checkpoint import load_checkpoint
 
 
 @torch.no_grad()

@@ -25,10 +25,10 @@ from compute_common import (
     tolerance,
 )
 
-from sdt.compute import compute_report, measured_flops
 from sdt.models import LanguageModel, ModelCache, build_model
 from sdt.models.calibration import calibrate_thresholds
-from sdt.optim import OptimConfig, build_optimizer
+from sdt.models.compute import compute_report, measured_flops
+from sdt.training.optim import OptimConfig, build_optimizer
 
 
 def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Callable) -> list[dict[str, Any]]:
@@ -176,7 +176,7 @@ def bench_capacity(s: Settings, capacity: float, device: torch.device, amp: Call
                 "forward": fwd_fractions[name],
                 "decode": {str(i): c / tokens_fed for i, c in executed_decode[name].items()},
             },
-            # Analytic (sdt.compute), model / dense: FLOPs per token; KV entries after decoding.
+            # Analytic (sdt.models.compute), model / dense: FLOPs per token; KV entries after decoding.
             "train_flop_ratio": train_report["train_flops_ratio_vs_dense"],
             "forward_flop_ratio": train_report["flops_ratio_vs_dense"],
             "prefill_flop_ratio": compute_report(model.config, P)["flops_ratio_vs_dense"],

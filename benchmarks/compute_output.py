@@ -49,7 +49,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths, strict=True)) for line in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(
-        "ratios: model / dense (time or bytes; < 1 is cheaper); FLOP and KV calc columns: analytic (sdt.compute)"
+        "ratios: model / dense (time or bytes; < 1 is cheaper); FLOP and KV calc columns: analytic (sdt.models.compute)"
     )
     layer = result.get("layer_bench")
     if layer:
@@ -160,7 +160,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         "",
         (
             "Every ratio is model / dense of the same quantity, measured in the same run (< 1 is cheaper). FLOP "
-            "and KV calc columns are analytic (`sdt.compute`, at the nominal capacity); `exec fwd` / `exec dec` are "
+            "and KV calc columns are analytic (`sdt.models.compute`, at the nominal capacity); `exec fwd` / `exec dec` are "
             "the measured executed fractions of the routed layers (mean over layers) in the forward and in prefill + "
             "decode, in the causal mode of the `mode` column; `KV exec` is the analytic KV ratio at the executed "
             "fractions counted while decoding (what a cache holding exactly the executed tokens needs), beside the "

@@ -20,8 +20,8 @@ from compute_common import (
 )
 
 from sdt.blocks.layers import Block, RotaryEmbedding
-from sdt.compute import block_flops
 from sdt.models import LanguageModel, ModelConfig, build_model
+from sdt.models.compute import block_flops
 from sdt.models.pretrained import SDT_CONFIG_KEY, export_state_dict, hf_config
 from sdt.routing import capacity_k, run_routed_block, topk_indices
 

@@ -44,10 +44,10 @@ from compute_common import machine, ratio, sync
 from compute_twins import qwen2_twin
 from scaling import pin_malloc, step_peak_bytes
 
-from sdt.compute import compute_report
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds
-from sdt.optim import OptimConfig, build_optimizer
+from sdt.models.compute import compute_report
+from sdt.training.optim import OptimConfig, build_optimizer
 
 ARCHS = ("dense", "mod", "sdt", "stt")
 

@@ -1,4 +1,4 @@
-"""GPU-hours of the presets at real scale, projected from their FLOPs (`sdt.compute`) at a stated utilisation.
+"""GPU-hours of the presets at real scale, projected from their FLOPs (`sdt.models.compute`) at a stated utilisation.
 
     python benchmarks/gpu_hours.py                                        # 40% of an H100's bf16 dense peak
     python benchmarks/gpu_hours.py --efficiency scaling.json              # routed MFU scaled by measured efficiency
@@ -6,7 +6,7 @@
 
 For each preset (`conf/experiment/paper_transfer_*.yaml`, `pretrain_125m_*.yaml`) the model is composed as the preset
 writes it (a hub checkpoint's backbone from its config.json, below, since this runs offline), its training FLOPs per
-token taken from `sdt.compute.compute_report` (3x forward, STT's no-grad teacher pass 1x) and multiplied by the
+token taken from `sdt.models.compute.compute_report` (3x forward, STT's no-grad teacher pass 1x) and multiplied by the
 run's tokens (batch x seq_len x accumulate_grad_batches x max_steps, validation left out). GPU-hours = FLOPs / (MFU x peak) / 3600.
 
 Routed models move the same matmuls through gathers, scatters and smaller shapes, so they reach a lower MFU than
@@ -31,10 +31,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from sdt.compute import compute_report
 from sdt.models import ModelConfig
+from sdt.models.compute import compute_report
 from sdt.models.pretrained import backbone_config
-from sdt.training import VOCAB_MULTIPLE, round_up
+from sdt.training.train import VOCAB_MULTIPLE, round_up
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = ("paper_transfer_sdt", "paper_transfer_stt") + tuple(

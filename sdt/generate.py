@@ -19,11 +19,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sdt.cli import run_task
-from sdt.errors import UserError
+from sdt.common.errors import UserError
+from sdt.evaluation.generation import SAMPLING_DEFAULTS
 from sdt.evaluation.loading import check_device, load_model_and_tokenizer, pick_device
+from sdt.evaluation.usage import RequestUsage, request_usage
 from sdt.models import ModelCache
 from sdt.routing.selection import CAUSAL_MODES
-from sdt.usage import RequestUsage, request_usage
 
 DEFAULTS: dict[str, Any] = {
     "ckpt_path": None,  # an sdt training checkpoint (.ckpt); or, instead, model.init_from
@@ -32,8 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "capacity": None,  # routed models: run at this capacity in (0, 1] (null: the calibrated one)
     "routing": None,  # threshold | student | budget (null: the model's inference_routing)
     "max_new_tokens": 200,
-    "temperature": 0.8,  # 0: greedy
-    "top_k": 50,
+    **SAMPLING_DEFAULTS,
     "seed": 1337,
     "device": "auto",
 }

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.evaluation.loading import check_device, load_model_and_tokenizer, pick_device
 from sdt.models.transformer import left_pad
 from sdt.routing.selection import CAUSAL_MODES

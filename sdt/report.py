@@ -21,8 +21,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from sdt.analysis.sweep_plots import plot_kv_ratio, plot_loss_curves, plot_pareto
-from sdt.errors import UserError
-from sdt.evaluation.dispatch import evaluate
+from sdt.cli.dispatch import evaluate
+from sdt.common.errors import UserError
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -52,7 +52,7 @@ def find_runs(sweep_dir: str) -> list[Path]:
 
 
 def evaluate_run(run_dir: Path, cache_dir: str | None, max_batches: int | None, force: bool) -> dict[str, Any]:
-    """eval.json of a run, computed with `sdt.evaluation.dispatch.evaluate` unless it is already there."""
+    """eval.json of a run, computed with `sdt.cli.dispatch.evaluate` unless it is already there."""
     out = run_dir / "eval"
     if (out / "eval.json").is_file() and not force:
         return json.loads((out / "eval.json").read_text())
@@ -154,7 +154,7 @@ def write_report(rows: list[dict[str, Any]], runs: dict[str, Path], sweep_dir: s
         (
             f"Sweep: `{os.path.abspath(sweep_dir)}`, {len(rows)} runs. Perplexity of routed models is measured in their "
             "causal routing mode (`routing`); the non-causal Top-K oracle is shown separately and is not the model's "
-            "perplexity. FLOPs are analytic forward FLOPs per token at inference (`sdt/compute.py`); ratios are to the "
+            "perplexity. FLOPs are analytic forward FLOPs per token at inference (`sdt/models/compute.py`); ratios are to the "
             "dense model of the same dimensions."
         ),
         "",

@@ -109,7 +109,7 @@ def corpus_files(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, corpus_files, cache_dir) -> Path:
     """One tiny training run (6 steps) shared by the evaluation and resume tests."""
-    from sdt.training import train
+    from sdt.training.train import train
 
     out = tmp_path_factory.mktemp("run")
     cfg = compose_cfg("train", [*TINY_MODEL, *TINY_TRAINER, *tiny_data(corpus_files)], out, cache_dir)

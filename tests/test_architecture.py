@@ -23,7 +23,22 @@ MODELS = "sdt.models"
 DATA = "sdt.data"
 # Exported next to routed checkpoints: the wrapper over the package's model, shipped with the modules it imports.
 EXPORT_CODE = "sdt.transformers_code"
-FOUNDATION = {"sdt.errors", "sdt.config_checks"}  # import only sdt.errors; any layer above the leaf may use them
+FOUNDATION = {"sdt.common.errors", "sdt.common.config_checks"}  # import only sdt.common.errors; any layer may
+
+# The packages of sdt, bottom up (docs/architecture.md): a package imports only packages of its own layer or below,
+# and the package graph has no cycle. Above them, the top-level modules are the `python -m sdt.<tool>` commands.
+PACKAGE_LAYERS: list[set[str]] = [
+    {"sdt.common"},  # the user-error type and the checks configs run at construction
+    {"sdt.blocks"},  # attention, MLP, norms, the KV cache
+    {"sdt.routing"},  # Top-K, surprise, gates, students, skip maps, execution of the selected tokens
+    {"sdt.models"},  # dense, MoD, SDT, STT, the pretrained transfer, FLOP and KV counts
+    {"sdt.data"},  # corpora, tokenizer, shards, data modules (language modelling and reasoning SFT)
+    {"sdt.training"},  # the Lightning module, optimizer, distillation, distributed, callbacks, checkpoints
+    {"sdt.evaluation", "sdt.analysis", "sdt.transformers_code"},  # evaluation, figures, the exported code
+    {"sdt.search", "sdt.reasoning"},  # experiment families on top: chain-of-layers search, self-braking reasoning
+    {"sdt.cli"},  # entry layer: config validation, task dispatch, one-line user errors
+]
+COMMANDS = {"sdt.export", "sdt.generate", "sdt.harness", "sdt.report", "sdt.harness_tasks"}  # above every package
 
 
 @dataclass(frozen=True)
@@ -142,19 +157,19 @@ def test_the_scan_sees_the_imports_it_must_judge(imports, tmp_path):
     source = tmp_path / "probe.py"
     source.write_text(
         "from typing import TYPE_CHECKING\nfrom . import config\nif TYPE_CHECKING:\n    from sdt.data import DataConfig\n"
-        "def f():\n    import sdt.training\n    from sdt.routing import topk\n"
+        "def f():\n    import sdt.training.train\n    from sdt.routing import topk\n"
     )
     found = sdt_imports("sdt.models.probe", source, {"sdt.models.config": source, "sdt.routing.topk": source})
     assert [(i.target, i.in_function) for i in found] == [
         ("sdt.models.config", False),
-        ("sdt.training", True),
+        ("sdt.training.train", True),
         ("sdt.routing.topk", True),
     ]
     graph = import_graph(imports)
     assert {"sdt.routing", "sdt.blocks.layers"} <= graph["sdt.models.sdt"]
     assert "sdt.blocks.layers" in graph["sdt.routing.execution"]
     assert "sdt.models.transformer" in graph["sdt.models.calibration"]
-    assert "sdt.models" in graph["sdt.training"]  # implied by importing a submodule of another package
+    assert "sdt.models" in graph["sdt.training.train"]  # implied by importing a submodule of another package
     assert "sdt.models" in graph["sdt.transformers_code.modeling_sdt"]  # the wrapper builds the package's model
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
@@ -178,9 +193,9 @@ def test_the_leaf_imports_nothing_of_the_package(imports):
 
 
 def test_foundation_modules_import_only_the_error_type(imports):
-    bad = [imp for imp in imports if imp.importer in FOUNDATION and imp.target != "sdt.errors"]
+    bad = [imp for imp in imports if imp.importer in FOUNDATION and imp.target != "sdt.common.errors"]
     assert not bad, describe(bad)
-    assert any(imp.importer == "sdt.config_checks" for imp in imports)
+    assert any(imp.importer == "sdt.common.config_checks" for imp in imports)
 
 
 def test_routing_imports_only_the_leaf(imports):
@@ -204,8 +219,74 @@ def test_models_import_only_routing_and_the_leaf(imports):
     assert not bad, describe(bad)
 
 
+def package_of(module: str) -> str:
+    """The unit a module belongs to in the package graph: `sdt.<package>`, or the top-level module itself."""
+    return ".".join(module.split(".")[:2])
+
+
+def layer_of(unit: str) -> int:
+    if unit in COMMANDS:
+        return len(PACKAGE_LAYERS)
+    return next(i for i, layer in enumerate(PACKAGE_LAYERS) if unit in layer)
+
+
+def test_every_package_and_top_level_module_has_a_layer():
+    """A new package must be placed (here and in docs/architecture.md); a new top-level module must be a command."""
+    units = {package_of(name) for name in all_modules()} - {"sdt"}
+    placed = set().union(*PACKAGE_LAYERS) | COMMANDS
+    assert units == placed, f"not placed: {sorted(units - placed)}; gone: {sorted(placed - units)}"
+    for name in COMMANDS - {"sdt.harness_tasks"}:
+        source = (ROOT / (name.replace(".", "/") + ".py")).read_text()
+        assert 'if __name__ == "__main__":' in source, f"{name} is top-level but not a `python -m` command"
+
+
+def test_the_architecture_page_names_every_module():
+    """docs/architecture.md places every module: its table lists each by file name in its package's row."""
+    rows: dict[str, str] = {}
+    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("`sdt/") and cells[0].endswith("/`"):
+            rows[cells[0].strip("`").rstrip("/")] = cells[1]
+        elif len(cells) == 2 and cells[0] == "commands":
+            rows["sdt"] = cells[1]
+    assert "sdt/models" in rows and "sdt" in rows  # the table was found
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        package = str(rel.parent) if rel.parent.name != "harness_tasks" else "sdt"
+        if rel.name == "__init__.py" and package != "sdt/cli":
+            continue
+        name = str(rel) if package == "sdt" else rel.name
+        if f"`{name}`" not in rows.get(package, "") and not (package == "sdt" and f"`{rel.name}`" in rows["sdt"]):
+            missing.append(str(rel))
+    assert not missing, f"docs/architecture.md does not place: {missing}"
+
+
+def test_no_package_imports_a_package_above_it(imports):
+    bad = [
+        imp
+        for imp in imports
+        if package_of(imp.importer) != "sdt" and layer_of(package_of(imp.importer)) < layer_of(package_of(imp.target))
+    ]
+    assert not bad, describe(bad)
+
+
+def test_no_import_cycle_between_packages(imports):
+    """Modules can be acyclic while their packages are not (a imports b.x, b.y imports a): checked on packages."""
+    graph: dict[str, set[str]] = {}
+    for imp in imports:
+        source, target = package_of(imp.importer), package_of(imp.target)
+        graph.setdefault(source, set())
+        graph.setdefault(target, set())
+        if source != target and source != "sdt":
+            graph[source].add(target)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle between packages: " + " -> ".join(cycle)
+    assert {"sdt.models", "sdt.routing"} <= graph["sdt.training"] | graph["sdt.models"]  # the scan saw edges
+
+
 def test_data_imports_nothing_of_models_tasks_or_training(imports):
-    """`sdt.data` is corpora, tokenizer and the LM data module; reasoning data builds on it, not the other way."""
+    """`sdt.data` is corpora, tokenizer and the data modules (reasoning SFT data included): nothing above it."""
     bad = [
         imp
         for imp in imports

@@ -34,7 +34,7 @@ def test_prefix_deviation_is_the_worst_prefix_from_min_tokens_on():
 
 @pytest.mark.slow
 def test_budget_mode_holds_each_sequence_to_its_band(tmp_path, corpus_files, cache_dir):
-    from sdt.training import train
+    from sdt.training.train import train
 
     overrides = ["model=sdt", *TINY_MODEL, *TINY_TRAINER, *tiny_data(corpus_files)]
     train(compose_cfg("train", overrides, tmp_path / "run", cache_dir))

@@ -14,14 +14,14 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from sdt.checkpoint import load_checkpoint
+from sdt.cli.validation import validate_model, validate_train_config
 from sdt.data import DataConfig
+from sdt.data.reasoning.datamodule import ReasoningDataConfig
 from sdt.models import ModelConfig
 from sdt.models.config import Recipe, model_options
-from sdt.reasoning.data import ReasoningDataConfig
-from sdt.sweeps import model_grid
-from sdt.training import split_trainer_config, train
-from sdt.validation import validate_model, validate_train_config
+from sdt.training.checkpoint import load_checkpoint
+from sdt.training.sweeps import model_grid
+from sdt.training.train import split_trainer_config, train
 from tests.conftest import CONF_DIR, compose_cfg, tiny_data
 
 

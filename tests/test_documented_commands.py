@@ -409,7 +409,7 @@ def _train_tiny(program: list[str], args: list[str], fixture: Fixture) -> list[s
 
 def _sweep_size(args: list[str]) -> int:
     """Jobs of a sweep: Hydra's grid, where an option of the routed models sweeps only them (dense runs once per
-    value of the options it has; sdt/sweeps.py)."""
+    value of the options it has; sdt/training/sweeps.py)."""
     axes = {}
     for arg in args:
         key, sep, value = arg.partition("=")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdt.common.errors import UserError
 from sdt.data import Tokenizer
-from sdt.errors import UserError
 from sdt.export import export, main, parse_args
 from sdt.models import ModelConfig, build_model
 from sdt.models.pretrained import Pretrained

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 import sdt.export
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.export import check_reproducible, export
 from sdt.models import LanguageModel, ModelCache, ModelConfig, build_layers, build_model
 from sdt.transformers_code import ShippingError, shipped_modules
@@ -74,7 +74,7 @@ def test_shipped_files_import_only_torch_transformers_the_standard_library_and_e
     [
         ("import omegaconf\n", "imports omegaconf, which an export does not ship"),
         ("def f():\n    from lightning import Trainer\n", "imports lightning"),
-        ("import sdt.errors\n", "`import sdt.errors`"),
+        ("import sdt.common.errors\n", "`import sdt.common.errors`"),
         ("from sdt.routing import topk\n", r"imports module\(s\) \['topk'\] by name"),
         ("from ..routing.topk import topk_indices\n", "relative import beyond a sibling"),
         ("from sdt.nowhere import x\n", "sdt.nowhere, not a module of the package"),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdt.checkpoint import load_checkpoint
 from sdt.generate import main
 from sdt.models import ModelConfig, build_model
 from sdt.models.calibration import calibrate_thresholds
+from sdt.training.checkpoint import load_checkpoint
 from tests.conftest import TINY_DIMS, run_cli
 
 

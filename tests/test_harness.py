@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models import ModelConfig
 from tests.conftest import ROOT, run_cli, tiny_model_fields
 from tests.pretrained_helpers import write_checkpoint

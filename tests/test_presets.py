@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 
 from sdt.data import DataConfig
 from sdt.models import ModelConfig, build_model
-from sdt.optim import OptimConfig
-from sdt.training import train
+from sdt.training.optim import OptimConfig
+from sdt.training.train import train
 from tests.conftest import ROOT, compose_cfg
 from tests.data.data_helpers import write_jsonl
 from tests.test_configs import options

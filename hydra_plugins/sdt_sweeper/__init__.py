@@ -1,8 +1,8 @@
-"""Hydra's grid sweeper, with each job given only the model options its model has (`sdt.sweeps.model_grid`).
+"""Hydra's grid sweeper, with each job given only the model options its model has (`sdt.training.sweeps.model_grid`).
 
 `python train.py -m model=dense,sdt model.capacity=0.125,0.5` runs three jobs: dense (which has no capacity) once,
 SDT at each capacity. Selected by conf/train.yaml (`hydra/sweeper: model_grid`). Hydra instantiates sweepers only from
-the `hydra_plugins` package, hence this thin subclass; the rule itself is `sdt.sweeps`.
+the `hydra_plugins` package, hence this thin subclass; the rule itself is `sdt.training.sweeps`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
 
-from sdt.sweeps import model_grid
+from sdt.training.sweeps import model_grid
 
 
 class ModelGridSweeper(BasicSweeper):

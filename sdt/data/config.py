@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from sdt.config_checks import check_int, check_literal_fields, check_str, from_mapping
-from sdt.errors import UserError
+from sdt.common.config_checks import check_int, check_literal_fields, check_str, from_mapping
+from sdt.common.errors import UserError
 
 Corpus = Literal["shakespeare", "text_files", "hf_hub"]
 TokenizerKind = Literal["bpe", "pretrained"]  # a BPE trained on the corpus, or a Hugging Face tokenizer

@@ -23,12 +23,12 @@ Split rules, which matter for honest evaluation (no text may appear in two split
 
 from __future__ import annotations
 
+from sdt.common.errors import UserError
 from sdt.data.config import DataConfig
 from sdt.data.corpus import Corpus
 from sdt.data.hf_hub import HFHubCorpus
 from sdt.data.shakespeare import ShakespeareCorpus
 from sdt.data.text_files import TextFilesCorpus
-from sdt.errors import UserError
 
 
 def build_corpus(cfg: DataConfig, hf_cache_dir: str | None = None) -> Corpus:

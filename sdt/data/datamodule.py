@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from sdt.common.errors import UserError
 from sdt.data.cache import (
     atomic_write,
     cache_key,
@@ -38,7 +39,6 @@ from sdt.data.corpus import SPLITS, Corpus
 from sdt.data.encoding_pool import available_cores
 from sdt.data.shards import MANIFEST, ShardedTokens, build_shards, entry_problem
 from sdt.data.tokenizer import Tokenizer, get_tokenizer
-from sdt.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from sdt.common.errors import UserError
 from sdt.data.cache import cache_key
 from sdt.data.corpus import SPLITS, LoadedCorpus, check_split
 from sdt.data.text_files import iter_column
-from sdt.errors import UserError
 
 log = logging.getLogger(__name__)
 

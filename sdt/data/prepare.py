@@ -14,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from sdt.common.errors import EXIT_USER_ERROR, UserError
 from sdt.data.config import DataConfig
 from sdt.data.datamodule import LMDataModule
-from sdt.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-EXIT_USER_ERROR = 2
 
 
 def prepare(overrides: list[str]) -> str:

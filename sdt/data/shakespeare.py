@@ -8,9 +8,9 @@ import importlib.util
 import re
 from pathlib import Path
 
+from sdt.common.errors import UserError
 from sdt.data.cache import cache_key
 from sdt.data.corpus import Corpus, check_split
-from sdt.errors import UserError
 
 # Bump when play_to_text changes, so cached tokenizers and token streams are rebuilt.
 SHAKESPEARE_EXTRACTION_VERSION = 1

@@ -10,9 +10,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from sdt.common.errors import UserError
 from sdt.data.cache import cache_key
 from sdt.data.corpus import SPLITS, LoadedCorpus
-from sdt.errors import UserError
 
 TEXT_FILE_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 MIN_DOCS_FOR_HASH_SPLIT = 20

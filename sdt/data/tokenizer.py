@@ -17,6 +17,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from sdt.common.errors import UserError
 from sdt.data.cache import (
     atomic_write_text,
     cache_key,
@@ -28,7 +29,6 @@ from sdt.data.cache import (
 )
 from sdt.data.config import EOS_TOKEN, TokenizerConfig
 from sdt.data.corpus import Corpus
-from sdt.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sdt.data import Tokenizer
+from sdt.evaluation.usage import RequestUsage, request_usage
 from sdt.models import LanguageModel, ModelCache, build_model
-from sdt.usage import RequestUsage, request_usage
+
+# How `python -m sdt.generate` samples unless told otherwise; an export's generation_config.json says the same.
+SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 50}  # temperature 0: greedy
 
 
 def _sync(device: torch.device) -> None:

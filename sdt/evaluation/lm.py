@@ -14,19 +14,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from sdt.capacity_sweep import capacity_sweep, mean_executed_fraction
-from sdt.compute import compute_report
+from sdt.common.errors import UserError
 from sdt.data import DataConfig, LMDataModule, ShardedTokens
-from sdt.errors import UserError
+from sdt.evaluation.capacity_sweep import capacity_sweep, mean_executed_fraction
 from sdt.evaluation.generation import generate_samples, generation_stats
 from sdt.evaluation.loading import data_config_for_eval, load_model_and_tokenizer, pick_device, training_metrics_csv
 from sdt.evaluation.plots import routing_plots, sweep_plot
 from sdt.evaluation.report import ROUTING_LABELS, format_report, routing_table
+from sdt.evaluation.usage import RequestUsage, usage_distribution
+from sdt.evaluation.whole_file import read_documents, window_batches
 from sdt.models import LanguageModel
 from sdt.models.calibration import calibrate_thresholds
+from sdt.models.compute import compute_report
 from sdt.routing.selection import ROUTING_MODES
-from sdt.usage import RequestUsage, usage_distribution
-from sdt.whole_file import read_documents, window_batches
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def run_capacity_sweep(
     mode: str,
     seq_len: int,
 ) -> list[dict[str, Any]]:
-    """`inference_capacity=[...]`: the split in the headline causal mode at each capacity (sdt.capacity_sweep)."""
+    """`inference_capacity=[...]`: the split in the headline causal mode at each capacity (sdt.evaluation.capacity_sweep)."""
     if not model.is_routed:
         raise UserError("inference_capacity needs a routed model (sdt, stt or mod): a dense model has no capacity")
     return capacity_sweep(
@@ -102,7 +102,7 @@ def unigram_perplexity(datamodule: LMDataModule, split: str, vocab_size: int) ->
     return float(np.exp(-log_p[tokens].mean()))
 
 
-Split = Literal["val", "test", "all"]  # all: every token of data=text_files' files (sdt/whole_file.py)
+Split = Literal["val", "test", "all"]  # all: every token of data=text_files' files (sdt/evaluation/whole_file.py)
 SPLIT_NAMES: tuple[Split, ...] = get_args(Split)
 
 

@@ -9,11 +9,11 @@ from typing import Any, Literal, get_args
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sdt.checkpoint import load_checkpoint, model_state_dict
+from sdt.common.errors import UserError
 from sdt.data import DataConfig, Tokenizer
-from sdt.errors import UserError
 from sdt.models import LanguageModel, ModelConfig, build_model
 from sdt.models.pretrained import Pretrained
+from sdt.training.checkpoint import load_checkpoint, model_state_dict
 
 # auto: CUDA when available, else the CPU; a CUDA device may also be named by index (cuda:<index>)
 Device = Literal["auto", "cpu", "cuda"]

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from sdt.analysis import plot_executed_fraction, plot_gate_contributions, plot_routing_heatmap
-from sdt.capacity_sweep import sweep_plot as plot_sweep
 from sdt.data import Tokenizer
+from sdt.evaluation.capacity_sweep import sweep_plot as plot_sweep
 from sdt.models import LanguageModel
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sdt.capacity_sweep import format_sweep
+from sdt.evaluation.capacity_sweep import format_sweep
 from sdt.models import LanguageModel, RoutedLayer
 
 ROUTING_LABELS = {

@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
-from sdt.config_checks import Removed, check_literal_fields, from_mapping
-from sdt.errors import UserError
+from sdt.common.config_checks import Removed, check_literal_fields, from_mapping
+from sdt.common.errors import UserError
 from sdt.routing.gates import GateMode
 from sdt.routing.selection import ROUTING_MODES, CausalMode
 from sdt.routing.surprise import BetaMode, ChangeSurprise, GateRule
@@ -149,7 +149,7 @@ class Execution:
     # torch.compile the model for training and evaluation (~20 s on CPU first).
     compile: bool = False
     # Re-run each layer of the stack in the backward pass instead of keeping its activations
-    # (sdt.activation_checkpointing): activation memory of one layer instead of all, about a third more compute.
+    # (sdt.training.activation_checkpointing): activation memory of one layer instead of all, about a third more compute.
     activation_checkpointing: bool = False
 
 
@@ -288,7 +288,7 @@ def model_options(arch: Arch) -> tuple[str, ...]:
 def foreign_options(model: Mapping[str, Any]) -> dict[str, Any]:
     """The options a model config (`model.*`) sets, away from their defaults, that its architecture does not have:
     `model=dense ++model.capacity=0.25` asks for something a dense model cannot do. A run config refuses them
-    (sdt.validation); a `ModelConfig` carries them unused, so that one dict of options builds every architecture."""
+    (sdt.cli.validation); a `ModelConfig` carries them unused, so that one dict of options builds every architecture."""
     arch = model.get("arch", Architecture.arch)
     if arch not in ARCHS:
         return {}

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from sdt.blocks.layers import Block
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models import build_model
 from sdt.models.config import ModelConfig
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sdt.blocks.layers import Block, RMSNorm
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models.config import ModelConfig
 from sdt.models.layer_io import ForwardContext
 from sdt.models.routed_layer import Route, RoutedLayer
@@ -86,7 +86,7 @@ class STTLayer(RoutedLayer):
                 "STT decodes with routing=student or budget: the teacher needs a dense pass over the whole sequence"
             )
         # Teacher: dense pass for the surprise signals. Only read detached, so no graph: no activations kept for a
-        # backward that never reaches it (and its FLOPs count once in training, see sdt.compute).
+        # backward that never reaches it (and its FLOPs count once in training, see sdt.models.compute).
         with torch.no_grad():
             dense_out = self.block(x, ctx.positions, ctx.rope, pad_mask=ctx.pad_mask)  # (B, T, D)
         delta = dense_out - x.detach()

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from sdt.blocks.kv_cache import ModelCache
 from sdt.blocks.layers import Block, RMSNorm, RotaryEmbedding
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models.config import ModelConfig
 from sdt.models.layer_io import ForwardContext, LayerOutput
 from sdt.models.routed_layer import RoutedLayer
@@ -328,7 +328,7 @@ class LanguageModel(nn.Module):
         padded tail of the vocabulary that no real token maps to. `layer_path` is as in `forward`. `capacity`
         runs the routed layers at that capacity for this call only (`set_inference_capacity`). `on_token` is
         called with each new (B,) token batch as it is sampled (streaming). The compute each sequence spent is
-        recorded in `cache` (pass one to read it: `sdt.usage.request_usage`).
+        recorded in `cache` (pass one to read it: `sdt.evaluation.usage.request_usage`).
         Returns (B, T0 + max_new_tokens).
         """
         if capacity is not None and self.is_routed:

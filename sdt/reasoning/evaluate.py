@@ -26,16 +26,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from sdt.checkpoint import load_checkpoint
+from sdt.common.errors import UserError
+from sdt.data.reasoning.answers import answer_checker, extract_answer
+from sdt.data.reasoning.datamodule import REASONING_CORPORA, ReasoningDataConfig, ReasoningDataModule
+from sdt.data.reasoning.metrics import THINK_CLOSE, TraceError, split_steps, split_trace, steps_metrics
 from sdt.data.tokenizer import Tokenizer
-from sdt.errors import UserError
 from sdt.evaluation.loading import data_dict_for_eval, load_model, pick_device
 from sdt.models import LanguageModel
 from sdt.models.transformer import left_pad
-from sdt.reasoning.answers import answer_checker, extract_answer
-from sdt.reasoning.data import REASONING_CORPORA, ReasoningDataConfig, ReasoningDataModule
-from sdt.reasoning.metrics import THINK_CLOSE, TraceError, split_steps, split_trace, steps_metrics
 from sdt.reasoning.plot import VARIANT_LABELS, plot_accuracy_vs_tokens
+from sdt.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from sdt.analysis.plots import _new_figure, _save
-from sdt.reasoning.braking import VARIANTS
+from sdt.data.reasoning.braking import VARIANTS
 
 VARIANT_LABELS = {"none": "plain SFT", "exact": "self-braking (exact)", "dynamic": "self-braking (dynamic)"}
 

@@ -91,7 +91,7 @@ def add_skip_estimate(
     n_skipped: int | None = None,
 ) -> Tensor:
     """out + skip_map(x) on the real tokens that did not execute. They are gathered (padded to a common count per
-    row, the padding slots adding zero), so the map costs what `sdt.compute` counts, nothing on executed tokens.
+    row, the padding slots adding zero), so the map costs what `sdt.models.compute` counts, nothing on executed tokens.
 
     `n_skipped`: how many tokens every row skips, when the caller knows it (Top-K without padding skips T - K in
     each row); the gather then has a static shape and reads nothing on the host, as Top-K training needs under

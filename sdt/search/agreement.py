@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sdt.cli import EXIT_USER_ERROR
-from sdt.errors import UserError
+from sdt.common.errors import EXIT_USER_ERROR, UserError
 
 
 def skip_shares(cola: dict[str, Any]) -> list[float]:

@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sdt.config_checks import check_all, from_mapping
-from sdt.errors import UserError
+from sdt.common.config_checks import check_all, from_mapping
+from sdt.common.errors import UserError
 
 Path = tuple[int, ...]
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.evaluation.loading import load_model_and_tokenizer, pick_device
 from sdt.search.cola import ColaConfig, ColaSearch
 from sdt.search.prefix_cache import PrefixReusingScorer

@@ -18,7 +18,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models.transformer import check_layer_path, positions_from_pad_mask
 from sdt.search.tasks import PathScorer, TaskItem
 

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdt.config_checks import check_all, from_mapping
-from sdt.errors import UserError
+from sdt.common.config_checks import check_all, from_mapping
+from sdt.common.errors import UserError
 
 Path = tuple[int, ...]
 FORMAT = "sdt.cola_router/1"

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sdt.analysis.plots import _new_figure, _save
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models import LanguageModel
 from sdt.models.transformer import positions_from_pad_mask
 from sdt.search.cola import ColaConfig, ColaSearch

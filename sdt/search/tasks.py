@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdt.common.errors import UserError
 from sdt.data.tokenizer import Tokenizer
-from sdt.errors import UserError
 from sdt.models import LanguageModel
 from sdt.models.transformer import left_pad
 

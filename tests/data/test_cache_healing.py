@@ -89,7 +89,7 @@ def test_entry_written_before_records_is_adopted_not_rebuilt(txt_corpus, tmp_pat
 
 
 def test_training_after_a_token_stream_was_cut_short_trains_normally(tmp_path, corpus_files, caplog):
-    from sdt.training import train
+    from sdt.training.train import train
     from tests.conftest import TINY_MODEL, TINY_TRAINER, compose_cfg, tiny_data
 
     cache = tmp_path / "cache"

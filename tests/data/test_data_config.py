@@ -1,8 +1,8 @@
 import pytest
 from omegaconf import OmegaConf
 
+from sdt.common.errors import UserError
 from sdt.data import DataConfig, TokenizerConfig
-from sdt.errors import UserError
 
 
 def test_defaults_and_nested_tokenizer():

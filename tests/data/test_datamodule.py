@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from sdt.common.errors import UserError
 from sdt.data import DataConfig, LMDataModule, TextFilesCorpus, Tokenizer
-from sdt.errors import UserError
 from tests.data.data_helpers import make_text
 
 T = 16

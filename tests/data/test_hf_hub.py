@@ -1,8 +1,8 @@
 import datasets
 import pytest
 
+from sdt.common.errors import UserError
 from sdt.data import DataConfig, HFHubCorpus, build_corpus
-from sdt.errors import UserError
 from tests.data.data_helpers import make_text, write_jsonl, write_parquet
 
 DOCS = [make_text(i, n_lines=2) for i in range(100)]

@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 
+from sdt.common.errors import UserError
 from sdt.data import TextFilesCorpus
 from sdt.data.corpus import SPLITS
 from sdt.data.text_files import MIN_DOCS_FOR_HASH_SPLIT, line_split
-from sdt.errors import UserError
 from tests.data.data_helpers import make_text, write_jsonl, write_parquet
 
 

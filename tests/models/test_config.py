@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from sdt.errors import UserError
-from sdt.lit_module import LitLM
+from sdt.common.errors import UserError
 from sdt.models import ModelConfig, build_model
 from sdt.models.config import ARCH_SECTIONS, ARCHS, ROUTED_ARCHS, Recipe, Routing, foreign_options, model_options
+from sdt.training.lit_module import LitLM
 
 # The flat hyper_parameters["model"] of a checkpoint written before the config had sections (and before the capacity
 # schedule was removed), as that version's ModelConfig.to_dict() wrote it: SDT trained with the schedule.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models import ModelCache, build_model
 from sdt.models.calibration import calibrate_thresholds
 from sdt.models.transformer import MAX_PATH_FACTOR

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models import LanguageModel, ModelCache, ModelConfig
 from sdt.routing.topk import capacity_k
 from tests.models.conftest import calibrate_on_random_text, spread_routers, tiny_model

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models import ModelConfig, build_model
 from sdt.models.pretrained import Pretrained, backbone_block_names, resolve_source
 from tests.pretrained_helpers import HF_VOCAB, save_hf_model, write_tiny_gguf

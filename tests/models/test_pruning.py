@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models import ModelConfig, build_model
 from sdt.models.pretrained import SDT_CONFIG_KEY, Pretrained, export_state_dict, hf_config
 from sdt.models.pruning import layer_similarities, layers_to_keep

@@ -117,7 +117,7 @@ def test_training_progress_leaves_the_capacity_in_force(arch):
 
 
 def test_the_capacity_schedule_was_removed_and_old_configs_still_load():
-    from sdt.errors import UserError
+    from sdt.common.errors import UserError
 
     old = {**tiny("sdt").to_dict(), "capacity_start": 1.0, "capacity_warmup": 0.3, "capacity_levels": 4}
     with pytest.raises(UserError, match=r"model.capacity_start was removed: .*2.2% worse"):
@@ -134,7 +134,7 @@ def test_the_capacity_schedule_was_removed_and_old_configs_still_load():
     ("mod_gate", "hard", "mod_gate"),
 ])  # fmt: skip
 def test_recipe_options_are_validated_by_name(key, value, match):
-    from sdt.errors import UserError
+    from sdt.common.errors import UserError
 
     with pytest.raises(UserError, match=match):
         tiny("sdt", **{key: value})

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sdt.blocks.kv_cache import RESERVE_SLACK
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models import ModelCache, ModelConfig
 from sdt.models.calibration import calibrate_thresholds
 from sdt.models.layer_io import ForwardContext

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models import DenseLayer, ModelCache
 from sdt.models.sdt import SDTPair
 from sdt.routing import capacity_k

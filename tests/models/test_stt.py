@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models import LanguageModel, ModelCache, ModelConfig, build_model
 from sdt.models.stt import STTLayer
 from sdt.routing.topk import capacity_k

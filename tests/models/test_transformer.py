@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sdt.blocks.layers import attention_mask
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.models import DenseLayer, ModelCache, ModelConfig, RoutedLayer, build_model
 from tests.conftest import tiny_model_config
 from tests.models.conftest import random_ids, tiny_model

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
+from sdt.cli.dispatch import evaluate
+from sdt.common.errors import UserError
+from sdt.data.reasoning.metrics import DEFAULT_MARKERS
 from sdt.data.tokenizer import train_bpe
-from sdt.errors import UserError
-from sdt.evaluation.dispatch import evaluate
 from sdt.reasoning.evaluate import count_thinking_tokens, score_generation
-from sdt.reasoning.metrics import DEFAULT_MARKERS
 from sdt.reasoning.plot import main as plot_main
-from sdt.training import train
+from sdt.training.train import train
 from tests.conftest import TINY_TRAINER, compose_cfg, tiny_model_overrides
-from tests.reasoning.test_braking import TRACE
+from tests.data.reasoning.test_braking import TRACE
 
 
 def test_count_thinking_tokens_stops_at_the_closing_tag():
@@ -95,7 +95,7 @@ def test_reasoning_task_needs_a_reasoning_checkpoint(trained_run, tmp_path):
 
 def test_fine_tuning_from_a_checkpoint_records_the_new_data_config(tmp_path):
     """Stage 2 (resume on self-braking data): the new checkpoints carry the config they were trained with."""
-    from sdt.checkpoint import load_checkpoint
+    from sdt.training.checkpoint import load_checkpoint
 
     first = train(compose_cfg("train", [*TINY_REASONING, *TINY_TRAINER], tmp_path / "a", tmp_path / "c"))
     overrides = [*TINY_REASONING, *TINY_TRAINER, "data.braking=exact", "trainer.max_steps=8"]

@@ -138,7 +138,7 @@ def test_dial_matches_a_calibration_at_that_capacity_and_survives_the_checkpoint
 
 
 def test_dial_refuses_bad_capacities_and_uncalibrated_models():
-    from sdt.errors import UserError
+    from sdt.common.errors import UserError
 
     model = sdt_model()
     with pytest.raises(UserError, match="quantile grid"):

@@ -173,7 +173,7 @@ def test_fitting_uses_each_routed_blocks_dense_updates_past_the_forced_positions
 
 
 def test_skip_map_options_are_validated_by_name():
-    from sdt.errors import UserError
+    from sdt.common.errors import UserError
 
     with pytest.raises(UserError, match="model.skip_map_rank"):
         tiny_config("sdt", skip_map="linear", skip_map_rank=33)

@@ -41,7 +41,7 @@ def tiny_model(arch: str, n_layers: int = 6, seed: int = 0):
 @pytest.fixture(scope="session")
 def dense_run(tmp_path_factory, corpus_files, cache_dir):
     """A tiny 4-layer dense run (its last.ckpt): paths over 4 layers leave a router something to choose."""
-    from sdt.training import train
+    from sdt.training.train import train
 
     out = tmp_path_factory.mktemp("dense_run")
     overrides = ["model=dense", *tiny_model_overrides(n_layers=4)]
@@ -56,7 +56,7 @@ def router_run(tmp_path_factory, dense_run, cache_dir):
     import contextlib
     import io
 
-    from sdt.evaluation.dispatch import evaluate
+    from sdt.cli.dispatch import evaluate
 
     out = tmp_path_factory.mktemp("router_run")
     overrides = ["search=cola_router", "task=basic_mc", f"ckpt_path={dense_run}", "device=cpu"]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.search.agreement import agreement, main, skip_shares, spearman
 
 

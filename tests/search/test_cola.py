@@ -1,6 +1,6 @@
 import pytest
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.search.cola import ColaConfig, ColaSearch, block_edits, single_edits
 
 DEPTH = 8

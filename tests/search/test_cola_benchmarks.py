@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from sdt.checkpoint import load_checkpoint
 from sdt.data import Tokenizer
 from sdt.evaluation.loading import load_model
 from sdt.search.tasks import PathScorer, load_task
+from sdt.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

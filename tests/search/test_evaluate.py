@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from sdt.errors import UserError
-from sdt.evaluation.dispatch import evaluate
+from sdt.cli.dispatch import evaluate
+from sdt.common.errors import UserError
 from sdt.evaluation.loading import load_model_and_tokenizer
 from sdt.search.tasks import PathScorer, load_task
 from tests.conftest import compose_cfg

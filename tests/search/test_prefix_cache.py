@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdt.errors import UserError
+from sdt.common.errors import UserError
 from sdt.search.cola import ColaConfig, ColaSearch
 from sdt.search.prefix_cache import PrefixCache, PrefixReusingScorer
 from sdt.search.tasks import PathScorer

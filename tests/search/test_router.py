@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from sdt.errors import UserError
-from sdt.evaluation.dispatch import evaluate
+from sdt.cli.dispatch import evaluate
+from sdt.common.errors import UserError
 from sdt.search.router import PathRouter, RouterConfig, fit_router, select_candidates, split_items
 from tests.conftest import compose_cfg
 

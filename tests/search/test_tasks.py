@@ -4,8 +4,8 @@ import re
 import pytest
 import torch
 
+from sdt.common.errors import UserError
 from sdt.data.tokenizer import train_bpe
-from sdt.errors import UserError
 from sdt.models import build_model
 from sdt.search.tasks import PathScorer, Task, TaskItem, load_task, shipped_tasks, task_from_jsonl
 from tests.conftest import tiny_model_config
