@@ -10,7 +10,7 @@ name the config key (`model.<field>`). Its fields come in sections, each a small
 | `Source` | all | a pretrained checkpoint to start from, and which of its layers to keep |
 | `Execution` | all | how the model runs (compile, activation checkpointing), not what it computes |
 | `Routing` | sdt, stt, mod | capacity, routed attention, the causal mode and its students, skip maps |
-| `Recipe` | sdt, stt, mod | the conversion recipe's options (conf/recipe/convert.yaml), off from scratch |
+| `Recipe` | sdt, stt, mod | the conversion recipe's options (conf/model/recipe/convert.yaml), off from scratch |
 | `Surprise` | sdt, stt | the surprise gate and its prior / transition network |
 | `STTOptions` | stt | the causal student's input |
 | `MoDOptions` | mod | MoD's gate and router z-loss |
@@ -187,7 +187,7 @@ class Routing:
 
 @dataclass
 class Recipe:
-    """The conversion recipe's options (docs/pretrained.md; conf/recipe/convert.yaml): off from scratch."""
+    """The conversion recipe's options (docs/pretrained.md; conf/model/recipe/convert.yaml): off from scratch."""
 
     dense_first: int = 0  # layers kept dense at the bottom of the stack
     dense_last: int = 0  # layers kept dense at the top of the stack
