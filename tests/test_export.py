@@ -156,7 +156,7 @@ ROUTED_EXPORTS = {
     "stt": {"arch": "stt", "capacity": 0.5, "dense_first": 1, "dense_last": 1, "student_input": "x_prev"},
     "mod": {"arch": "mod", "capacity": 0.25},
     "sdt-skip-map": {"arch": "sdt", "skip_map": "linear"},
-    "stt-skip-map-rank": {"arch": "stt", "skip_map": "linear", "skip_map_rank": 8, "routed_attention": "full"},
+    "stt-skip-map-full-attention": {"arch": "stt", "skip_map": "linear", "routed_attention": "full"},
     "mod-skip-map": {"arch": "mod", "capacity": 0.25, "skip_map": "linear"},
 }  # fmt: skip
 

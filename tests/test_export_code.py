@@ -132,7 +132,7 @@ def architecture_cases() -> dict[str, dict]:
         for i, mode in enumerate(modes):
             cases[f"{arch}-{mode}"] = {
                 "arch": arch, "inference_routing": mode, "n_layers": 6, **conversion, "skip_map": "linear",
-                "skip_map_rank": 8 * (i % 2), "routed_attention": ("selected", "full")[i % 2],
+                "routed_attention": ("selected", "full")[i % 2],
             }  # fmt: skip
         cases[f"{arch}-plain"] = {"arch": arch, "n_layers": 4}
     cases["sdt-soft-kl-cosine-ce"] = {

@@ -87,13 +87,13 @@ def _routed_kv_entries(cfg: ModelConfig, seq_len: int, executed: float) -> float
 
 
 def _skip_map(cfg: ModelConfig, seq_len: int, executed: float | None = None) -> Flops:
-    """The skip map on the tokens that skip a routed block: W norm(x) + b, D x D or D -> r -> D."""
+    """The skip map on the tokens that skip a routed block: W norm(x) + b, W of D x D."""
     flops = _zero()
     if cfg.skip_map == "none":
         return flops
     k = capacity_k(seq_len, cfg.capacity) if executed is None else executed
-    D, r = cfg.d_model, cfg.skip_map_rank
-    per_token = 2 * D * D + D if r == 0 else 4 * D * r + r  # matmuls and the bias
+    D = cfg.d_model
+    per_token = 2 * D * D + D  # the matmul and the bias
     flops["skip_map"] = (seq_len - k) * per_token
     return flops
 

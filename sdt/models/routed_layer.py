@@ -87,7 +87,7 @@ class RoutedLayer(nn.Module):
         self.full_context = cfg.routed_attention == "full" and cfg.routed_sublayer != "mlp"
         self.kv_every_token = cfg.routed_kv_every_token
         # What the tokens that skip the routed function get: None (nothing) or a linear estimate of its update.
-        self.skip_map = SkipMap(cfg.d_model, cfg.skip_map_rank, cfg.rms_norm_eps) if cfg.skip_map == "linear" else None
+        self.skip_map = SkipMap(cfg.d_model, cfg.rms_norm_eps) if cfg.skip_map == "linear" else None
 
     # --- hooks
 

@@ -2,8 +2,8 @@
 
 A routed block leaves a skipped token unchanged (y = x). With a skip map the skipped token gets
 y = x + W norm(x) + b instead, where norm is an RMS normalisation without weight: a linear estimate of the update
-f = Block(x) - x that the block would have added. Executed tokens are unaffected. A full-rank map costs 2 D^2 FLOPs
-per skipped token (under a tenth of a Llama block at D = 576), a rank-r map 4 D r.
+f = Block(x) - x that the block would have added. Executed tokens are unaffected. The map costs 2 D^2 FLOPs per
+skipped token (under a tenth of a Llama block at D = 576).
 
 Converted models fit the map in closed form before training (`fit_skip_map`, ridge least squares on the pretrained
 block's own updates), so a converted model starts close to the pretrained function even at low capacity; from
@@ -26,7 +26,7 @@ RIDGE = 1e-2
 
 
 class SkipMap(nn.Module):
-    """f_hat = W norm(x) + b, W of rank `rank` (0: full rank, one D x D matrix; else up(down(.)), D -> r -> D).
+    """f_hat = W norm(x) + b, one D x D matrix and a bias.
 
     Starts at zero output, so a model with skip maps computes exactly what it computes without them until they are
     trained or fitted.
@@ -34,51 +34,27 @@ class SkipMap(nn.Module):
 
     param_role = "skip_map"
 
-    def __init__(self, d_model: int, rank: int = 0, eps: float = 1e-6) -> None:
+    def __init__(self, d_model: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
-        self.rank = rank
-        if rank == 0:
-            self.proj = nn.Linear(d_model, d_model, bias=True)
-        else:
-            self.down = nn.Linear(d_model, rank, bias=True)
-            self.up = nn.Linear(rank, d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=True)
         self.reset_routing_parameters()
 
     def reset_routing_parameters(self) -> None:
-        if self.rank == 0:
-            nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
-        else:  # the up projection at zero gives zero output; the down projection random, so gradients flow
-            nn.init.normal_(self.down.weight, std=self.down.in_features**-0.5)
-            nn.init.zeros_(self.down.bias)
-            nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         z = F.rms_norm(x_BTD.float(), (x_BTD.shape[-1],), eps=self.eps).to(x_BTD.dtype)
-        return self.proj(z) if self.rank == 0 else self.up(self.down(z))
+        return self.proj(z)
 
     @torch.no_grad()
     def fit(self, stats: UpdateStatistics, ridge: float = RIDGE) -> float:
         """Set the map to the ridge least-squares fit of the updates gathered in `stats`; returns the fraction of
-        the updates' variance the fit explains on those tokens.
-
-        Low rank: reduced-rank regression, the full fit projected onto the top `rank` principal directions of its
-        own predictions (the best rank-r predictor of f under the same least-squares loss).
-        """
+        the updates' variance the fit explains on those tokens."""
         W = stats.solve(ridge)  # (D + 1, D): rows 0..D-1 weigh norm(x), the last row is the bias
-        if self.rank == 0:
-            self.proj.weight.copy_(W[:-1].T)
-            self.proj.bias.copy_(W[-1])
-        else:
-            mean = stats.gram[-1] / stats.n  # the mean of [norm(x), 1]
-            centred = stats.gram - stats.n * torch.outer(mean, mean)
-            _, vectors = torch.linalg.eigh(W.T @ centred @ W)  # covariance of the predictions, ascending
-            V = vectors[:, -self.rank :]  # (D, r)
-            W = W @ V @ V.T
-            self.down.weight.copy_((W[:-1] @ V).T)
-            self.down.bias.copy_(W[-1] @ V)
-            self.up.weight.copy_(V)
+        self.proj.weight.copy_(W[:-1].T)
+        self.proj.bias.copy_(W[-1])
         return stats.explained_variance(W)
 
 

@@ -20,7 +20,7 @@ CASES = {
     "sdt": {"arch": "sdt"},
     "stt": {"arch": "stt", "skip_map": "linear", "student_input": "x_prev"},
     # Conversion-recipe options that change which tokens run: forced leading positions, dense ends, a soft gate.
-    "sdt_recipe": {"arch": "sdt", "always_execute_first": 2, "gate_mode": "soft", "skip_map_rank": 4},
+    "sdt_recipe": {"arch": "sdt", "always_execute_first": 2, "gate_mode": "soft", "skip_map": "linear"},
     "mod_recipe": {"arch": "mod", "always_execute_first": 1, "dense_first": 1, "mod_gate": "ste"},
     # Sub-layer routing: the routed attention or MLP and the other sub-layer on every token, recomputed alike.
     "sdt_attention": {"arch": "sdt", "routed_sublayer": "attention", "skip_map": "linear"},
