@@ -221,6 +221,11 @@ SKIPS = [
         "long-running (6-7 tiny trainings each): the tokens setting without and the flops setting with skip maps run",
     ),
     Skip(
+        r"quality\.py --setting tokens .*--seeds 3",
+        "long-running (3 seeds of 7 tiny trainings): --seeds with --equal-flops-dense runs in "
+        "tests/test_quality_benchmark.py::test_seeds_and_the_equal_flops_dense_baseline",
+    ),
+    Skip(
         r"-m experiment=sweep_small model=dense,mod,sdt,stt",
         "long-running (10 jobs): the same sweep at the default dimensions runs (docs/models.md)",
     ),
