@@ -286,7 +286,7 @@ def evaluate_lm(cfg: DictConfig) -> dict[str, Any]:
         result["generation"] = generation_stats(
             model, prompt_tokens, device, int(cfg.generation.max_new_tokens), repeats=int(cfg.generation.repeats)
         )
-    if cfg.samples.prompts:
+    if cfg.samples.prompts and cfg.samples.max_new_tokens > 0:
         usages: list[RequestUsage] = []
         result["samples"] = generate_samples(model, tokenizer, cfg, device, valid_vocab, usages)
         result["request_compute"] = {

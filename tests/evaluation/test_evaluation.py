@@ -183,3 +183,13 @@ def test_routed_eval_sweeps_capacities_and_charges_each_request(routed_eval):
     assert len(requests) == 2 and all(0 < r["flops_ratio_vs_dense"] < 1.2 for r in requests)
     dist = data["request_compute"]["distribution"]
     assert dist["kv_bytes"]["min"] <= dist["kv_bytes"]["median"] <= dist["kv_bytes"]["max"]
+
+
+def test_zero_new_tokens_skips_the_samples_and_their_compute_report(trained_run, cache_dir, tmp_path):
+    # samples.max_new_tokens=0 is a valid value (validated >= 0), like generation.max_new_tokens=0: it skips the
+    # samples instead of reporting the compute of requests that generated nothing.
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    overrides = [f"ckpt_path={ckpt}", "max_batches=1", "splits=[val]", "samples.max_new_tokens=0"]
+    result = evaluate(compose_cfg("eval", overrides, tmp_path, cache_dir))
+    assert "samples" not in result and "request_compute" not in result
+    assert math.isfinite(result["perplexity"])
