@@ -17,8 +17,8 @@ Settings:
 `--seeds N` runs every configuration with N seeds (`seed=1337, 1338, ...`; runs under `--out/runs/<name>/seed<s>`)
 and reports the mean, standard deviation and per-seed values of every figure; a gap counts as significant only when
 it exceeds the seeds' spread (benchmarks/quality_summary.py). `--equal-flops-dense` adds, for each routed point
-(from scratch), a dense model with the same inference FLOPs per token (`sdt.models.compute.equal_flops_dense`: fewer layers,
-or the shallowest deeper one with a narrower MLP when no depth matches) trained on the same tokens, named
+(from scratch), a dense model with the same inference FLOPs per token (`sdt.models.compute.equal_flops_dense`: fewer
+layers, or the shallowest deeper one with a narrower MLP when no depth matches) trained on the same tokens, named
 `dense-equal-flops-<arch>@<capacity>`. `--static-pruning` (convert) adds the pretrained model pruned to each routed
 point's inference FLOPs (the depth closest to them), its layers chosen as ShortGPT does (`sdt.models.pruning`: the
 layers whose output is least like their input kept, measured on `--pruning-blocks` training blocks) and fine-tuned
@@ -73,7 +73,8 @@ Point = tuple[str, str, float, list[str]]  # name, arch, capacity, the point's o
 
 def experiment_overrides(setting: str, arch: str, capacity: float, extra: list[str]) -> list[str]:
     """The overrides of a run of `arch` at `capacity`, then those of `extra` (`--override`) that apply to `arch`: a
-    routed model's option (`model.skip_map=none`) leaves the dense runs as they are, as in a sweep (sdt.training.sweeps)."""
+    routed model's option (`model.skip_map=none`) leaves the dense runs as they are, as in a sweep
+    (sdt.training.sweeps)."""
     if setting == "convert":
         overrides = [f"experiment=smollm2_{arch}"]
     else:

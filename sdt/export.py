@@ -10,7 +10,8 @@ Writes `model.safetensors`, `config.json` and the tokenizer (`tokenizer.json`, `
   model in its causal routing mode, where `sdt` is not installed too.
 Every export stores the full model config under the `sdt` key of `config.json`. `model.init_from=<dir>` reads any
 export back (training or evaluate.py) as the model it is. Every export also carries `generation_config.json` and a
-model card, `README.md` (sdt/evaluation/model_card.py), with the evaluation figures of `eval_json=<eval.json of evaluate.py>`.
+model card, `README.md` (sdt/evaluation/model_card.py), with the evaluation figures of
+`eval_json=<eval.json of evaluate.py>`.
 
 What the directory would not reproduce is refused before anything is written (`check_reproducible`), with one line
 naming the option: a model config that does not survive `config.json`, weights that are not exactly those of the

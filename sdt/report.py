@@ -154,8 +154,8 @@ def write_report(rows: list[dict[str, Any]], runs: dict[str, Path], sweep_dir: s
         (
             f"Sweep: `{os.path.abspath(sweep_dir)}`, {len(rows)} runs. Perplexity of routed models is measured in their "
             "causal routing mode (`routing`); the non-causal Top-K oracle is shown separately and is not the model's "
-            "perplexity. FLOPs are analytic forward FLOPs per token at inference (`sdt/models/compute.py`); ratios are to the "
-            "dense model of the same dimensions."
+            "perplexity. FLOPs are analytic forward FLOPs per token at inference (`sdt/models/compute.py`); ratios are "
+            "to the dense model of the same dimensions."
         ),
         "",
         (

@@ -83,7 +83,8 @@ def run_capacity_sweep(
     mode: str,
     seq_len: int,
 ) -> list[dict[str, Any]]:
-    """`inference_capacity=[...]`: the split in the headline causal mode at each capacity (sdt.evaluation.capacity_sweep)."""
+    """`inference_capacity=[...]`: the split in the headline causal mode at each capacity
+    (sdt.evaluation.capacity_sweep)."""
     if not model.is_routed:
         raise UserError("inference_capacity needs a routed model (sdt, stt or mod): a dense model has no capacity")
     return capacity_sweep(

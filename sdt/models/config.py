@@ -154,7 +154,8 @@ class Execution:
     # torch.compile the model for training and evaluation (~20 s on CPU first).
     compile: bool = False
     # Re-run each layer of the stack in the backward pass instead of keeping its activations
-    # (sdt.training.activation_checkpointing): activation memory of one layer instead of all, about a third more compute.
+    # (sdt.training.activation_checkpointing): activation memory of one layer instead of all, about a third more
+    # compute.
     activation_checkpointing: bool = False
 
 

@@ -74,8 +74,8 @@ class LastCheckpoint(ModelCheckpoint):
     """`last.ckpt`: the latest state of the run, refreshed at every validation, every `every_n_train_steps` steps
     (0: only at validations) and on demand (`save_now`, used on preemption).
 
-    One file, overwritten atomically (see `sdt.training.checkpoint.AtomicCheckpointIO`), so a run killed at any moment can
-    resume from at most `every_n_train_steps` steps back. Lightning's own step trigger would switch off the saves
+    One file, overwritten atomically (see `sdt.training.checkpoint.AtomicCheckpointIO`), so a run killed at any moment
+    can resume from at most `every_n_train_steps` steps back. Lightning's own step trigger would switch off the saves
     at validation, which must keep happening so that a finished run's last.ckpt is its final step.
     """
 

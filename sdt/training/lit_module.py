@@ -27,8 +27,8 @@ from sdt.training.optim import (
 class LitLM(L.LightningModule):
     """Next-token language modelling for every architecture in `sdt.models`.
 
-    `model` is the run's `ModelConfig` (`sdt.training.train` builds it once; the model is built from that same object), or
-    the flat dict a checkpoint stores (`hyper_parameters["model"]`, as Lightning rebuilds the module from it). The
+    `model` is the run's `ModelConfig` (`sdt.training.train` builds it once; the model is built from that same object),
+    or the flat dict a checkpoint stores (`hyper_parameters["model"]`, as Lightning rebuilds the module from it). The
     checkpoint keeps the config as that flat dict, so the model can be rebuilt from the checkpoint alone.
     """
 
