@@ -14,7 +14,8 @@ that background load and frequency drift hit all of them alike. Phases:
 
 Every `*_ratio` is model / dense of the same quantity (a time or a byte count), so < 1 means cheaper, and sits
 beside the analytic FLOP ratios of `sdt.models.compute`. Untrained routers are calibrated to the capacity on random
-batches before the causal phases; the routing mode used and the executed fraction measured per routed layer are reported.
+batches before the causal phases; the routing mode used and the executed fraction measured per routed layer are
+reported.
 See benchmarks/README.md.
 """
 

@@ -161,10 +161,10 @@ def format_markdown(result: dict[str, Any]) -> str:
         (
             "Every ratio is model / dense of the same quantity, measured in the same run (< 1 is cheaper). FLOP "
             "and KV calc columns are analytic (`sdt.models.compute`, at the nominal capacity); `exec fwd` / `exec dec` "
-            "are the measured executed fractions of the routed layers (mean over layers) in the forward and in prefill + "
-            "decode, in the causal mode of the `mode` column; `KV exec` is the analytic KV ratio at the executed "
-            "fractions counted while decoding (what a cache holding exactly the executed tokens needs), beside the "
-            "bytes the cache really held (`KV bytes`)."
+            "are the measured executed fractions of the routed layers (mean over layers) in the forward and in "
+            "prefill + decode, in the causal mode of the `mode` column; `KV exec` is the analytic KV ratio at the "
+            "executed fractions counted while decoding (what a cache holding exactly the executed tokens needs), "
+            "beside the bytes the cache really held (`KV bytes`)."
         ),
         "",
         "| " + " | ".join(header) + " |",

@@ -9,8 +9,8 @@ every routed model (MoD, SDT, STT) at every capacity are built with random weigh
 (so each routed model has the options a user trains it with, skip maps included) and measured **in one process**:
 
 - train step: forward + backward + AdamW step (`sdt.training.optim.build_optimizer`) under Top-K routing, batch x T
-  tokens; after `--warmup` untimed steps per model, `--repeats` timed steps interleaved across the models (order reversed
-  every other repeat) so machine load hits every model alike; the median is reported;
+  tokens; after `--warmup` untimed steps per model, `--repeats` timed steps interleaved across the models (order
+  reversed every other repeat) so machine load hits every model alike; the median is reported;
 - peak memory: one more step per model, alone: the rise of the process's resident-set high-water mark (VmHWM, reset
   through /proc/self/clear_refs) over the memory resident before it, i.e. activations, gradients and temporaries on
   top of the weights and AdamW state. glibc's mmap threshold is pinned low so freed tensors go back to the OS

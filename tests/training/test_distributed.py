@@ -3,8 +3,8 @@ processes' batches at once, for a dense and a routed (SDT, Top-K) model: no rank
 that only some ranks reach (which would deadlock), no batch statistic that depends on how the batch was split.
 
 FSDP is `trainer=fsdp`'s sharding: PyTorch's FSDP2 (`fully_shard`) applied by `sdt.training.distributed.shard_model`,
-the function `LitLM.configure_model` calls under Lightning's ModelParallelStrategy (one unit per layer of the stack, then
-the root; SDT's 0-d surprise scalars stay whole, their gradients averaged across ranks). The run through Lightning
+the function `LitLM.configure_model` calls under Lightning's ModelParallelStrategy (one unit per layer of the stack,
+then the root; SDT's 0-d surprise scalars stay whole, their gradients averaged across ranks). The run through Lightning
 itself, with sharded checkpoints that resume on another number of ranks, is `tests/training/test_fsdp.py`."""
 
 from __future__ import annotations

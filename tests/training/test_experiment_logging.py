@@ -1,6 +1,6 @@
 """Experiment logging (sdt/training/experiment_logging.py, conf/logger/wandb.yaml): one W&B run per job, finished also
-when the job fails, the whole resolved config in every logger, names / groups / tags from the config, per-role learning rates.
-W&B runs offline; the tests read the run files it writes (tests/wandb_records.py)."""
+when the job fails, the whole resolved config in every logger, names / groups / tags from the config, per-role
+learning rates. W&B runs offline; the tests read the run files it writes (tests/wandb_records.py)."""
 
 from __future__ import annotations
 
